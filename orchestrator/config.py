@@ -1,0 +1,270 @@
+"""Settings: defaults < orchestrator.toml (current directory) < ORCH_* environment < command-line flags.
+
+API keys are never settings: they stay in the provider's own environment variables, so `public_dump` (written to
+a session's settings.json) holds nothing secret; values of `--env` variables whose names look secret are masked.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import fnmatch
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_FILE = "orchestrator.toml"
+ENV_PREFIX = "ORCH_"
+DEFAULT_RUN_TIMEOUT_S = 7200.0
+SECRET_NAME_PATTERNS = ("*KEY*", "*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*CREDENTIAL*", "*AUTH*")
+
+# The TOML file the next Settings() reads; load_settings sets it for the duration of one construction.
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "orchestrator_toml_path", default=None
+)
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used; the message is one line naming the setting, the problem and its source."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    model: str = "deepseek/deepseek-reasoner"
+    api_base: str | None = None
+    profile: str | None = None
+    max_runs: int = Field(10, ge=1, le=10)
+    attempts_per_run: int = Field(4, ge=1, le=10)
+    edit_retries: int = Field(3, ge=0, le=10)
+    timeout_s: float | None = Field(None, gt=0)
+    request_timeout_s: float = Field(600, gt=0)
+    model_max_attempts: int = Field(6, ge=1, le=50)
+    budget_usd: float | None = Field(None, gt=0)
+    wall_clock_s: float | None = Field(None, gt=0)
+    python: str = sys.executable
+    gpus: str | None = None
+    env: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    root: Path = Path("experiments")
+    plots: bool = True
+    templates_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = _toml_path.get() or Path(CONFIG_FILE)
+        return (
+            _EnvPairs(init_settings, "command line"),
+            _EnvPairs(env_settings, f"environment variable {ENV_PREFIX}ENV"),
+            _EnvPairs(TomlConfigSettingsSource(settings_cls, toml_file=toml), str(toml)),
+        )
+
+    @field_validator("model", "python")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v.strip()
+
+    @field_validator("api_base", "profile", mode="before")
+    @classmethod
+    def _blank_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus_text(cls, v: Any) -> Any:
+        """GPU ids as CUDA_VISIBLE_DEVICES takes them: '0', '0,1'; a number or a list is accepted too."""
+        if isinstance(v, bool):
+            raise ValueError("must be GPU ids such as '0' or '0,1'")
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, list | tuple):
+            v = ",".join(str(x) for x in v)
+        if isinstance(v, str):
+            ids = [p.strip() for p in v.split(",")]
+            if not v.strip():
+                return None
+            if any(not p or " " in p for p in ids):
+                raise ValueError(f"must be comma-separated GPU ids such as '0' or '0,1', got {v!r}")
+            return ",".join(ids)
+        return v
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_pairs(cls, v: Any) -> Any:
+        return parse_env_pairs(v)
+
+    @field_validator("templates_dirs", mode="before")
+    @classmethod
+    def _path_list(cls, v: Any) -> Any:
+        """A list, a JSON list, or folders separated by the OS path separator (':' on Linux)."""
+        if isinstance(v, str | Path):
+            text = str(v).strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"invalid JSON list: {err.msg}") from None
+            return [p for p in text.split(os.pathsep) if p.strip()]
+        return v
+
+    def run_timeout_s(self, template_timeout_s: float | None = None) -> float:
+        """The run timeout in force: this setting, else the template's, else 7200 s."""
+        return self.timeout_s or template_timeout_s or DEFAULT_RUN_TIMEOUT_S
+
+
+def parse_env_pairs(v: Any) -> Any:
+    """Variables for runs from a mapping, a JSON object, 'K=V,K2=V2' text, or a list of 'K=V' strings
+    (repeated --env flags). Raises ValueError with a one-line message."""
+    if isinstance(v, str):
+        text = v.strip()
+        if text.startswith("{"):
+            try:
+                return parse_env_pairs(json.loads(text))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"invalid JSON object: {err.msg}") from None
+        v = [p for p in text.split(",") if p.strip()]
+    if isinstance(v, list | tuple):
+        out: dict[str, str] = {}
+        for item in v:
+            key, sep, value = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"entries must be KEY=VALUE, got {item!r}")
+            out[key.strip()] = value
+        v = out
+    if isinstance(v, dict):
+        for key in v:
+            if not _is_env_name(str(key)):
+                raise ValueError(f"{key!r} is not an environment variable name")
+        return {str(k): val if isinstance(val, str) else json.dumps(val) for k, val in v.items()}
+    return v
+
+
+class _EnvPairs(PydanticBaseSettingsSource):
+    """Wraps a source so its `env` value is a mapping before the sources are merged; the mappings then merge
+    key by key (the CLI's --env adds to and overrides the TOML file's `env` table instead of replacing it)."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource, origin: str) -> None:
+        super().__init__(inner.settings_cls)
+        self.inner = inner
+        self.origin = origin
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        data = self.inner()
+        if "env" not in data:
+            return data
+        try:
+            return {**data, "env": parse_env_pairs(data["env"])}
+        except ValueError as err:
+            raise ConfigError(f"env: {err} (from {self.origin})") from None
+
+
+def _is_env_name(name: str) -> bool:
+    return bool(name) and not name[0].isdigit() and name.replace("_", "a").isalnum() and name.isascii()
+
+
+def _source_of(field: str, cli: dict[str, Any], toml_file: Path) -> str:
+    if field in cli:
+        return "command line"
+    env_name = (ENV_PREFIX + field).upper()
+    if any(k.upper() == env_name for k in os.environ):
+        return f"environment variable {env_name}"
+    return str(toml_file)
+
+
+def _one_line(err: ValidationError, cli: dict[str, Any], toml_file: Path) -> str:
+    e = err.errors()[0]
+    field = str(e["loc"][0]) if e["loc"] else ""
+    kind = e["type"]
+    ctx = e.get("ctx") or {}
+    got = e.get("input")
+    if kind == "extra_forbidden":
+        known = ", ".join(Settings.model_fields)
+        return f"unknown setting {field!r} in {_source_of(field, cli, toml_file)} (known settings: {known})"
+    if kind == "less_than_equal":
+        text = f"{field} must be at most {ctx['le']}"
+    elif kind == "greater_than_equal":
+        text = f"{field} must be at least {ctx['ge']}"
+    elif kind == "greater_than":
+        text = f"{field} must be greater than {ctx['gt']}"
+    elif kind in ("int_parsing", "int_type", "int_from_float"):
+        text = f"{field} must be a whole number, got {got!r}"
+    elif kind in ("float_parsing", "float_type"):
+        text = f"{field} must be a number, got {got!r}"
+    elif kind in ("bool_parsing", "bool_type"):
+        text = f"{field} must be true or false, got {got!r}"
+    elif kind == "value_error":
+        text = f"{field}: {ctx.get('error') or e['msg']}"
+    else:
+        text = f"{field}: {e['msg'][:1].lower()}{e['msg'][1:]}"
+    return f"{text} (from {_source_of(field, cli, toml_file)})"
+
+
+def load_settings(cli: dict[str, Any], config_file: Path | None = None) -> Settings:
+    """Resolve settings. `cli` holds command-line values by field name; None values are dropped so they do not
+    override. `config_file` defaults to ./orchestrator.toml (used only if it exists); a named file must exist."""
+    cli = {k: v for k, v in cli.items() if v is not None}
+    if config_file is None:
+        toml_file = Path(CONFIG_FILE)
+    else:
+        toml_file = Path(config_file)
+        if not toml_file.is_file():
+            raise ConfigError(f"config file {toml_file} not found")
+    if toml_file.exists():
+        try:
+            tomllib.loads(toml_file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{toml_file}: invalid TOML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{toml_file}: cannot read: {err}") from None
+    token = _toml_path.set(toml_file)
+    try:
+        return Settings(**cli)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, cli, toml_file)) from None
+    except SettingsError as err:
+        raise ConfigError(str(err).splitlines()[0] if str(err) else "invalid settings") from None
+    finally:
+        _toml_path.reset(token)
+
+
+def _looks_secret(name: str) -> bool:
+    upper = name.upper()
+    return any(fnmatch.fnmatchcase(upper, p) for p in SECRET_NAME_PATTERNS)
+
+
+def public_dump(s: Settings) -> dict[str, Any]:
+    """Settings as JSON-ready data for settings.json: nothing secret (api_base credentials and values of
+    secret-looking --env variables are masked)."""
+    data = s.model_dump(mode="json")
+    data["env"] = {k: ("***" if _looks_secret(k) else v) for k, v in s.env.items()}
+    if s.api_base:
+        parts = urlsplit(s.api_base)
+        if parts.username or parts.password:
+            host = parts.hostname or ""
+            netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+            data["api_base"] = urlunsplit(parts._replace(netloc=netloc))
+    return data
