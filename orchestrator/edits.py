@@ -1,0 +1,989 @@
+"""SEARCH/REPLACE edits: parse a model's reply, find each block's ONE place, apply all blocks or none.
+
+A reply holds blocks like this (the path alone on the line before the fence)::
+
+    experiment.py
+    ```python
+    <<<<<<< SEARCH
+        lr = 3e-3
+    =======
+        lr = 1e-3
+    >>>>>>> REPLACE
+    ```
+
+Matching rules, tried in order; a rule that finds one place wins, a rule that finds several fails the block:
+
+1. ``exact``: the SEARCH lines, whole and exact;
+2. ``trailing-whitespace``: the same, ignoring trailing whitespace on each line;
+3. ``indent-shift``: the SEARCH lines shifted by one uniform indentation (REPLACE is shifted the same way);
+4. ``blank-lines-trimmed``: rules 1-3 again with leading/trailing blank SEARCH lines dropped;
+5. ``elision``: ``...`` lines split SEARCH and REPLACE into pieces; each piece must be found once, in order.
+
+No similarity-based replacement: ``difflib`` only ever produces *suggestions* in the feedback text.
+Every block is applied to an in-memory copy first; files are written (atomically) only when every block
+succeeded, so a failed reply leaves the folder exactly as it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+DEFAULT_EDITABLE: tuple[str, ...] = ("experiment.py", "plot.py", "notes.txt")
+NEVER_EDITABLE_DIRS = frozenset({".git", ".orchestrator"})
+
+SEARCH_MARK = "<<<<<<< SEARCH"
+DIVIDER_MARK = "======="
+REPLACE_MARK = ">>>>>>> REPLACE"
+
+_SEARCH_RE = re.compile(r"^\s*<{5,9}\s?SEARCH\s*>?\s*$")
+_DIVIDER_RE = re.compile(r"^\s*={5,9}\s*$")
+_REPLACE_RE = re.compile(r"^\s*>{5,9}\s?REPLACE\s*$")
+_FENCE_RE = re.compile(r"^\s*(`{3,}|~{3,})\s*(.*?)\s*$")
+_ELISION_RE = re.compile(r"^\s*\.\.\.\s*$")
+_PATH_CHARS_RE = re.compile(r"[\w\-./\\+@]+")
+_COMMENT_RE = re.compile(r"^(#|//|--|;|<!--)")
+
+SUGGEST_MIN_SCORE = 0.6
+FEEDBACK_HEAD_LINES = 3
+FEEDBACK_MAX_SUGGESTED_LINES = 15
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class EditParseError(ValueError):
+    """A reply holds a malformed SEARCH/REPLACE block; the message says which block and what was expected."""
+
+    def __init__(self, message: str, block: int = 0):
+        super().__init__(message)
+        self.block = block
+
+
+class Edit(BaseModel):
+    """One SEARCH/REPLACE block of a reply. `search` and `replace` are whole lines ending in "\\n" (or "")."""
+
+    path: str
+    search: str
+    replace: str
+    block: int = Field(ge=1, description="1-based number of the block in the reply")
+
+
+Status = Literal["applied", "created", "already_applied", "failed"]
+
+
+class BlockOutcome(BaseModel):
+    """What happened to one block (when the reply as a whole failed, `applied` means 'would have applied')."""
+
+    block: int
+    path: str
+    status: Status
+    rule: str = ""
+    line: int | None = None
+    reason: str = ""
+
+
+class EditResult(BaseModel):
+    ok: bool
+    changed: list[str] = Field(default_factory=list)
+    feedback: str = ""
+    already_applied: list[int] = Field(default_factory=list)
+    blocks: int = 0
+    outcomes: list[BlockOutcome] = Field(default_factory=list)
+    parse_error: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class _Parsed:
+    edits: list[Edit]
+    first_header: int | None  # reply line where the first block's header (path / fence) starts
+
+
+def parse_edits(reply: str) -> list[Edit]:
+    """All SEARCH/REPLACE blocks of a reply, in order. Raises EditParseError for a malformed block."""
+    return _parse(reply).edits
+
+
+def _split_reply(reply: str) -> list[str]:
+    return reply.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def _parse(reply: str) -> _Parsed:
+    lines = _split_reply(reply)
+    edits: list[Edit] = []
+    prev_path: str | None = None
+    prev_end = -1
+    first_header: int | None = None
+    i = 0
+    while i < len(lines):
+        if _REPLACE_RE.match(lines[i]):
+            raise EditParseError(
+                f"reply line {i + 1}: a '{REPLACE_MARK}' line with no '{SEARCH_MARK}' line before it; "
+                f"each block is: path line, fence, {SEARCH_MARK}, old lines, {DIVIDER_MARK}, new lines, "
+                f"{REPLACE_MARK}, fence",
+                block=len(edits) + 1,
+            )
+        if not _SEARCH_RE.match(lines[i]):
+            i += 1
+            continue
+        number = len(edits) + 1
+        path, header = _find_path(lines, i, prev_end)
+        if first_header is None:
+            first_header = header
+        if path is None:
+            path = prev_path
+        if path is None:
+            raise EditParseError(
+                f"block {number}: no file path before its '{SEARCH_MARK}' line; put the file's path alone on "
+                "the line before the opening fence",
+                block=number,
+            )
+        where = f"block {number} ({path})"
+        search: list[str] = []
+        j = i + 1
+        while j < len(lines) and not _DIVIDER_RE.match(lines[j]):
+            if _SEARCH_RE.match(lines[j]) or _REPLACE_RE.match(lines[j]):
+                raise EditParseError(
+                    f"{where}: expected a '{DIVIDER_MARK}' line after the SEARCH lines, "
+                    f"found {lines[j].strip()!r} at reply line {j + 1}",
+                    block=number,
+                )
+            search.append(lines[j])
+            j += 1
+        if j >= len(lines):
+            raise EditParseError(
+                f"{where}: expected a '{DIVIDER_MARK}' line after the SEARCH lines, the reply ended first",
+                block=number,
+            )
+        replace: list[str] = []
+        k = j + 1
+        while k < len(lines) and not _REPLACE_RE.match(lines[k]):
+            if _SEARCH_RE.match(lines[k]):
+                raise EditParseError(
+                    f"{where}: expected a '{REPLACE_MARK}' line after the REPLACE lines, "
+                    f"found {lines[k].strip()!r} at reply line {k + 1}",
+                    block=number,
+                )
+            replace.append(lines[k])
+            k += 1
+        if k >= len(lines):
+            raise EditParseError(
+                f"{where}: expected a '{REPLACE_MARK}' line after the REPLACE lines, the reply ended first",
+                block=number,
+            )
+        edits.append(Edit(path=path, search=_join(search), replace=_join(replace), block=number))
+        prev_path, prev_end = path, k
+        i = k + 1
+    return _Parsed(edits=edits, first_header=first_header)
+
+
+def _join(lines: list[str]) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def _find_path(lines: list[str], marker: int, stop: int) -> tuple[str | None, int]:
+    """The path written before the SEARCH line at `marker`, and the reply line where the block's header starts.
+
+    Walks back from the marker: inside the fence a `# path` comment or a bare path line counts; the fence's
+    info string may hold the path; outside the fence only the line right before it (blank lines skipped).
+    """
+    inside = True  # between the opening fence (if any) and the SEARCH line
+    comments_skipped = 0
+    header = marker
+    for j in range(marker - 1, stop, -1):
+        raw = lines[j]
+        if not raw.strip():
+            continue
+        fence = _FENCE_RE.match(raw)
+        if fence:
+            if not inside:
+                return None, header  # the previous block's closing fence
+            header = j
+            inside = False
+            info_path = _path_from_info(fence.group(2))
+            if info_path:
+                return info_path, header
+            continue
+        candidate = _clean_path(raw)
+        if candidate:
+            return candidate, j
+        if inside and _COMMENT_RE.match(raw.strip()) and comments_skipped < 2:
+            comments_skipped += 1
+            header = j
+            continue
+        return None, header
+    return None, header
+
+
+def _path_from_info(info: str) -> str | None:
+    for token in re.split(r"[\s:]+", info):
+        path = _clean_path(token, allow_prefix=False)
+        if path:
+            return path
+    return None
+
+
+def _clean_path(text: str, allow_prefix: bool = True) -> str | None:
+    s = text.strip()
+    if allow_prefix:
+        s = re.sub(r"^(#+|//|--|;+|>+)\s*", "", s)
+        s = re.sub(r"^(?:[-*+]\s+|\d+[.)]\s+)", "", s)  # a list item
+    for _ in range(3):
+        s = s.strip().strip("*_`'\"").strip().rstrip(":").strip()
+        if allow_prefix:
+            s = re.sub(r"^(?:file(?:name)?|path)\s*:\s*", "", s, flags=re.IGNORECASE)
+    if not s or not _PATH_CHARS_RE.fullmatch(s):
+        return None
+    if not re.search(r"[A-Za-z0-9]", s) or s.endswith("."):
+        return None
+    if "." not in s and "/" not in s:
+        return None
+    return s
+
+
+def plan_line(reply: str) -> str:
+    """The first line of prose before the first block, without markdown markers, at most 72 characters."""
+    try:
+        parsed = _parse(reply)
+        end = parsed.first_header
+    except EditParseError:
+        end = None
+    lines = _split_reply(reply)
+    if end is None:
+        end = next((n for n, line in enumerate(lines) if _SEARCH_RE.match(line)), len(lines))
+    in_fence = False
+    for line in lines[:end]:
+        if _FENCE_RE.match(line):
+            in_fence = not in_fence
+            continue
+        if in_fence:
+            continue
+        text = _strip_markdown(line)
+        if text:
+            return _shorten(text, 72)
+    return ""
+
+
+def _strip_markdown(line: str) -> str:
+    s = line.strip()
+    s = re.sub(r"^(?:#+|>+)\s*", "", s)
+    s = re.sub(r"^(?:[-*+]\s+|\d+[.)]\s+)", "", s)
+    s = s.replace("**", "").replace("__", "").replace("`", "")
+    s = re.sub(r"^[*_]+|[*_]+$", "", s)
+    return " ".join(s.split())
+
+
+def _shorten(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    space = cut.rfind(" ")
+    if space >= limit // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:-")
+
+
+# ---------------------------------------------------------------------------------------------- documents
+
+
+@dataclass
+class _Doc:
+    """A text file as lines plus each line's own terminator ("\\n", "\\r\\n", or "" for a last line without)."""
+
+    lines: list[str] = field(default_factory=list)
+    ends: list[str] = field(default_factory=list)
+    newline: str = "\n"
+    bom: bool = False
+    exists: bool = True
+
+    @classmethod
+    def from_text(cls, text: str, exists: bool = True) -> _Doc:
+        bom = text.startswith("\ufeff")
+        if bom:
+            text = text[1:]
+        parts = text.split("\n")
+        lines: list[str] = []
+        ends: list[str] = []
+        for n, part in enumerate(parts):
+            last = n == len(parts) - 1
+            if last:
+                if part:
+                    lines.append(part)
+                    ends.append("")
+                break
+            if part.endswith("\r"):
+                lines.append(part[:-1])
+                ends.append("\r\n")
+            else:
+                lines.append(part)
+                ends.append("\n")
+        newline = "\r\n" if ends.count("\r\n") > ends.count("\n") else "\n"
+        return cls(lines=lines, ends=ends, newline=newline, bom=bom, exists=exists)
+
+    def text(self) -> str:
+        return ("\ufeff" if self.bom else "") + "".join(
+            a + b for a, b in zip(self.lines, self.ends, strict=True)
+        )
+
+    def is_blank(self) -> bool:
+        return all(not line.strip() for line in self.lines)
+
+    def splice(self, start: int, end: int, new: list[str]) -> None:
+        """Replace lines [start, end) by `new`, keeping a missing final newline missing."""
+        new_ends = [self.newline] * len(new)
+        touches_unterminated_end = end == len(self.lines) and bool(self.ends) and self.ends[-1] == ""
+        self.lines[start:end] = new
+        self.ends[start:end] = new_ends
+        if touches_unterminated_end:
+            last = start + len(new) - 1
+            if last >= 0:
+                self.ends[last] = ""
+
+
+def _decode(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- matching
+
+
+@dataclass
+class _Match:
+    start: int
+    end: int
+    replace: list[str] | None  # None: REPLACE cannot be re-indented the way SEARCH was
+    rule: str
+
+
+@dataclass
+class _Found:
+    rule: str
+    matches: list[_Match]
+
+
+Lines = list[str]
+_Rule = Callable[[Lines, Lines, Lines], list[_Match]]
+
+
+def _rule_exact(doc: Lines, search: Lines, replace: Lines) -> list[_Match]:
+    n = len(search)
+    first = search[0]
+    out = []
+    for p in range(len(doc) - n + 1):
+        if doc[p] == first and doc[p : p + n] == search:
+            out.append(_Match(p, p + n, list(replace), "exact"))
+    return out
+
+
+def _rule_trailing(doc: Lines, search: Lines, replace: Lines) -> list[_Match]:
+    n = len(search)
+    s = [line.rstrip() for line in search]
+    d = [line.rstrip() for line in doc]
+    return [
+        _Match(p, p + n, list(replace), "trailing-whitespace")
+        for p in range(len(doc) - n + 1)
+        if d[p] == s[0] and d[p : p + n] == s
+    ]
+
+
+def _indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+def _rule_indent(doc: Lines, search: Lines, replace: Lines) -> list[_Match]:
+    n = len(search)
+    anchor = next((k for k, line in enumerate(search) if line.strip()), None)
+    if anchor is None:
+        return []
+    s_strip = [line.strip() for line in search]
+    out = []
+    for p in range(len(doc) - n + 1):
+        window = doc[p : p + n]
+        if window[anchor].strip() != s_strip[anchor]:
+            continue
+        f_ind, s_ind = _indent(window[anchor]), _indent(search[anchor])
+        if len(f_ind) > len(s_ind) and f_ind.endswith(s_ind):
+            delta, deeper = f_ind[: len(f_ind) - len(s_ind)], True
+        elif len(s_ind) > len(f_ind) and s_ind.endswith(f_ind):
+            delta, deeper = s_ind[: len(s_ind) - len(f_ind)], False
+        else:
+            continue
+        if not _shift_fits(window, search, delta, deeper):
+            continue
+        out.append(_Match(p, p + n, _reindent(replace, delta, deeper), "indent-shift"))
+    return out
+
+
+def _shift_fits(window: Lines, search: Lines, delta: str, deeper: bool) -> bool:
+    for f, s in zip(window, search, strict=True):
+        if not s.strip():
+            if f.strip():
+                return False
+            continue
+        f, s = f.rstrip(), s.rstrip()
+        if (f != delta + s) if deeper else (s != delta + f):
+            return False
+    return True
+
+
+def _reindent(replace: Lines, delta: str, deeper: bool) -> Lines | None:
+    out = []
+    for line in replace:
+        if not line.strip():
+            out.append(line)
+        elif deeper:
+            out.append(delta + line)
+        elif line.startswith(delta):
+            out.append(line[len(delta) :])
+        else:
+            return None
+    return out
+
+
+_LINE_RULES: tuple[_Rule, ...] = (_rule_exact, _rule_trailing, _rule_indent)
+
+
+def _trim_blank(search: Lines, replace: Lines) -> tuple[Lines, Lines] | None:
+    lead = next((k for k, line in enumerate(search) if line.strip()), len(search))
+    if lead == len(search):
+        return None
+    trail = next(k for k, line in enumerate(reversed(search)) if line.strip())
+    if lead == 0 and trail == 0:
+        return None
+    r_lead = next((k for k, line in enumerate(replace) if line.strip()), len(replace))
+    r_trail = next((k for k, line in enumerate(reversed(replace)) if line.strip()), len(replace))
+    r_cut_lead = min(lead, r_lead)
+    r_cut_trail = min(trail, r_trail, len(replace) - r_cut_lead)
+    return search[lead : len(search) - trail], replace[r_cut_lead : len(replace) - r_cut_trail]
+
+
+def _locate_lines(doc: Lines, search: Lines, replace: Lines) -> _Found | None:
+    """Rules 1-4: the first rule that finds anything, with everything it found."""
+    for rule in _LINE_RULES:
+        found = rule(doc, search, replace)
+        if found:
+            return _Found(found[0].rule, found)
+    trimmed = _trim_blank(search, replace)
+    if trimmed is not None:
+        t_search, t_replace = trimmed
+        for rule in _LINE_RULES:
+            found = rule(doc, t_search, t_replace)
+            if found:
+                for m in found:
+                    m.rule = f"blank-lines-trimmed+{m.rule}"
+                return _Found(found[0].rule, found)
+    return None
+
+
+def _split_elided(lines: Lines) -> list[Lines]:
+    pieces: list[Lines] = [[]]
+    for line in lines:
+        if _ELISION_RE.match(line):
+            pieces.append([])
+        else:
+            pieces[-1].append(line)
+    return pieces
+
+
+class _BlockFailure(Exception):
+    def __init__(self, kind: str, reason: str, matches: list[_Match] | None = None, advice: str = ""):
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.matches = matches or []
+        self.advice = advice
+
+
+def _describe_places(matches: list[_Match]) -> str:
+    spans = [f"{m.start + 1}" if m.end - m.start == 1 else f"{m.start + 1}-{m.end}" for m in matches]
+    return ", ".join(spans)
+
+
+def _ambiguous(found: _Found, path: str, what: str = "SEARCH") -> _BlockFailure:
+    rule = found.rule.replace("+", " then ")
+    return _BlockFailure(
+        "ambiguous",
+        f"{what} matches {len(found.matches)} places in {path} (rule: {rule}), at lines "
+        f"{_describe_places(found.matches)}; it must match exactly one",
+        found.matches,
+        advice="Add lines above or below the place you mean, so SEARCH matches only there.",
+    )
+
+
+def _apply_block(doc: _Doc, edit: Edit, path: str) -> tuple[Status, str, int | None]:
+    """Apply one block to `doc` in place. Returns (status, rule, first line); raises _BlockFailure."""
+    search = [line.rstrip("\r") for line in _lines_of(edit.search)] if edit.search.strip() else []
+    replace = [line.rstrip("\r") for line in _lines_of(edit.replace)] if edit.replace else []
+
+    if not search:
+        return _apply_create(doc, replace, path)
+
+    found = _locate_lines(doc.lines, search, replace)
+    if found is None and any(_ELISION_RE.match(line) for line in search):
+        return _apply_elided(doc, search, replace, path)
+    if found is None:
+        done = _locate_lines(doc.lines, replace, replace) if any(line.strip() for line in replace) else None
+        if done is not None and len(done.matches) == 1:
+            return "already_applied", f"replace-present ({done.rule})", done.matches[0].start + 1
+        raise _BlockFailure(
+            "not_found",
+            f"SEARCH does not match any lines of {path}, not even ignoring trailing whitespace, a uniform "
+            "indentation shift or surrounding blank lines",
+            advice="Copy the lines to change from the current file exactly, indentation included.",
+        )
+    if len(found.matches) > 1:
+        raise _ambiguous(found, path)
+    m = found.matches[0]
+    if m.replace is None:
+        raise _BlockFailure(
+            "reindent",
+            f"SEARCH matches lines {_describe_places([m])} of {path} only when indented less than written, "
+            "and some REPLACE lines are not indented enough to shift them the same way",
+            [m],
+            advice="Write SEARCH and REPLACE with the file's own indentation.",
+        )
+    if _already_there(doc.lines, m, replace):
+        return "already_applied", f"replace-present ({found.rule})", m.start + 1
+    doc.splice(m.start, m.end, m.replace)
+    return "applied", found.rule, m.start + 1
+
+
+def _lines_of(text: str) -> list[str]:
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+
+
+def _already_there(doc: Lines, m: _Match, replace: Lines) -> bool:
+    """REPLACE already stands, once, around the SEARCH match: applying again would duplicate its new lines."""
+    if len(replace) <= m.end - m.start or not any(line.strip() for line in replace):
+        return False
+    found = _locate_lines(doc, replace, replace)
+    if found is None or len(found.matches) != 1:
+        return False
+    r = found.matches[0]
+    return r.start <= m.start and m.end <= r.end
+
+
+def _apply_create(doc: _Doc, replace: Lines, path: str) -> tuple[Status, str, int | None]:
+    if not doc.exists or doc.is_blank():
+        status: Status = "created" if not doc.exists else "applied"
+        doc.lines, doc.ends = list(replace), [doc.newline] * len(replace)
+        doc.exists = True
+        return status, "new-file" if status == "created" else "empty-file", 1
+    if any(line.strip() for line in replace):
+        if [line.rstrip() for line in doc.lines] == [line.rstrip() for line in replace]:
+            return "already_applied", "replace-present (whole file)", 1
+        done = _locate_lines(doc.lines, replace, replace)
+        if done is not None and len(done.matches) == 1:
+            return "already_applied", f"replace-present ({done.rule})", done.matches[0].start + 1
+    raise _BlockFailure(
+        "file_exists",
+        f"SEARCH is empty, which creates a new file, but {path} already exists and is not empty",
+        advice=(
+            f"To change {path}, put the lines to replace in SEARCH. To add lines at its end, SEARCH its "
+            "last lines and repeat them in REPLACE followed by the new lines."
+        ),
+    )
+
+
+def _apply_elided(doc: _Doc, search: Lines, replace: Lines, path: str) -> tuple[Status, str, int | None]:
+    s_pieces, r_pieces = _split_elided(search), _split_elided(replace)
+    if len(s_pieces) != len(r_pieces):
+        raise _BlockFailure(
+            "elision",
+            f"SEARCH has {len(s_pieces) - 1} '...' lines but REPLACE has {len(r_pieces) - 1}; they must pair up "
+            "so each piece of SEARCH has its own piece of REPLACE",
+            advice="Avoid '...' lines: copy the lines in full, or split the change into several small blocks.",
+        )
+    planned: list[_Match] = []
+    for n, (s_piece, r_piece) in enumerate(zip(s_pieces, r_pieces, strict=True), start=1):
+        if not any(line.strip() for line in s_piece):
+            if any(line.strip() for line in r_piece):
+                raise _BlockFailure(
+                    "elision",
+                    f"piece {n} of SEARCH (between '...' lines) is empty but its REPLACE piece is not, so there "
+                    "is no place to put it",
+                    advice="Give each '...'-separated piece of SEARCH at least one line of the file.",
+                )
+            continue
+        found = _locate_lines(doc.lines, s_piece, r_piece)
+        if found is None:
+            raise _BlockFailure(
+                "not_found",
+                f"piece {n} of SEARCH (between '...' lines) does not match any lines of {path}",
+                advice="Copy the lines to change from the current file exactly, indentation included.",
+            )
+        if len(found.matches) > 1:
+            raise _ambiguous(found, path, what=f"piece {n} of SEARCH")
+        m = found.matches[0]
+        if m.replace is None:
+            raise _BlockFailure("reindent", f"piece {n} of SEARCH cannot be re-indented like the file", [m])
+        if planned and m.start < planned[-1].end:
+            raise _BlockFailure(
+                "elision",
+                f"the pieces of SEARCH between '...' lines are found out of order in {path} "
+                f"(piece {n} at line {m.start + 1}, before the end of the previous piece)",
+                planned + [m],
+            )
+        planned.append(m)
+    if not planned:
+        raise _BlockFailure("not_found", f"SEARCH holds only '...' lines, nothing to find in {path}")
+    for m in reversed(planned):
+        doc.splice(m.start, m.end, m.replace or [])
+    return "applied", "elision", planned[0].start + 1
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+class _PathError(Exception):
+    pass
+
+
+def _matches_any(rel: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(rel, pattern) for pattern in patterns)
+
+
+def _allowed(editable: Sequence[str]) -> str:
+    return ", ".join(editable) if editable else "(none)"
+
+
+def _check_rel(rel: str, raw: str, editable: Sequence[str], protected: Sequence[str]) -> None:
+    parts = rel.split("/")
+    if any(part in NEVER_EDITABLE_DIRS for part in parts):
+        raise _PathError(
+            f"{raw!r} is inside {parts[0]}/, which is never edited. Files you may edit: {_allowed(editable)}"
+        )
+    if _matches_any(rel, protected):
+        raise _PathError(
+            f"{raw!r} is protected by the template and may not be edited. "
+            f"Files you may edit: {_allowed(editable)}"
+        )
+    if not _matches_any(rel, editable):
+        raise _PathError(
+            f"{raw!r} is not one of the files you may edit. Files you may edit: {_allowed(editable)}"
+        )
+
+
+def _resolve(root: Path, raw: str, editable: Sequence[str], protected: Sequence[str]) -> tuple[str, Path]:
+    p = raw.strip().replace("\\", "/")
+    if not p:
+        raise _PathError("the block has an empty file path")
+    if p.startswith(("/", "~")) or re.match(r"^[A-Za-z]:", p):
+        raise _PathError(
+            f"{raw!r} is an absolute path; write the path relative to the experiment folder, "
+            f"one of: {_allowed(editable)}"
+        )
+    parts = [part for part in p.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise _PathError(
+            f"{raw!r} uses '..'; only files inside the experiment folder may be edited: {_allowed(editable)}"
+        )
+    if not parts or any(ord(ch) < 32 for ch in p):
+        raise _PathError(f"{raw!r} is not a file path. Files you may edit: {_allowed(editable)}")
+    rel = "/".join(parts)
+    _check_rel(rel, raw, editable, protected)
+    try:
+        return _resolve_on_disk(root, raw, rel, parts, editable, protected)
+    except OSError as exc:
+        raise _PathError(f"{raw!r} cannot be used: {exc.strerror or exc}") from exc
+
+
+def _resolve_on_disk(
+    root: Path, raw: str, rel: str, parts: list[str], editable: Sequence[str], protected: Sequence[str]
+) -> tuple[str, Path]:
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, *parts))
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise _PathError(
+            f"{raw!r} is a symbolic link (or lies under one) leading outside the experiment folder"
+        )
+    real_rel = Path(os.path.relpath(real, real_root)).as_posix()
+    if real_rel != rel:
+        _check_rel(real_rel, raw, editable, protected)
+    target = Path(real)
+    if target.exists() and not target.is_file():
+        raise _PathError(f"{raw!r} is not a regular file")
+    return rel, target
+
+
+# ---------------------------------------------------------------------------------------------- applying
+
+
+@dataclass
+class _FileWork:
+    rel: str
+    target: Path
+    original: bytes | None
+    doc: _Doc
+    touched_by: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Failure:
+    edit: Edit
+    kind: str
+    reason: str
+    advice: str = ""
+    matches: list[_Match] = field(default_factory=list)
+    doc: _Doc | None = None
+    earlier_blocks: list[int] = field(default_factory=list)
+
+
+def apply_edits(
+    root: str | os.PathLike[str],
+    reply_or_edits: str | Sequence[Edit],
+    editable: Sequence[str] = DEFAULT_EDITABLE,
+    protected: Sequence[str] = (),
+    dry_run: bool = False,
+) -> EditResult:
+    """Apply every block of a reply (or a list of edits) under `root`, or none of them.
+
+    Never raises for a model's mistake: a malformed reply, a SEARCH that matches no place or several, or a
+    forbidden path gives ok=False with `feedback` for the model, and then nothing was written.
+    With `dry_run` nothing is written either way; `changed` lists the files that would be.
+    """
+    root_path = Path(root)
+    editable, protected = tuple(editable), tuple(protected)
+    if isinstance(reply_or_edits, str):
+        try:
+            edits = parse_edits(reply_or_edits)
+        except EditParseError as exc:
+            return EditResult(
+                ok=False,
+                blocks=exc.block,
+                parse_error=str(exc),
+                feedback=(
+                    f"Your reply could not be parsed: {exc}.\nNothing was applied: every file is unchanged. "
+                    "Reply with the SEARCH/REPLACE blocks again, each one complete."
+                ),
+            )
+    else:
+        edits = list(reply_or_edits)
+
+    files: dict[str, _FileWork] = {}
+    outcomes: list[BlockOutcome] = []
+    failures: list[_Failure] = []
+    for edit in edits:
+        try:
+            rel, target = _resolve(root_path, edit.path, editable, protected)
+        except _PathError as exc:
+            failures.append(_Failure(edit, "path", str(exc)))
+            outcomes.append(BlockOutcome(block=edit.block, path=edit.path, status="failed", reason=str(exc)))
+            continue
+        work = files.get(rel)
+        if work is None:
+            try:
+                original = target.read_bytes() if target.exists() else None
+            except OSError as exc:
+                reason = f"{rel} cannot be read: {exc.strerror or exc}"
+                failures.append(_Failure(edit, "unreadable", reason))
+                outcomes.append(BlockOutcome(block=edit.block, path=rel, status="failed", reason=reason))
+                continue
+            text = "" if original is None else _decode(original)
+            if text is None:
+                reason = f"{rel} is not UTF-8 text, so it cannot be edited with SEARCH/REPLACE"
+                failures.append(_Failure(edit, "not_text", reason))
+                outcomes.append(BlockOutcome(block=edit.block, path=rel, status="failed", reason=reason))
+                continue
+            work = _FileWork(rel, target, original, _Doc.from_text(text, exists=original is not None))
+            files[rel] = work
+        earlier = list(work.touched_by)
+        try:
+            status, rule, line = _apply_block(work.doc, edit, rel)
+        except _BlockFailure as exc:
+            snapshot = _Doc(
+                list(work.doc.lines), list(work.doc.ends), work.doc.newline, work.doc.bom, work.doc.exists
+            )
+            failures.append(_Failure(edit, exc.kind, exc.reason, exc.advice, exc.matches, snapshot, earlier))
+            outcomes.append(BlockOutcome(block=edit.block, path=rel, status="failed", reason=exc.reason))
+            continue
+        if status != "already_applied":
+            work.touched_by.append(edit.block)
+        outcomes.append(BlockOutcome(block=edit.block, path=rel, status=status, rule=rule, line=line))
+
+    already = [o.block for o in outcomes if o.status == "already_applied"]
+    if failures:
+        return EditResult(
+            ok=False,
+            blocks=len(edits),
+            outcomes=outcomes,
+            already_applied=already,
+            feedback=_feedback(failures, outcomes, len(edits)),
+        )
+
+    pending: list[tuple[_FileWork, bytes]] = []
+    for work in files.values():
+        new = work.doc.text().encode("utf-8")
+        if work.original is None and not work.doc.exists:
+            continue
+        if work.original is not None and new == work.original:
+            continue
+        pending.append((work, new))
+    if not dry_run:
+        _write_all(pending)
+    return EditResult(
+        ok=True,
+        changed=[w.rel for w, _ in pending],
+        blocks=len(edits),
+        outcomes=outcomes,
+        already_applied=already,
+    )
+
+
+def _write_all(pending: list[tuple[_FileWork, bytes]]) -> None:
+    """Write every new content to a temp file next to its target (fsynced), then rename them all in place."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for work, data in pending:
+            work.target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=work.target.parent, prefix=f".{work.target.name}.", suffix=".tmp")
+            staged.append((tmp, work.target))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if work.target.exists():
+                os.chmod(tmp, work.target.stat().st_mode & 0o7777)
+            else:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for tmp, target in staged:
+        os.replace(tmp, target)
+    for directory in {target.parent for _, target in staged}:
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+
+
+# ---------------------------------------------------------------------------------------------- feedback
+
+
+def _feedback(failures: list[_Failure], outcomes: list[BlockOutcome], total: int) -> str:
+    failed_numbers = [f.edit.block for f in failures]
+    good = [o.block for o in outcomes if o.status != "failed"]
+    head = (
+        f"{len(failures)} of {total} SEARCH/REPLACE blocks failed, so nothing was applied: "
+        "every file is unchanged."
+    )
+    parts = [head]
+    for failure in failures:
+        parts.append(_failure_text(failure))
+    ask = f"Reply with SEARCH/REPLACE blocks only: the failed {_plural(failed_numbers, 'block')} corrected"
+    if good:
+        ask += (
+            f", and {_plural(good, 'block')} again as before, since nothing from this reply was written "
+            "(a block whose change is already in the file is recognised and skipped)"
+        )
+    ask += ". SEARCH must copy the current lines of the file exactly."
+    parts.append(ask)
+    return "\n\n".join(parts)
+
+
+def _plural(numbers: list[int], noun: str) -> str:
+    joined = ", ".join(str(n) for n in numbers)
+    return f"{noun} {joined}" if len(numbers) == 1 else f"{noun}s {joined}"
+
+
+def _failure_text(failure: _Failure) -> str:
+    edit = failure.edit
+    out = [f"## Block {edit.block} ({edit.path}) failed: {failure.reason}."]
+    head = _lines_of(edit.search)[:FEEDBACK_HEAD_LINES] if edit.search.strip() else []
+    if head:
+        more = len(_lines_of(edit.search)) - len(head)
+        shown = "\n".join(f"    {line}" for line in head)
+        out.append(
+            f"Its SEARCH starts with:\n{shown}" + (f"\n    ... ({more} more lines)" if more > 0 else "")
+        )
+    doc = failure.doc
+    note = ""
+    if failure.earlier_blocks:
+        note = f" (as it reads after {_plural(failure.earlier_blocks, 'block')} of this reply)"
+    if doc is not None and failure.kind in {"ambiguous", "reindent"}:
+        for m in failure.matches[:5]:
+            where = f"line {m.start + 1}" if m.end - m.start == 1 else f"lines {m.start + 1}-{m.end}"
+            shown = _numbered(
+                doc.lines, max(0, m.start - 2), min(len(doc.lines), m.end + 2), (m.start, m.end)
+            )
+            out.append(
+                f"Match at {where} of {edit.path}{note}, marked '>' among the lines around it:\n{shown}"
+            )
+    elif doc is not None and failure.kind in {"not_found", "elision"} and edit.search.strip():
+        near = _closest(doc.lines, [line for line in _lines_of(edit.search) if not _ELISION_RE.match(line)])
+        if near is not None:
+            start, end = near
+            out.append(f"The closest lines in {edit.path}{note} are:\n{_numbered(doc.lines, start, end)}")
+    if failure.advice:
+        out.append(failure.advice)
+    return "\n".join(out)
+
+
+def _numbered(lines: Lines, start: int, end: int, mark: tuple[int, int] | None = None) -> str:
+    """Lines [start, end) with 1-based numbers; lines inside `mark` get a '>' in front."""
+    end = min(end, start + FEEDBACK_MAX_SUGGESTED_LINES)
+    width = len(str(end))
+    out = []
+    for n in range(start, end):
+        flag = ">" if mark is not None and mark[0] <= n < mark[1] else " "
+        out.append(f" {flag}{n + 1:>{width}} | {lines[n]}")
+    return "\n".join(out)
+
+
+def _closest(doc: Lines, search: Lines) -> tuple[int, int] | None:
+    """Suggestion only: the window of the file most similar to SEARCH, or None when nothing is close."""
+    wanted = [line.strip() for line in search]
+    anchors = [(k, text) for k, text in enumerate(wanted) if text][:6]
+    if not anchors or not doc:
+        return None
+    stripped = [line.strip() for line in doc]
+    n = len(search)
+    starts: set[int] = set()
+    for k, text in anchors:
+        matcher = difflib.SequenceMatcher(None, b=text, autojunk=False)
+        for j, line in enumerate(stripped):
+            if not line:
+                continue
+            matcher.set_seq1(line)
+            if (
+                matcher.real_quick_ratio() >= SUGGEST_MIN_SCORE
+                and matcher.quick_ratio() >= SUGGEST_MIN_SCORE
+                and matcher.ratio() >= SUGGEST_MIN_SCORE
+            ):
+                starts.add(min(max(j - k, 0), max(len(doc) - n, 0)))
+    if not starts:
+        return None
+    target = "\n".join(wanted)
+    best, best_score = None, 0.0
+    for s in sorted(starts):
+        score = difflib.SequenceMatcher(None, "\n".join(stripped[s : s + n]), target, autojunk=False).ratio()
+        if score > best_score:
+            best, best_score = s, score
+    if best is None or best_score < SUGGEST_MIN_SCORE / 2:
+        return None
+    return best, min(best + n, len(doc))
