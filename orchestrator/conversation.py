@@ -1,0 +1,276 @@
+"""The message history: append with merging, normalise for a provider profile, validate before every call.
+
+The history is ours, not the provider's. `append` never lets two messages of the same role sit side by side (it
+merges them with a blank line), `normalise` turns any history into one a provider accepts, and `validate` refuses
+to let a call go out with a history that breaks the rules. The rules, for every profile:
+
+- at most one system message, and only first (folded into the first user message where the model takes none);
+- the first non-system message is from the user, roles alternate user/assistant, the last message is the user's;
+- no empty messages; assistant `reasoning_content` is never sent back.
+
+Nothing here mutates its input: every function returns new lists of frozen messages.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Role = Literal["system", "user", "assistant"]
+SystemHandling = Literal["system", "developer", "fold"]
+
+MERGE_SEPARATOR = "\n\n"
+# Stands in for a user turn when a history would otherwise open with the assistant (never happens in the loop,
+# whose first message is the prompt; it keeps `normalise` total without dropping the assistant's text).
+OPENING_USER_PLACEHOLDER = "(continuing an earlier conversation)"
+
+
+class Message(BaseModel):
+    """One message of the history, exactly as journaled. `reasoning_content` is kept for review, never sent."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Role
+    content: str
+    reasoning_content: str | None = None
+
+
+class Profile(BaseModel):
+    """What a family of models accepts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    system: SystemHandling  # how the leading system message is sent
+    temperature: bool  # whether a temperature may be sent
+    description: str = ""
+
+
+PROFILES: dict[str, Profile] = {
+    "deepseek-reasoner": Profile(
+        name="deepseek-reasoner",
+        system="system",
+        temperature=False,
+        description="DeepSeek reasoner (R1): strict alternation, no temperature, reasoning never sent back",
+    ),
+    "openai-reasoning": Profile(
+        name="openai-reasoning",
+        system="developer",
+        temperature=False,
+        description="OpenAI o-series and gpt-5 reasoning models: system sent as developer, no temperature",
+    ),
+    "anthropic": Profile(
+        name="anthropic",
+        system="system",
+        temperature=True,
+        description="Anthropic Claude: system message lifted by litellm, strict alternation starting with user",
+    ),
+    "default": Profile(
+        name="default",
+        system="system",
+        temperature=True,
+        description="any other chat model",
+    ),
+    "no-system": Profile(
+        name="no-system",
+        system="fold",
+        temperature=False,
+        description="models that take neither a system message nor a temperature (o1-mini, o1-preview); "
+        "also the strictest profile, used by the scripted model",
+    ),
+}
+STRICTEST_PROFILE: Profile = PROFILES["no-system"]
+
+
+class ConversationError(ValueError):
+    """A history breaks a provider rule; the message names the rule and the message index."""
+
+
+class UnknownProfileError(ValueError):
+    """A profile override names no known profile."""
+
+
+# --------------------------------------------------------------------------------------------------- profiles
+
+_O_SERIES = re.compile(r"^o\d+(-|$)")
+
+
+def _base_name(model_name: str) -> str:
+    return model_name.strip().lower().rsplit("/", 1)[-1]
+
+
+def _profile_from_name(model_name: str) -> Profile | None:
+    lower = model_name.strip().lower()
+    base = _base_name(model_name)
+    if "deepseek-reasoner" in base or "deepseek-r1" in base:
+        return PROFILES["deepseek-reasoner"]
+    if base.startswith(("o1-mini", "o1-preview")):
+        return PROFILES["no-system"]
+    if _O_SERIES.match(base) or base.startswith("gpt-5"):
+        return PROFILES["openai-reasoning"]
+    if lower.startswith("anthropic/") or base.startswith("claude") or ".claude" in base:
+        return PROFILES["anthropic"]
+    return None
+
+
+def _profile_from_model_info(model_name: str) -> Profile:
+    """Ask litellm's (bundled) model map; unknown models get the default profile."""
+    import os
+
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    try:
+        import litellm
+
+        litellm.suppress_debug_info = True
+        info: dict[str, Any] = dict(litellm.get_model_info(model_name))
+    except Exception:  # litellm raises a plain Exception subclass for unmapped models
+        return PROFILES["default"]
+    provider = str(info.get("litellm_provider") or "")
+    if provider.startswith("anthropic") or "claude" in str(info.get("key") or ""):
+        return PROFILES["anthropic"]
+    if info.get("supports_system_messages") is False:
+        return PROFILES["no-system"]
+    if info.get("supports_reasoning") and provider in ("openai", "azure", "text-completion-openai"):
+        return PROFILES["openai-reasoning"]
+    return PROFILES["default"]
+
+
+def profile_for(model_name: str, override: str | None = None) -> Profile:
+    """The profile for a litellm model name; `override` (a key of PROFILES) wins when given."""
+    if override:
+        try:
+            return PROFILES[override]
+        except KeyError:
+            known = ", ".join(sorted(PROFILES))
+            raise UnknownProfileError(f"unknown model profile {override!r} (known: {known})") from None
+    return _profile_from_name(model_name) or _profile_from_model_info(model_name)
+
+
+# --------------------------------------------------------------------------------------------------- history
+
+
+def _join(a: str, b: str) -> str:
+    if not a.strip():
+        return b
+    if not b.strip():
+        return a
+    return a + MERGE_SEPARATOR + b
+
+
+def _join_optional(a: str | None, b: str | None) -> str | None:
+    if a is None or not a.strip():
+        return b
+    if b is None or not b.strip():
+        return a
+    return a + MERGE_SEPARATOR + b
+
+
+def append(
+    history: Sequence[Message], role: Role, content: str, reasoning: str | None = None
+) -> list[Message]:
+    """A new history with the message added; a message of the same role as the last is merged into it."""
+    result = list(history)
+    if result and result[-1].role == role:
+        last = result[-1]
+        result[-1] = Message(
+            role=role,
+            content=_join(last.content, content),
+            reasoning_content=_join_optional(last.reasoning_content, reasoning),
+        )
+    else:
+        result.append(Message(role=role, content=content, reasoning_content=reasoning))
+    return result
+
+
+def normalise(messages: Sequence[Message], profile: Profile) -> list[Message]:
+    """The history as the profile's provider accepts it, keeping every message's text.
+
+    - system messages before the first user/assistant message become one leading system message (or, for a
+      profile that takes none, are folded into the first user message); a system message later in the history
+      is an instruction at that point, so it is sent as (part of) a user message;
+    - reasoning is dropped, empty messages are dropped, same-role neighbours are merged with a blank line;
+    - a history opening with the assistant gets a short placeholder user turn first.
+    A history whose last message is the assistant's cannot be fixed here: `validate` rejects it.
+    """
+    system_text = ""
+    body: list[Message] = []
+    for m in messages:
+        if not m.content.strip():
+            continue
+        if m.role == "system" and not body:
+            system_text = _join(system_text, m.content)
+            continue
+        role: Role = "user" if m.role == "system" else m.role
+        body = append(body, role, m.content)
+    if body and body[0].role == "assistant":
+        body.insert(0, Message(role="user", content=OPENING_USER_PLACEHOLDER))
+    if not system_text:
+        return body
+    if profile.system == "fold":
+        if body:
+            body[0] = Message(role="user", content=_join(system_text, body[0].content))
+            return body
+        return [Message(role="user", content=system_text)]
+    return [Message(role="system", content=system_text), *body]
+
+
+def validate(messages: Sequence[Message], profile: Profile) -> None:
+    """Raise ConversationError naming the first rule the history breaks and where."""
+    if not messages:
+        raise ConversationError("conversation rule 'not-empty': there are no messages to send")
+    for i, m in enumerate(messages):
+        if not m.content.strip():
+            raise ConversationError(
+                f"conversation rule 'no-empty-messages': messages[{i}] ({m.role}) is empty"
+            )
+        if m.reasoning_content is not None:
+            raise ConversationError(
+                f"conversation rule 'no-reasoning-sent': messages[{i}] carries reasoning_content, "
+                "which is never sent back"
+            )
+        if m.role == "system":
+            if profile.system == "fold":
+                raise ConversationError(
+                    f"conversation rule 'no-system': messages[{i}] is a system message but profile "
+                    f"{profile.name!r} takes none (fold it into the first user message)"
+                )
+            if i != 0:
+                raise ConversationError(
+                    f"conversation rule 'system-first': messages[{i}] is a system message; only messages[0] may be"
+                )
+    start = 1 if messages[0].role == "system" else 0
+    if start >= len(messages):
+        raise ConversationError(
+            "conversation rule 'not-empty': there is a system message but nothing to answer"
+        )
+    if messages[start].role != "user":
+        raise ConversationError(
+            f"conversation rule 'first-user': messages[{start}] is {messages[start].role!r}; "
+            "the first non-system message must be the user's"
+        )
+    for j in range(start + 1, len(messages)):
+        if messages[j].role == messages[j - 1].role:
+            raise ConversationError(
+                f"conversation rule 'alternate': messages[{j - 1}] and messages[{j}] are both "
+                f"{messages[j].role!r}; user and assistant must alternate"
+            )
+    last = len(messages) - 1
+    if messages[last].role != "user":
+        raise ConversationError(
+            f"conversation rule 'last-user': messages[{last}] is {messages[last].role!r}; "
+            "the last message must be the user's"
+        )
+
+
+def to_wire(messages: Sequence[Message], profile: Profile) -> list[dict[str, str]]:
+    """Normalise, validate, and return the dicts exactly as sent (roles mapped, no reasoning_content)."""
+    normalised = normalise(messages, profile)
+    validate(normalised, profile)
+    wire: list[dict[str, str]] = []
+    for m in normalised:
+        role = "developer" if (m.role == "system" and profile.system == "developer") else m.role
+        wire.append({"role": role, "content": m.content})
+    return wire

@@ -1,0 +1,643 @@
+"""Models: the `Model` protocol, `LiteLLMModel` (any litellm name) and `ScriptedModel` (`scripted:PATH`).
+
+`complete(messages)` normalises and validates the history for the model's profile before anything goes out, never
+mutates what it is given, and returns a `Reply` with usage, cached tokens and cost. Transient failures (rate
+limits, 5xx, timeouts, dropped connections) are retried here with exponential backoff and full jitter, honouring
+Retry-After; the caller's history is not touched, so a retry re-sends exactly the same messages. Everything that
+leaves this module (errors, replies, log lines, retry events) is passed through `secrets.redact`.
+
+litellm is imported lazily: importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import email.utils
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.conversation import STRICTEST_PROFILE, Message, Profile, profile_for, to_wire
+from orchestrator.secrets import is_secret_env_name, redact
+
+log = logging.getLogger(__name__)
+
+SCRIPTED_PREFIX = "scripted:"
+MAX_RETRY_AFTER_S = 600.0  # a provider asking for a longer pause than this is treated as if it asked for this
+MAX_ERROR_CHARS = 600
+
+ErrorKind = Literal["rate_limit", "server_error", "timeout", "connection"]
+
+
+class Reply(BaseModel):
+    """One answer of a model, with what it cost."""
+
+    model_config = ConfigDict(frozen=True)
+
+    content: str
+    reasoning: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float | None = None  # None when the model's price is unknown
+    latency_s: float = 0.0  # the successful request only
+    model: str
+    attempts: int = 1
+    finish_reason: str | None = None
+
+
+class RetryEvent(BaseModel):
+    """Reported to `on_retry` before each pause between attempts."""
+
+    model_config = ConfigDict(frozen=True)
+
+    attempt: int  # the attempt that failed, 1-based
+    kind: ErrorKind
+    wait_s: float
+    message: str  # one line, redacted
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+
+class ModelError(Exception):
+    """Base of every model-layer failure; str(e) is one clear line."""
+
+
+class MissingAPIKeyError(ModelError):
+    def __init__(self, model: str, env_vars: Sequence[str]) -> None:
+        self.model = model
+        self.env_vars = list(env_vars)
+        names = " or ".join(self.env_vars) or "the provider's API key variable"
+        super().__init__(
+            f"model {model!r} needs an API key: set {names} in the environment (or pass --api-key)"
+        )
+
+
+class ContextWindowError(ModelError):
+    """The history no longer fits the model's context window; the caller may shorten it and try again."""
+
+
+class ProviderRejectedError(ModelError):
+    """A non-retryable answer (400, 401, 403, 404 ...); the message carries the provider's text, redacted."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class TransientError(ModelError):
+    """Retries exhausted on rate limits, 5xx, timeouts or dropped connections."""
+
+    def __init__(self, message: str, kind: ErrorKind, attempts: int) -> None:
+        self.kind = kind
+        self.attempts = attempts
+        super().__init__(message)
+
+
+class ScriptExhaustedError(ModelError):
+    """The scripted model has no reply left."""
+
+
+class ScriptFormatError(ModelError):
+    """A scripted model's file cannot be read or has an invalid item."""
+
+
+def _one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------------- protocol
+
+
+@runtime_checkable
+class Model(Protocol):
+    name: str
+    profile: Profile
+
+    def complete(self, messages: Sequence[Message]) -> Reply: ...
+
+
+# --------------------------------------------------------------------------------------------------- litellm
+
+
+# Loggers through which litellm and the SDK under it can emit request or response text (at DEBUG). A filter on a
+# logger only sees records emitted on that exact logger, so each one is named.
+_THIRD_PARTY_LOGGERS = (
+    "LiteLLM",
+    "LiteLLM Router",
+    "LiteLLM Proxy",
+    "openai._base_client",
+    "httpx",
+    "httpcore.connection",
+    "httpcore.http11",
+)
+
+
+class RedactingLogFilter(logging.Filter):
+    """Passes every record through `redact` before any handler (ours, litellm's, pytest's) sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+_LOG_FILTER = RedactingLogFilter()
+
+
+def _install_log_redaction() -> None:
+    for name in (__name__, *_THIRD_PARTY_LOGGERS):
+        logger = logging.getLogger(name)
+        if _LOG_FILTER not in logger.filters:
+            logger.addFilter(_LOG_FILTER)
+
+
+def _litellm() -> Any:
+    """Import litellm on first use: offline cost map, no debug banners, redacted log records."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.suppress_debug_info = True
+    _install_log_redaction()
+    return litellm
+
+
+def _header(headers: Any, name: str) -> str | None:
+    if not headers:
+        return None
+    try:
+        items = headers.items()
+    except AttributeError:
+        return None
+    for k, v in items:
+        if str(k).lower() == name:
+            return str(v)
+    return None
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """Seconds the provider asked us to wait (Retry-After / retry-after-ms), if it said."""
+    sources = [getattr(exc, "litellm_response_headers", None)]
+    response = getattr(exc, "response", None)
+    sources.append(getattr(response, "headers", None))
+    for headers in sources:
+        ms = _header(headers, "retry-after-ms")
+        if ms is not None:
+            try:
+                return max(0.0, float(ms) / 1000.0)
+            except ValueError:
+                pass
+        value = _header(headers, "retry-after")
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value) if value else None
+            if when is not None:
+                return max(0.0, when.timestamp() - time.time())
+    return None
+
+
+def provider_text(exc: BaseException) -> str:
+    """The provider's own error message where it can be found, else the exception's text (not yet redacted)."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, Mapping) and isinstance(body.get("message"), str):
+        return body["message"]
+    message = str(getattr(exc, "message", None) or exc)
+    start = message.find("{")
+    if start >= 0:
+        try:
+            payload = json.loads(message[start:])
+        except ValueError:
+            payload = None
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, Mapping) and isinstance(error.get("message"), str):
+            return error["message"]
+        if isinstance(error, str):
+            return error
+    marker = "Exception - "  # litellm's "litellm.XError: <Provider>Exception - <text>"
+    return message.split(marker, 1)[1] if marker in message else message
+
+
+class _Classified(BaseModel):
+    kind: ErrorKind | Literal["context", "rejected", "missing_key"]
+    status: int | None = None
+
+
+def _classify(litellm: Any, exc: Exception) -> _Classified | None:
+    """Sort an exception from litellm.completion; None when it is not a provider/transport error."""
+    status = getattr(exc, "status_code", None)
+    status = status if isinstance(status, int) else None
+    text = str(exc)
+    if isinstance(exc, litellm.ContextWindowExceededError):
+        return _Classified(kind="context", status=status)
+    if isinstance(exc, litellm.Timeout):
+        return _Classified(kind="timeout", status=status)
+    if "Missing credentials" in text or "api_key client option must be set" in text:
+        return _Classified(kind="missing_key", status=status)
+    if isinstance(exc, litellm.RateLimitError):
+        return _Classified(kind="rate_limit", status=status)
+    if isinstance(exc, litellm.APIConnectionError):
+        return _Classified(kind="connection", status=status)
+    if isinstance(exc, litellm.InternalServerError):
+        # litellm reports refused and dropped connections as a 500 "Connection error." / "Server disconnected".
+        lowered = text.lower()
+        dropped = (
+            "connection error" in lowered or "disconnected" in lowered or "connection refused" in lowered
+        )
+        return _Classified(kind="connection" if dropped else "server_error", status=status)
+    if isinstance(exc, litellm.ServiceUnavailableError | litellm.BadGatewayError):
+        return _Classified(kind="server_error", status=status)
+    if status is not None:
+        if status == 429:
+            return _Classified(kind="rate_limit", status=status)
+        if status == 408:
+            return _Classified(kind="timeout", status=status)
+        if status >= 500:
+            return _Classified(kind="server_error", status=status)
+        return _Classified(kind="rejected", status=status)
+    if isinstance(exc, litellm.BadRequestError):
+        return _Classified(kind="rejected", status=400)
+    # Transport errors that escaped litellm's mapping.
+    try:
+        import httpx
+
+        if isinstance(exc, httpx.TimeoutException):
+            return _Classified(kind="timeout")
+        if isinstance(exc, httpx.TransportError):
+            return _Classified(kind="connection")
+    except ImportError:  # pragma: no cover - httpx comes with litellm
+        pass
+    return None
+
+
+def _usage_field(usage: Any, name: str) -> Any:
+    if usage is None:
+        return None
+    value = getattr(usage, name, None)
+    if value is None and isinstance(usage, Mapping):
+        value = usage.get(name)
+    return value
+
+
+def _cached_tokens(usage: Any) -> int:
+    details = _usage_field(usage, "prompt_tokens_details")
+    cached = _usage_field(details, "cached_tokens")
+    if not cached:
+        cached = _usage_field(usage, "prompt_cache_hit_tokens")  # DeepSeek's own name
+    if not cached:
+        cached = _usage_field(usage, "cache_read_input_tokens")  # Anthropic's own name
+    return int(cached or 0)
+
+
+class LiteLLMModel:
+    """Any model litellm can reach, with our own retry loop and the profile's message rules."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        api_base: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 600,
+        max_attempts: int = 6,
+        backoff_base_s: float = 2.0,
+        backoff_max_s: float = 60.0,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        profile: str | None = None,
+        on_retry: Callable[[RetryEvent], None] | None = None,
+    ) -> None:
+        if not name.strip():
+            raise ModelError("no model name given")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.name = name
+        self.api_base = api_base
+        self._api_key = api_key
+        self.timeout_s = float(timeout_s)
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.on_retry = on_retry
+        self.profile: Profile = profile_for(name, profile)
+        self._credentials_checked = False
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"LiteLLMModel(name={self.name!r}, api_base={self.api_base!r}, profile={self.profile.name!r})"
+
+    # ---------------------------------------------------------------------------------------------- helpers
+
+    def _redact(self, text: str) -> str:
+        env: Mapping[str, str] = os.environ
+        if self._api_key:
+            env = {**os.environ, "ORCHESTRATOR_EXPLICIT_API_KEY": self._api_key}
+        return redact(text, env)
+
+    def _error_text(self, exc: BaseException) -> str:
+        return self._redact(_one_line(f"{type(exc).__name__}: {provider_text(exc)}"))
+
+    def _wait_s(self, failed_attempt: int, exc: BaseException) -> float:
+        cap = min(self.backoff_max_s, self.backoff_base_s * (2 ** (failed_attempt - 1)))
+        wait = random.uniform(0.0, max(0.0, cap))  # full jitter
+        asked = retry_after_s(exc)
+        if asked is not None:
+            wait = max(wait, min(asked, MAX_RETRY_AFTER_S))
+        return wait
+
+    def check_credentials(self) -> None:
+        """Raise MissingAPIKeyError (without any network) when the provider's key is not available."""
+        if self._api_key or self._credentials_checked:
+            return
+        litellm = _litellm()
+        # litellm counts a variable set to "" as present; for us an empty key is a missing key.
+        empty = {k: v for k, v in os.environ.items() if is_secret_env_name(k) and not v.strip()}
+        for k in empty:
+            del os.environ[k]
+        try:
+            report = litellm.validate_environment(model=self.name, api_base=self.api_base)
+        except Exception:  # an unknown provider: let the call itself say what is wrong
+            report = {}
+        finally:
+            os.environ.update(empty)
+        missing = [k for k in report.get("missing_keys", []) if is_secret_env_name(k)]
+        if missing:
+            raise MissingAPIKeyError(self.name, missing)
+        self._credentials_checked = True
+
+    def _request_kwargs(self, wire: list[dict[str, str]]) -> dict[str, Any]:
+        # A fresh copy per attempt: litellm may rewrite what it is given, and every attempt must send the same.
+        kwargs: dict[str, Any] = {
+            "model": self.name,
+            "messages": copy.deepcopy(wire),
+            "timeout": self.timeout_s,
+            "max_retries": 0,  # the openai SDK's own retries: off, we retry here
+            "num_retries": 0,  # litellm's wrapper retries: off
+        }
+        if self.api_base:
+            kwargs["api_base"] = self.api_base
+        if self._api_key:
+            kwargs["api_key"] = self._api_key
+        if self.temperature is not None and self.profile.temperature:
+            kwargs["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            kwargs["max_tokens"] = self.max_tokens
+        return kwargs
+
+    def _reply(self, litellm: Any, response: Any, latency_s: float, attempts: int) -> Reply:
+        choice = response.choices[0]
+        message = choice.message
+        content = message.content or ""
+        reasoning = getattr(message, "reasoning_content", None) or None
+        usage = getattr(response, "usage", None)
+        hidden = getattr(response, "_hidden_params", None) or {}
+        cost = hidden.get("response_cost")
+        if cost is None:
+            try:
+                cost = litellm.completion_cost(completion_response=response)
+            except Exception:  # ModelNotMappedError and friends: the price is unknown
+                cost = None
+        return Reply(
+            content=self._redact(content),
+            reasoning=self._redact(reasoning) if reasoning else None,
+            prompt_tokens=int(_usage_field(usage, "prompt_tokens") or 0),
+            completion_tokens=int(_usage_field(usage, "completion_tokens") or 0),
+            cached_tokens=_cached_tokens(usage),
+            cost_usd=float(cost) if cost is not None else None,
+            latency_s=latency_s,
+            model=self.name,
+            attempts=attempts,
+            finish_reason=getattr(choice, "finish_reason", None),
+        )
+
+    # ---------------------------------------------------------------------------------------------- call
+
+    def complete(self, messages: Sequence[Message]) -> Reply:
+        wire = to_wire(messages, self.profile)  # raises ConversationError before anything is sent
+        self.check_credentials()
+        litellm = _litellm()
+        attempt = 0
+        while True:
+            attempt += 1
+            kwargs = self._request_kwargs(wire)
+            started = time.monotonic()
+            try:
+                response = litellm.completion(**kwargs)
+            except Exception as exc:
+                verdict = _classify(litellm, exc)
+                text = self._error_text(exc)
+                if verdict is None:
+                    raise ModelError(f"model {self.name!r} call failed: {text}") from None
+                if verdict.kind == "missing_key":
+                    raise MissingAPIKeyError(self.name, self._expected_key_vars(litellm)) from None
+                if verdict.kind == "context":
+                    raise ContextWindowError(
+                        f"model {self.name!r}: context window exceeded: {text}"
+                    ) from None
+                if verdict.kind == "rejected":
+                    raise ProviderRejectedError(
+                        f"model {self.name!r} rejected the request (status {verdict.status}): {text}",
+                        status=verdict.status,
+                    ) from None
+                kind: ErrorKind = verdict.kind  # type: ignore[assignment]
+                if attempt >= self.max_attempts:
+                    raise TransientError(
+                        f"model {self.name!r}: gave up after {attempt} attempts; last error ({kind}): {text}",
+                        kind=kind,
+                        attempts=attempt,
+                    ) from None
+                wait = self._wait_s(attempt, exc)
+                event = RetryEvent(attempt=attempt, kind=kind, wait_s=wait, message=text)
+                log.info(
+                    "model %s attempt %d failed (%s), retrying in %.2fs: %s",
+                    self.name,
+                    attempt,
+                    kind,
+                    wait,
+                    text,
+                )
+                if self.on_retry is not None:
+                    self.on_retry(event)
+                time.sleep(wait)
+                continue
+            latency = time.monotonic() - started
+            reply = self._reply(litellm, response, latency, attempt)
+            log.debug("model %s answered in %.2fs after %d attempt(s)", self.name, latency, attempt)
+            return reply
+
+    def _expected_key_vars(self, litellm: Any) -> list[str]:
+        try:
+            report = litellm.validate_environment(model=self.name, api_base=self.api_base)
+            found = [k for k in report.get("missing_keys", []) if is_secret_env_name(k)]
+        except Exception:
+            found = []
+        if not found and self.name.startswith("openai/"):
+            found = ["OPENAI_API_KEY"]
+        return found
+
+
+# --------------------------------------------------------------------------------------------------- scripted
+
+
+class ScriptedReply(BaseModel):
+    """One item of a scripted model's file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    content: str
+    reasoning: str | None = None
+    prompt_tokens: int | None = Field(default=None, ge=0)
+    completion_tokens: int | None = Field(default=None, ge=0)
+    cached_tokens: int | None = Field(default=None, ge=0)
+    cost_usd: float | None = Field(default=None, ge=0)
+
+
+def _estimate_tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def load_script(path: Path) -> list[ScriptedReply]:
+    """Read a scripted model's replies: YAML/JSON (a list) or JSONL (one item per line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ScriptFormatError(f"scripted model: cannot read {path}: {exc.strerror or exc}") from None
+    where: list[str] = []
+    items: list[Any]
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        items = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ScriptFormatError(
+                    f"scripted model: {path} line {lineno} is not JSON: {exc.msg}"
+                ) from None
+            where.append(f"line {lineno}")
+    else:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ScriptFormatError(
+                f"scripted model: {path} is not valid YAML/JSON: {_one_line(str(exc))}"
+            ) from None
+        if not isinstance(loaded, list):
+            raise ScriptFormatError(f"scripted model: {path} must hold a list of replies")
+        items = loaded
+        where = [f"item {i + 1}" for i in range(len(items))]
+    replies: list[ScriptedReply] = []
+    for item, place in zip(items, where, strict=True):
+        try:
+            replies.append(
+                ScriptedReply(content=item) if isinstance(item, str) else ScriptedReply.model_validate(item)
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "item"
+            raise ScriptFormatError(f"scripted model: {path} {place}: {loc}: {first['msg']}") from None
+    return replies
+
+
+class ScriptedModel:
+    """Replies from a file, in order, for the offline demo and tests. Validates with the strictest profile."""
+
+    def __init__(self, path: Path, *, start_at: int = 0) -> None:
+        self.path = Path(path)
+        self.name = f"{SCRIPTED_PREFIX}{self.path}"
+        self.profile: Profile = STRICTEST_PROFILE
+        self.replies = load_script(self.path)
+        if start_at < 0:
+            raise ValueError("start_at must be >= 0")
+        self.used = start_at
+        self.calls: list[list[dict[str, str]]] = []  # what each call would have sent, for tests and debugging
+
+    def check_credentials(self) -> None:
+        """Nothing to check: a scripted model needs no key (here so callers can treat every model alike)."""
+
+    @property
+    def remaining(self) -> int:
+        return max(0, len(self.replies) - self.used)
+
+    def complete(self, messages: Sequence[Message]) -> Reply:
+        wire = to_wire(messages, self.profile)
+        if self.used >= len(self.replies):
+            n = len(self.replies)
+            raise ScriptExhaustedError(
+                f"scripted model: all {n} replies used ({self.path}); the session asked for reply {self.used + 1}"
+            )
+        item = self.replies[self.used]
+        self.used += 1
+        self.calls.append(wire)
+        prompt_text = "".join(m["content"] for m in wire)
+        completion_text = item.content + (item.reasoning or "")
+        return Reply(
+            content=redact(item.content),
+            reasoning=redact(item.reasoning) if item.reasoning else None,
+            prompt_tokens=item.prompt_tokens
+            if item.prompt_tokens is not None
+            else _estimate_tokens(prompt_text),
+            completion_tokens=(
+                item.completion_tokens
+                if item.completion_tokens is not None
+                else _estimate_tokens(completion_text)
+            ),
+            cached_tokens=item.cached_tokens or 0,
+            cost_usd=item.cost_usd if item.cost_usd is not None else 0.0,
+            latency_s=0.0,
+            model=self.name,
+            attempts=1,
+            finish_reason="stop",
+        )
+
+
+# --------------------------------------------------------------------------------------------------- factory
+
+
+def make_model(
+    name: str,
+    *,
+    api_base: str | None = None,
+    api_key: str | None = None,
+    timeout_s: float = 600,
+    profile: str | None = None,
+    on_retry: Callable[[RetryEvent], None] | None = None,
+    **kw: Any,
+) -> Model:
+    """`scripted:PATH` -> ScriptedModel (kw: start_at); anything else -> LiteLLMModel (kw: its other options)."""
+    if name.startswith(SCRIPTED_PREFIX):
+        path = name[len(SCRIPTED_PREFIX) :]
+        if not path:
+            raise ScriptFormatError("scripted model: give a file, as scripted:PATH")
+        return ScriptedModel(Path(path).expanduser(), start_at=int(kw.get("start_at", 0)))
+    kw.pop("start_at", None)
+    return LiteLLMModel(
+        name,
+        api_base=api_base,
+        api_key=api_key,
+        timeout_s=timeout_s,
+        profile=profile,
+        on_retry=on_retry,
+        **kw,
+    )

@@ -1,0 +1,119 @@
+"""Secret redaction: the one function used by everything that writes to disk or the terminal.
+
+Two kinds of secrets become "[REDACTED]":
+- the values (8 characters or more) of environment variables whose names say they hold a secret
+  (`*_API_KEY`, `*_TOKEN`, `*_SECRET`, `*_PASSWORD`, litellm's key variables ...);
+- strings shaped like keys whatever their origin: `sk-...` (OpenAI, DeepSeek, Anthropic `sk-ant-...`), GitHub
+  `ghp_...`/`github_pat_...`, Hugging Face `hf_...`, AWS `AKIA...`, Google `AIza...`, Slack `xox?-...`, and the
+  credential after `Bearer `.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+REDACTED = "[REDACTED]"
+MIN_SECRET_LENGTH = 8
+
+_SECRET_SUFFIXES = (
+    "_API_KEY",
+    "_APIKEY",
+    "_KEY",
+    "_TOKEN",
+    "_SECRET",
+    "_SECRET_KEY",
+    "_ACCESS_KEY_ID",
+    "_PASSWORD",
+    "_PASSWD",
+    "_CREDENTIALS",
+)
+# Names litellm (and the SDKs under it) read keys from that the suffixes above do not cover.
+_SECRET_NAMES = frozenset(
+    {
+        "AZURE_AD_TOKEN",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_BEARER_TOKEN_BEDROCK",
+        "LITELLM_MASTER_KEY",
+        "LITELLM_SALT_KEY",
+        "LITELLM_LICENSE",
+        "VERTEXAI_CREDENTIALS",
+        "WATSONX_APIKEY",
+        "DATABRICKS_TOKEN",
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "GITHUB_TOKEN",
+        "GH_TOKEN",
+    }
+)
+
+_KEY_SHAPES = re.compile(
+    r"""
+    (?<![A-Za-z0-9])(?:
+        sk-[A-Za-z0-9_\-]{16,}                  # OpenAI, DeepSeek, Anthropic (sk-ant-...), OpenRouter (sk-or-...)
+      | gh[pousr]_[A-Za-z0-9]{20,}              # GitHub tokens
+      | github_pat_[A-Za-z0-9_]{20,}
+      | hf_[A-Za-z0-9]{20,}                     # Hugging Face
+      | (?:AKIA|ASIA)[0-9A-Z]{16}               # AWS access key ids
+      | AIza[0-9A-Za-z_\-]{30,}                 # Google API keys
+      | xox[abposr]-[A-Za-z0-9\-]{10,}          # Slack
+      | gsk_[A-Za-z0-9]{20,}                    # Groq
+    )
+    """,
+    re.VERBOSE,
+)
+_BEARER = re.compile(r"(\bBearer\s+)[A-Za-z0-9._~+/=\-]{6,}", re.IGNORECASE)
+
+
+def is_secret_env_name(name: str) -> bool:
+    """Whether an environment variable's name says it holds a secret."""
+    upper = name.upper()
+    return upper in _SECRET_NAMES or upper.endswith(_SECRET_SUFFIXES)
+
+
+@lru_cache(maxsize=32)
+def _values_pattern(values: tuple[str, ...]) -> re.Pattern[str] | None:
+    if not values:
+        return None
+    # Longest first, so a secret that contains another is replaced whole.
+    return re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)))
+
+
+def _secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(
+        sorted(
+            {
+                v
+                for k, v in env.items()
+                if isinstance(v, str) and len(v.strip()) >= MIN_SECRET_LENGTH and is_secret_env_name(k)
+            }
+        )
+    )
+
+
+def redact(text: str, env: Mapping[str, str] | None = None) -> str:
+    """The text with secret values from `env` (default: os.environ) and key-shaped strings replaced."""
+    if not text:
+        return text
+    pattern = _values_pattern(_secret_values(os.environ if env is None else env))
+    if pattern is not None:
+        text = pattern.sub(REDACTED, text)
+    text = _KEY_SHAPES.sub(REDACTED, text)
+    return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def redact_obj(obj: Any, env: Mapping[str, str] | None = None) -> Any:
+    """A deep copy of dicts/lists/tuples with every string (keys included) redacted; other leaves as they are."""
+    if isinstance(obj, str):
+        return redact(obj, env)
+    if isinstance(obj, Mapping):
+        return {(redact(k, env) if isinstance(k, str) else k): redact_obj(v, env) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        items = [redact_obj(v, env) for v in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    return obj
