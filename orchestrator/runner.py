@@ -1,0 +1,565 @@
+"""One experiment run: `python experiment.py --out_dir=run_i` in the session folder, and what came of it.
+
+The child runs in its own session and process group, with an environment built from an allowlist (API keys and
+tokens never reach it), stdout and stderr going straight to files in the run folder (capped, head and tail kept),
+and no core dumps. A timeout sends SIGTERM to the whole group, then SIGKILL after a grace period; when the child
+exits on its own, anything it left running in its group is stopped the same way. The pid, process group and
+kernel start time are exposed before waiting, so a journal can record them and a resumed session can stop an
+orphan with `stop_orphan` without ever signalling an unrelated process that reused the pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Outcome = Literal["ok", "error", "timeout", "oom", "no_results"]
+
+ALLOWED_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "TERM", "VIRTUAL_ENV",
+    "CONDA_PREFIX", "LD_LIBRARY_PATH", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TRANSFORMERS_CACHE", "TORCH_HOME", "XDG_CACHE_HOME",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+    "TOKENIZERS_PARALLELISM",
+})
+ALLOWED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PYTORCH_")
+FORCED_ENV = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+
+# Name parts (split on "_") that mark a variable as a credential; the allowlist is the main defence, this is the
+# backstop that holds even for names a template declares or a user passes with --env.
+_SECRET_PARTS = frozenset({
+    "KEY", "APIKEY", "TOKEN", "SECRET", "SECRETS", "PASSWORD", "PASSWD", "PASS", "PASSPHRASE",
+    "CREDENTIAL", "CREDENTIALS", "AUTH", "PAT", "COOKIE", "PRIVATE", "SESSIONID",
+})
+_SECRET_SUFFIXES = ("APIKEY", "API_KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS")
+_SECRET_PREFIXES = ("AWS_", "LITELLM_", "AZURE_", "OPENAI_", "ANTHROPIC_", "DEEPSEEK_", "GOOGLE_APPLICATION_")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_GPUS = re.compile(r"[A-Za-z0-9,:_\-]*\Z")
+
+OOM_MARKERS = ("MemoryError", "CUDA out of memory", "OutOfMemoryError", "out of memory", "Cannot allocate memory")
+HEAD_LINES, TAIL_LINES, EXCERPT_CHARS = 30, 60, 4000
+LIVE_CAP_FACTOR = 4  # a log is compacted while the run goes on once it is this many times over its cap
+_WAIT_STEP_S = 0.05
+
+
+class ResultsError(ValueError):
+    """The results file is missing or does not hold metrics. The message is one line."""
+
+
+class EnvRefused(ValueError):
+    """An environment variable for runs is refused (it looks like a secret, or is not a valid name)."""
+
+
+class RunStartError(RuntimeError):
+    """The experiment process could not be started (missing interpreter, unusable folder)."""
+
+
+class Metric(BaseModel):
+    mean: float
+    stderr: float | None = None
+
+
+class RunRequest(BaseModel):
+    cwd: Path  # the session folder
+    run_name: str  # "run_3": the run folder, relative to cwd; its logs go there
+    python: str = sys.executable
+    script: str = "experiment.py"
+    args: list[str] | None = None  # replaces the default [f"--out_dir={run_name}"] when given ([] for plot.py)
+    timeout_s: float = 7200
+    kill_grace_s: float = 10
+    env_allow: list[str] = Field(default_factory=list)  # extra names the template declares
+    env_set: dict[str, str] = Field(default_factory=dict)  # --env KEY=VALUE
+    gpus: str | None = None  # -> CUDA_VISIBLE_DEVICES
+    log_cap_bytes: int = 256 * 1024  # stdout.log and stderr.log each
+    results_file: str | None = "final_info.json"  # relative to the run folder; None: exit 0 is "ok"
+
+    def command(self) -> list[str]:
+        args = self.args if self.args is not None else [f"--out_dir={self.run_name}"]
+        return [self.python, self.script, *args]
+
+
+class RunResult(BaseModel):
+    outcome: Outcome
+    returncode: int | None  # negative: killed by that signal
+    duration_s: float
+    pid: int
+    started_at: float  # unix time
+    metrics: dict[str, Metric] = Field(default_factory=dict)
+    stdout_tail: str = ""
+    stderr_head: str = ""  # empty when stderr_tail already holds all of stderr
+    stderr_tail: str = ""
+    message: str = ""  # one line, e.g. "exit 1: ValueError: bad shape"
+
+
+# --------------------------------------------------------------------------------------------------- environment
+
+
+def looks_secret(name: str) -> bool:
+    """True for names such as OPENAI_API_KEY, MY_SERVICE_TOKEN, DB_PASSWORD, AWS_*, LITELLM_*."""
+    upper = name.upper()
+    if upper.startswith(_SECRET_PREFIXES) or upper.endswith(_SECRET_SUFFIXES):
+        return True
+    return any(part in _SECRET_PARTS for part in upper.split("_"))
+
+
+def _allowed(name: str, declared: set[str]) -> bool:
+    return name in ALLOWED_NAMES or name.startswith(ALLOWED_PREFIXES) or name in declared
+
+
+def check_env_set(env_set: Mapping[str, str]) -> None:
+    """Raise EnvRefused (one line) for a --env variable that may not reach a run."""
+    for name, value in env_set.items():
+        if not _ENV_NAME.match(name):
+            raise EnvRefused(f"--env {name!r}: not an environment variable name")
+        if looks_secret(name):
+            raise EnvRefused(f"--env {name}: refused, the name looks like a secret (runs never see keys or tokens)")
+        if "\0" in value:
+            raise EnvRefused(f"--env {name}: the value contains a NUL character")
+
+
+def build_env(req: RunRequest, parent: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The child's whole environment: allowlisted and declared names from `parent`, then --env values, then
+    PYTHONUNBUFFERED/MPLBACKEND defaults and CUDA_VISIBLE_DEVICES from `gpus`. Secret-looking names never pass."""
+    check_env_set(req.env_set)
+    declared = {n for n in req.env_allow if _ENV_NAME.match(n)}
+    env = {k: v for k, v in parent.items() if _allowed(k, declared) and not looks_secret(k)}
+    env.update(FORCED_ENV)
+    env.update(req.env_set)
+    if req.gpus is not None:
+        gpus = req.gpus.replace(" ", "")
+        if not _GPUS.match(gpus):
+            raise EnvRefused(f"--gpus {req.gpus!r}: expected device ids such as 0 or 0,1")
+        env["CUDA_VISIBLE_DEVICES"] = gpus
+    return env
+
+
+# --------------------------------------------------------------------------------------------------- results
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def read_metrics(path: Path) -> dict[str, Metric]:
+    """Metrics from a results file: every finite numeric leaf of the JSON object, named by its dotted path.
+    A group shaped {"means": {...}, "stderrs": {...}} (AI-Scientist) gives "group.name" with mean and stderr and
+    nothing else from that group. Lists, strings, booleans, null, NaN and infinities are not metrics."""
+    name = path.name
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ResultsError(f"{name} was not written") from None
+    except OSError as err:
+        raise ResultsError(f"{name} cannot be read: {err.strerror}") from None
+    try:
+        data = json.loads(raw.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as err:
+        raise ResultsError(f"{name} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    if not isinstance(data, dict):
+        raise ResultsError(f"{name} must hold a JSON object, not {type(data).__name__}")
+    metrics: dict[str, Metric] = {}
+    skipped: list[str] = []
+
+    def add(key: str, value: Any, stderr: Any = None) -> None:
+        if not math.isfinite(float(value)):
+            skipped.append(key)
+            return
+        err = float(stderr) if _is_number(stderr) and math.isfinite(float(stderr)) else None
+        metrics[key] = Metric(mean=float(value), stderr=err)
+
+    def walk(prefix: str, obj: dict[str, Any]) -> None:
+        means = obj.get("means")
+        if isinstance(means, dict):
+            stderrs = obj.get("stderrs") if isinstance(obj.get("stderrs"), dict) else {}
+            for k, v in means.items():
+                if _is_number(v):
+                    add(f"{prefix}{k}", v, stderrs.get(k))
+            return
+        for k, v in obj.items():
+            if _is_number(v):
+                add(f"{prefix}{k}", v)
+            elif isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+
+    walk("", data)
+    if not metrics:
+        detail = f" (not finite: {', '.join(skipped[:5])})" if skipped else ""
+        raise ResultsError(f"{name} holds no numeric values{detail}")
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------- processes
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, pgrp, session, start ticks) of a live or zombie process, None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            text = fh.read().decode("ascii", errors="replace")
+    except OSError:
+        return None
+    rest = text[text.rfind(")") + 2:].split()
+    try:
+        return rest[0], int(rest[2]), int(rest[3]), int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); None if unknown."""
+    stat = _proc_stat(pid)
+    return stat[3] if stat else None
+
+
+def _group_members(pgid: int, min_ticks: int | None = None) -> list[int]:
+    """Live (not zombie) processes in process group `pgid`."""
+    if not os.path.isdir("/proc"):
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pgid]
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        stat = _proc_stat(int(entry))
+        if stat is None or stat[1] != pgid or stat[0] in ("Z", "X"):
+            continue
+        if min_ticks is not None and stat[3] < min_ticks:
+            continue
+        members.append(int(entry))
+    return members
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _stop_group(pgid: int, grace_s: float, min_ticks: int | None = None) -> bool:
+    """SIGTERM the group, wait up to `grace_s` for it to go, then SIGKILL what is left and wait for that.
+    Returns True if any live member was signalled."""
+    if not _group_members(pgid, min_ticks):
+        return False
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while _group_members(pgid, min_ticks) and time.monotonic() < deadline:
+        time.sleep(_WAIT_STEP_S)
+    if _group_members(pgid, min_ticks):
+        _signal_group(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while _group_members(pgid, min_ticks) and time.monotonic() < deadline:
+            time.sleep(_WAIT_STEP_S)
+    return True
+
+
+def stop_orphan(pid: int, proc_start_ticks: int | None, grace_s: float = 10.0) -> bool:
+    """Stop the process group of a run left behind by a crashed orchestrator. Acts only when a process with that
+    pid still exists with the same start ticks (the same process, not a reuse of its pid), or, if the leader is
+    gone, on members of its group that started after it. Returns True if something was stopped."""
+    if proc_start_ticks is None or pid <= 1:
+        return False
+    stat = _proc_stat(pid)
+    if stat is not None:
+        state, pgrp, _session, ticks = stat
+        if ticks != proc_start_ticks:
+            return False
+        if pgrp != pid:  # not the leader of its own group any more: stop that process alone
+            if state in ("Z", "X"):
+                return False
+            return _stop_group_of_one(pid, grace_s)
+        return _stop_group(pid, grace_s, min_ticks=proc_start_ticks)
+    # the leader is gone; a group with its id can only be the orphan's own (pids of live groups are not reused)
+    return _stop_group(pid, grace_s, min_ticks=proc_start_ticks)
+
+
+def _stop_group_of_one(pid: int, grace_s: float) -> bool:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace_s
+    while (s := _proc_stat(pid)) is not None and s[0] not in ("Z", "X") and time.monotonic() < deadline:
+        time.sleep(_WAIT_STEP_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------- logs
+
+
+def cap_log(path: Path, cap: int, cut_before: int = 0, marker_before: int = 0) -> tuple[int, int]:
+    """Keep a log within about `cap` bytes: its head (a quarter) and tail, with a line saying how much was cut.
+    An earlier call cut `cut_before` bytes and wrote a marker line of `marker_before` bytes (now in the part being
+    cut, so not counted as log). Returns (bytes of log cut in all, length of the marker written)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return cut_before, marker_before
+    if size <= cap:
+        return cut_before, marker_before
+    head_n = max(cap // 4, 0)
+    marker_room = 120
+    tail_n = max(cap - head_n - marker_room, 0)
+    with open(path, "r+b") as fh:
+        head = fh.read(head_n)
+        nl = head.rfind(b"\n")
+        if nl >= head_n // 2:
+            head = head[: nl + 1]
+        fh.seek(max(size - tail_n, 0))
+        tail = fh.read(tail_n)
+        nl = tail.find(b"\n")
+        if 0 <= nl < len(tail) // 2:
+            tail = tail[nl + 1:]
+        cut = size - len(head) - len(tail) - marker_before + cut_before
+        marker = f"\n[... {cut} bytes of this log cut by the orchestrator ...]\n".encode()
+        fh.seek(len(head))
+        fh.write(marker + tail)
+        fh.truncate()
+    return cut, len(marker)
+
+
+def _excerpt_lines(text: str, n_lines: int, n_chars: int, from_end: bool) -> str:
+    lines = text.splitlines()
+    lines = lines[-n_lines:] if from_end else lines[:n_lines]
+    out = "\n".join(lines)
+    if len(out) > n_chars:
+        out = ("..." + out[-n_chars:]) if from_end else (out[:n_chars] + "...")
+    return out
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _summary_line(stderr: str) -> str:
+    """The most telling line of stderr: the exception line of the last traceback, else the last line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.startswith("[... ")]
+    if not lines:
+        return ""
+    exc = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)|[A-Z]\w*Error)\b.*")
+    for ln in reversed(lines):
+        if exc.match(ln):
+            return ln[:300]
+    return lines[-1][:300]
+
+
+# --------------------------------------------------------------------------------------------------- running
+
+
+def _child_setup() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _run_dir(req: RunRequest) -> Path:
+    rel = Path(req.run_name)
+    if not req.run_name or rel.is_absolute() or ".." in rel.parts or rel == Path("."):
+        raise ValueError(f"run name {req.run_name!r} must be a folder name inside the session folder")
+    return Path(req.cwd) / rel
+
+
+class RunHandle:
+    """A started run. Journal `pid`, `pgid`, `started_at` and `proc_start_ticks` before calling `wait`."""
+
+    def __init__(self, req: RunRequest, proc: subprocess.Popen[bytes], started_at: float, t0: float) -> None:
+        self.req = req
+        self.proc = proc
+        self.pid = proc.pid
+        self.pgid = proc.pid  # start_new_session: the child leads its own session and group
+        self.started_at = started_at
+        self.proc_start_ticks = proc_start_ticks(proc.pid)
+        self.run_dir = _run_dir(req)
+        self._t0 = t0
+        self._killed = False
+        self._cut: dict[str, tuple[int, int]] = {}
+        self._result: RunResult | None = None
+        self._pidfd: int | None = None  # opened on first wait; -1 where pidfds are unavailable
+
+    def _logs(self) -> tuple[Path, Path]:
+        return self.run_dir / "stdout.log", self.run_dir / "stderr.log"
+
+    def _compact_logs(self, cap: int, over: int) -> None:
+        """Cut each log down to `cap` once it is over `over` bytes."""
+        for log in self._logs():
+            with contextlib.suppress(OSError):
+                if log.stat().st_size > over:
+                    self._cut[log.name] = cap_log(log, cap, *self._cut.get(log.name, (0, 0)))
+
+    def _exited(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the child to exit, without reaping it (its pid keeps the group)."""
+        try:
+            res = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        if res is not None:
+            return True
+        if timeout <= 0:
+            return False
+        fd = self._pidfd
+        if fd is None and hasattr(os, "pidfd_open"):
+            try:
+                fd = self._pidfd = os.pidfd_open(self.pid)
+            except OSError:
+                fd = self._pidfd = -1
+        if fd is not None and fd >= 0:
+            select.select([fd], [], [], timeout)
+        else:
+            time.sleep(min(timeout, _WAIT_STEP_S))
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def kill(self) -> None:
+        """Stop the run: SIGTERM to its whole process group, then SIGKILL after the grace period."""
+        self._killed = True
+        self._stop()
+
+    def _stop(self) -> None:
+        _stop_group(self.pgid, self.req.kill_grace_s)
+        if not self._exited(0):  # not in its group any more (it moved itself): the leader is killed directly
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, on_tick: Callable[[float], None] | None = None, tick_s: float = 0.5) -> RunResult:
+        """Wait for the run to end (or time out), stop anything it left in its group, and read its outcome."""
+        if self._result is not None:
+            return self._result
+        req = self.req
+        timed_out = False
+        live_cap = req.log_cap_bytes * LIVE_CAP_FACTOR
+        try:
+            while True:
+                elapsed = time.monotonic() - self._t0
+                left = req.timeout_s - elapsed
+                if self._exited(max(min(tick_s, left), 0)):
+                    break
+                elapsed = time.monotonic() - self._t0
+                if elapsed >= req.timeout_s:
+                    timed_out = True
+                    self._stop()
+                    break
+                self._compact_logs(req.log_cap_bytes, live_cap)
+                if on_tick is not None:
+                    on_tick(elapsed)
+            # the child is gone (or a zombie still holding the group id): stop whatever it left behind
+            if _group_members(self.pgid):
+                _stop_group(self.pgid, req.kill_grace_s)
+        except BaseException:
+            self.kill()
+            self.proc.wait()
+            self._close()
+            raise
+        returncode = self.proc.wait()
+        duration = time.monotonic() - self._t0
+        self._close()
+        self._compact_logs(req.log_cap_bytes, req.log_cap_bytes)
+        self._result = self._outcome(returncode, duration, timed_out)
+        return self._result
+
+    def _close(self) -> None:
+        fd = self._pidfd
+        if fd is not None and fd >= 0:
+            os.close(fd)
+        self._pidfd = -1
+
+    def _outcome(self, returncode: int, duration: float, timed_out: bool) -> RunResult:
+        req = self.req
+        out_path, err_path = self._logs()
+        stdout, stderr = _read_text(out_path), _read_text(err_path)
+        tail = _excerpt_lines(stderr, TAIL_LINES, EXCERPT_CHARS, from_end=True)
+        head = "" if tail == stderr.rstrip("\n") else _excerpt_lines(stderr, HEAD_LINES, EXCERPT_CHARS, False)
+        base = dict(returncode=returncode, duration_s=round(duration, 3), pid=self.pid, started_at=self.started_at,
+                    stdout_tail=_excerpt_lines(stdout, TAIL_LINES, EXCERPT_CHARS, from_end=True),
+                    stderr_head=head, stderr_tail=tail)
+        last = _summary_line(stderr)
+        metrics: dict[str, Metric] = {}
+        if timed_out:
+            outcome: Outcome = "timeout"
+            message = f"timed out after {req.timeout_s:g} s; the process group was stopped"
+        elif self._killed:
+            outcome = "error"
+            message = "stopped by the orchestrator" + (f" ({last})" if last else "")
+        elif returncode == 0:
+            if req.results_file is None:
+                outcome, message = "ok", "exit 0"
+            else:
+                try:
+                    metrics = read_metrics(self.run_dir / req.results_file)
+                    outcome, message = "ok", f"exit 0: {len(metrics)} metrics"
+                except ResultsError as err:
+                    outcome, message = "no_results", f"exit 0 but {req.run_name}/{err}"
+        elif returncode in (-signal.SIGKILL, 137) or any(m in tail for m in OOM_MARKERS):
+            outcome = "oom"
+            how = "killed by SIGKILL" if returncode in (-signal.SIGKILL, 137) else f"exit {returncode}"
+            message = f"out of memory ({how})" + (f": {last}" if last else "")
+        else:
+            if returncode < 0:
+                try:
+                    how = f"killed by {signal.Signals(-returncode).name}"
+                except ValueError:
+                    how = f"killed by signal {-returncode}"
+            else:
+                how = f"exit {returncode}"
+            outcome, message = "error", how + (f": {last}" if last else "")
+        return RunResult(outcome=outcome, metrics=metrics, message=message.replace("\n", " "), **base)
+
+
+def start(req: RunRequest) -> RunHandle:
+    """Start a run from a clean run folder (anything left there by an earlier attempt is removed)."""
+    build_env(req)  # refuse bad --env before touching the folder
+    run_dir = _run_dir(req)
+    cwd = Path(req.cwd)
+    if not cwd.is_dir():
+        raise RunStartError(f"{cwd}: the session folder does not exist")
+    if run_dir.is_symlink() or run_dir.is_file():
+        run_dir.unlink()
+    elif run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    env = build_env(req)
+    with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "ab") as err:
+        started_at = time.time()
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.Popen(req.command(), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=err, start_new_session=True, preexec_fn=_child_setup, close_fds=True)
+        except OSError as exc:
+            raise RunStartError(f"cannot start {req.python}: {exc.strerror or exc}") from None
+    return RunHandle(req, proc, started_at, t0)
+
+
+def run(req: RunRequest, on_start: Callable[[RunHandle], None] | None = None) -> RunResult:
+    """start + on_start (e.g. journal the pid) + wait. If on_start fails, the run is stopped."""
+    handle = start(req)
+    if on_start is not None:
+        try:
+            on_start(handle)
+        except BaseException:
+            handle.kill()
+            handle.proc.wait()
+            raise
+    return handle.wait()

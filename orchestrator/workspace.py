@@ -1,0 +1,452 @@
+"""The session folder as a git repository: checkpoint commits, run tags, diffs and restores.
+
+Every operation is one plain `git` subprocess (no GitPython: it keeps `git cat-file` children alive and changes
+the process's working directory). Each call is made independent of the machine and of what the experiment may
+have written into the folder:
+
+- the repository is always named explicitly (`--git-dir`, `--work-tree`), so a session folder inside another
+  repository never reaches the outer one;
+- system and global configuration are ignored and the identity is given on every call, so commits work on a
+  machine with no git identity and whatever HOME is;
+- hooks, fsmonitor, external diff drivers, textconv, signing and automatic gc are switched off;
+- text from the model (commit and tag messages) goes through stdin, never as an option; paths are passed after
+  `--` and, except for `diff`, as literal paths (no glob or pathspec magic).
+
+Files over `MAX_FILE_BYTES` are never committed: they are listed in the repository's `info/exclude` (inside a
+block this module owns), so they stay on disk untracked and are neither reported as changes nor removed by
+`reset_hard`. A file that later shrinks below the limit leaves the block and is committed again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel
+
+IDENTITY_NAME = "orchestrator"
+IDENTITY_EMAIL = "orchestrator@localhost"
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # sha1 of the empty tree
+IGNORED = (".orchestrator/", ".act_cache/", "__pycache__/")
+START_MESSAGE = "session start: template files"
+GIT_TIMEOUT_S = 300.0
+
+_CONFIG = (
+    f"user.name={IDENTITY_NAME}",
+    f"user.email={IDENTITY_EMAIL}",
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "core.autocrlf=false",
+    "core.safecrlf=false",
+    "core.quotePath=false",
+    "core.pager=cat",
+    "commit.gpgSign=false",
+    "tag.gpgSign=false",
+    "tag.forceSignAnnotated=false",
+    "gc.auto=0",
+    "maintenance.auto=false",
+    "diff.noprefix=false",
+    "diff.mnemonicPrefix=false",
+    "color.ui=false",
+    "advice.detachedHead=false",
+    "init.defaultBranch=main",
+)
+
+_EXCLUDE_BEGIN = "# >>> orchestrator: files over the size limit, never committed (managed automatically)"
+_EXCLUDE_END = "# <<< orchestrator"
+
+
+class GitError(RuntimeError):
+    """A git operation failed, or the folder is not a session repository. The message is one line."""
+
+
+class CommitInfo(BaseModel):
+    sha: str
+    subject: str
+    time: float  # commit time, unix seconds
+
+
+def _git_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(
+        GIT_CONFIG_NOSYSTEM="1",
+        GIT_CONFIG_GLOBAL=os.devnull,
+        GIT_TERMINAL_PROMPT="0",
+        GIT_OPTIONAL_LOCKS="0",
+        GIT_AUTHOR_NAME=IDENTITY_NAME,
+        GIT_AUTHOR_EMAIL=IDENTITY_EMAIL,
+        GIT_COMMITTER_NAME=IDENTITY_NAME,
+        GIT_COMMITTER_EMAIL=IDENTITY_EMAIL,
+        LC_ALL="C",
+        LANGUAGE="C",
+    )
+    return env
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    # git's last "fatal:"/"error:" line is the useful one; hints come after it
+    for ln in lines:
+        if ln.startswith(("fatal:", "error:")):
+            return ln
+    return lines[-1] if lines else ""
+
+
+def _literal(paths: Iterable[str]) -> list[str]:
+    return [":(literal)" + os.fspath(p) for p in paths]
+
+
+def _escape_ignore(path: str) -> str | None:
+    """An anchored .gitignore pattern that matches exactly `path`, or None if no pattern can."""
+    if "\n" in path or "\r" in path:
+        return None
+    out = []
+    for ch in path:
+        if ch in "\\*?[":
+            out.append("\\")
+        out.append(ch)
+    text = "".join(out)
+    if text.endswith(" "):
+        text = text[:-1] + "\\ "
+    return "/" + text
+
+
+def _unescape_ignore(pattern: str) -> str:
+    body = pattern[1:] if pattern.startswith("/") else pattern
+    out = []
+    i = 0
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body):
+            i += 1
+        out.append(body[i])
+        i += 1
+    return "".join(out)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Workspace:
+    """A session folder that is a git repository (see the module docstring for the rules every call follows)."""
+
+    MAX_FILE_BYTES = 1 << 20
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.git_dir = self.root / ".git"
+
+    # ------------------------------------------------------------------------------------------- open / init
+
+    @classmethod
+    def init(cls, root: Path) -> Workspace:
+        """Make `root` a repository on branch main, ignore the orchestrator's own folders, and commit everything
+        present as the first checkpoint. Files over the size limit stay untracked (see `large_files`).
+        Safe to call again: an existing repository is opened, and finished if a crash interrupted its first
+        commit; existing history is never touched."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        ws = cls(root)
+        if not ws.git_dir.exists():
+            ws._git("init", "-q", "-b", "main", cwd_only=True)
+            for item in _CONFIG[:2]:
+                key, _, value = item.partition("=")
+                ws._git("config", "--local", key, value)
+        elif not ws.git_dir.is_dir():
+            raise GitError(f"{ws.root}: .git is not a directory (a worktree or submodule is not a session folder)")
+        ws._ensure_gitignore()
+        if ws.resolve("HEAD") is None:
+            ws.commit(START_MESSAGE)
+        return ws
+
+    @classmethod
+    def open(cls, root: Path) -> Workspace:
+        """Open an existing session repository; GitError if `root` is not one."""
+        ws = cls(root)
+        if not ws.root.is_dir():
+            raise GitError(f"{ws.root}: not a folder")
+        if not (ws.git_dir / "HEAD").is_file():
+            raise GitError(f"{ws.root}: not a session folder (no git repository in it)")
+        ws._git("rev-parse", "--git-dir")
+        return ws
+
+    def _ensure_gitignore(self) -> None:
+        path = self.root / ".gitignore"
+        text = path.read_text(encoding="utf-8", errors="surrogateescape") if path.exists() else ""
+        present = {ln.strip() for ln in text.splitlines()}
+        missing = [p for p in IGNORED if p not in present and "/" + p not in present]
+        if not missing:
+            return
+        if text and not text.endswith("\n"):
+            text += "\n"
+        _write_atomic(path, text + "".join(p + "\n" for p in missing))
+
+    # ------------------------------------------------------------------------------------------- plumbing
+
+    def _git(self, *args: str, input: str | None = None, ok_codes: Sequence[int] = (0,),
+             cwd_only: bool = False) -> subprocess.CompletedProcess[str]:
+        cmd = ["git"]
+        for item in _CONFIG:
+            cmd += ["-c", item]
+        if cwd_only:
+            cmd += ["-C", str(self.root)]
+        else:
+            cmd += [f"--git-dir={self.git_dir}", f"--work-tree={self.root}", "-C", str(self.root)]
+        cmd += args
+        try:
+            proc = subprocess.run(cmd, input=input if input is not None else "", capture_output=True, text=True,
+                                  encoding="utf-8", errors="surrogateescape", env=_git_env(),
+                                  timeout=GIT_TIMEOUT_S, check=False)
+        except FileNotFoundError:
+            raise GitError("git is not installed (the `git` command was not found)") from None
+        except subprocess.TimeoutExpired:
+            raise GitError(f"git {args[0]} took longer than {GIT_TIMEOUT_S:.0f} s in {self.root}") from None
+        if proc.returncode not in ok_codes:
+            detail = _one_line(proc.stderr) or f"exit code {proc.returncode}"
+            if ".lock': File exists" in proc.stderr:
+                detail += " (a git process was interrupted; if none is running, delete that .lock file)"
+            raise GitError(f"git {args[0]} failed in {self.root}: {detail}")
+        return proc
+
+    def _size(self, rel: str) -> int | None:
+        """Size of a regular file in the worktree (symlinks count as small), None if absent."""
+        try:
+            st = os.lstat(self.root / rel)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_size if not os.path.islink(self.root / rel) else 0
+
+    def _status_paths(self, paths: Sequence[str] | None) -> list[str]:
+        """Worktree paths that differ from the index or HEAD, untracked non-ignored files included."""
+        args = ["status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames", "--ignore-submodules"]
+        if paths is not None:
+            args += ["--", *_literal(paths)]
+        out = self._git(*args).stdout
+        result = []
+        for entry in out.split("\0"):
+            if len(entry) > 3:
+                result.append(entry[3:])
+        return result
+
+    # ------------------------------------------------------------------------------------------- large files
+
+    def _exclude_file(self) -> Path:
+        return self.git_dir / "info" / "exclude"
+
+    def _read_exclude(self) -> tuple[list[str], list[str]]:
+        """(lines outside our block, paths inside it)."""
+        path = self._exclude_file()
+        if not path.exists():
+            return [], []
+        outside, ours, inside = [], [], False
+        for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+            if line == _EXCLUDE_BEGIN:
+                inside = True
+            elif line == _EXCLUDE_END:
+                inside = False
+            elif inside:
+                if line.strip():
+                    ours.append(_unescape_ignore(line))
+            else:
+                outside.append(line)
+        return outside, ours
+
+    def _write_exclude(self, outside: list[str], ours: list[str]) -> None:
+        lines = list(outside)
+        patterns = [p for p in (_escape_ignore(x) for x in ours) if p is not None]
+        if patterns:
+            lines += [_EXCLUDE_BEGIN, *patterns, _EXCLUDE_END]
+        _write_atomic(self._exclude_file(), "".join(ln + "\n" for ln in lines))
+
+    def large_files(self) -> list[str]:
+        """Files left untracked because they are over the size limit (relative paths, sorted)."""
+        return sorted(p for p in self._read_exclude()[1] if (self._size(p) or 0) > self.MAX_FILE_BYTES)
+
+    def _refresh_large(self) -> None:
+        """Let files that were too large, and are no longer (or are gone), be seen by git again."""
+        outside, ours = self._read_exclude()
+        keep = [p for p in ours if (self._size(p) or 0) > self.MAX_FILE_BYTES]
+        if keep != ours:
+            self._write_exclude(outside, keep)
+
+    def _exclude_large(self, new: list[str]) -> None:
+        outside, ours = self._read_exclude()
+        merged = sorted(set(ours) | set(new))
+        if merged != ours:
+            self._write_exclude(outside, merged)
+
+    # ------------------------------------------------------------------------------------------- reading
+
+    def resolve(self, ref: str) -> str | None:
+        """The commit sha that `ref` (sha, tag, branch, `run_3~1`, HEAD) names, or None."""
+        if not ref or ref.startswith("-"):
+            return None
+        proc = self._git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}",
+                         ok_codes=(0, 1, 128))
+        sha = proc.stdout.strip()
+        return sha if proc.returncode == 0 and sha else None
+
+    def _commit_of(self, ref: str) -> str:
+        sha = self.resolve(ref)
+        if sha is None:
+            raise GitError(f"{ref!r} is not a commit in {self.root}")
+        return sha
+
+    def head(self) -> str:
+        """The full sha of the current checkpoint."""
+        sha = self.resolve("HEAD")
+        if sha is None:
+            raise GitError(f"{self.root}: the repository has no commit yet")
+        return sha
+
+    def is_dirty(self, paths: Sequence[str] | None = None) -> bool:
+        """True if tracked files changed or untracked, non-ignored files exist (optionally only under `paths`).
+        Files over the size limit that were already left out do not count."""
+        self._refresh_large()
+        return any((self._size(p) or 0) <= self.MAX_FILE_BYTES for p in self._status_paths(paths))
+
+    def diff(self, a: str | None, b: str, paths: Sequence[str] | None = None, context: int = 3) -> str:
+        """Unified diff from commit `a` (None: the empty tree, everything shows as added) to commit `b`.
+        `paths` are git pathspecs: `:(exclude)run_*` and globs work here."""
+        left = EMPTY_TREE if a is None else self._commit_of(a)
+        right = self._commit_of(b)
+        args = ["diff", "--no-ext-diff", "--no-textconv", "--no-color", "--no-renames", f"-U{int(context)}",
+                left, right, "--"]
+        if paths:
+            args += list(paths)
+        return self._git(*args).stdout
+
+    def changed_files(self, a: str | None, b: str) -> list[str]:
+        """Paths that differ between commits `a` (None: the empty tree) and `b`, sorted."""
+        left = EMPTY_TREE if a is None else self._commit_of(a)
+        out = self._git("diff", "--no-ext-diff", "--name-only", "-z", "--no-renames", left,
+                        self._commit_of(b), "--").stdout
+        return sorted(p for p in out.split("\0") if p)
+
+    def show(self, ref: str, path: str) -> str | None:
+        """Text of `path` at commit `ref`, or None if the file is not there. GitError if `ref` is unknown."""
+        sha = self._commit_of(ref)
+        rel = Path(path).as_posix().lstrip("/")
+        if rel.startswith("./"):
+            rel = rel[2:]
+        kind = self._git("cat-file", "-t", f"{sha}:{rel}", ok_codes=(0, 128)).stdout.strip()
+        if kind != "blob":
+            return None
+        proc = subprocess.run(
+            ["git", f"--git-dir={self.git_dir}", "cat-file", "blob", f"{sha}:{rel}"],
+            capture_output=True, env=_git_env(), timeout=GIT_TIMEOUT_S, check=False)
+        if proc.returncode != 0:
+            return None
+        return proc.stdout.decode("utf-8", errors="replace")
+
+    def log(self, ref: str = "HEAD", max_count: int = 200) -> list[CommitInfo]:
+        """Commits reachable from `ref`, newest first. An unknown ref (or an empty repository) gives []."""
+        sha = self.resolve(ref)
+        if sha is None:
+            return []
+        out = self._git("log", f"--max-count={int(max_count)}", "--format=%H%x00%ct%x00%s%x1e", sha, "--").stdout
+        result = []
+        for rec in out.split("\x1e"):
+            rec = rec.strip("\n")
+            if not rec:
+                continue
+            h, ct, subject = rec.split("\0", 2)
+            result.append(CommitInfo(sha=h, subject=subject, time=float(ct)))
+        return result
+
+    def tags(self) -> dict[str, str]:
+        """Tag name -> the commit it marks."""
+        out = self._git("for-each-ref", "--format=%(refname:strip=2)%00%(objectname)%00%(*objectname)",
+                        "refs/tags").stdout
+        result = {}
+        for line in out.splitlines():
+            name, obj, peeled = line.split("\0")
+            result[name] = peeled or obj
+        return result
+
+    # ------------------------------------------------------------------------------------------- writing
+
+    def commit(self, message: str, paths: Sequence[str] | None = None) -> str:
+        """Checkpoint the given paths (files or folders; default: every change) and return the commit sha.
+        Files over the size limit are left untracked (see `large_files`). Nothing changed: no new commit, the
+        current head is returned."""
+        sha, _ = self._commit(message, paths)
+        return sha
+
+    def commit_run(self, run_dir: str, message: str) -> tuple[str, list[str]]:
+        """Checkpoint a run folder (results, logs, and files under the size limit). Returns the commit sha and
+        the run folder's files left untracked because they are too large."""
+        sha, _ = self._commit(message, [run_dir])
+        prefix = Path(run_dir).as_posix().rstrip("/") + "/"
+        return sha, [p for p in self.large_files() if p.startswith(prefix)]
+
+    def _commit(self, message: str, paths: Sequence[str] | None) -> tuple[str, list[str]]:
+        if not message.strip():
+            message = "checkpoint"
+        head = self.resolve("HEAD")
+        if head is not None:
+            # the index holds exactly HEAD: a crash in an earlier commit cannot smuggle changes into this one
+            self._git("reset", "-q")
+        self._refresh_large()
+        candidates = self._status_paths(paths)
+        large = [p for p in candidates if (self._size(p) or 0) > self.MAX_FILE_BYTES]
+        stage = [p for p in candidates if p not in set(large)]
+        if large:
+            self._exclude_large(large)
+            tracked = self._git("ls-files", "-z", "--", *_literal(large)).stdout.split("\0")
+            tracked = [p for p in tracked if p]
+            if tracked:
+                self._git("rm", "-q", "--cached", "--pathspec-from-file=-", "--pathspec-file-nul",
+                          input="\0".join(_literal(tracked)))
+        if stage:
+            self._git("add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul", input="\0".join(_literal(stage)))
+        if head is not None and self._git("diff", "--cached", "--quiet", ok_codes=(0, 1)).returncode == 0:
+            return head, large
+        self._git("commit", "-q", "--no-verify", "--allow-empty", "--cleanup=verbatim", "-F", "-", input=message)
+        return self.head(), large
+
+    def tag(self, name: str, sha: str, message: str = "") -> None:
+        """Mark commit `sha` with tag `name` (annotated when `message` is given). The same name on the same
+        commit is left as it is; on another commit it is moved (a resumed session may redo a run)."""
+        if not name or name.startswith("-") or self._git("check-ref-format", f"refs/tags/{name}",
+                                                          ok_codes=(0, 1)).returncode != 0:
+            raise GitError(f"{name!r} is not a valid tag name")
+        target = self._commit_of(sha)
+        if self.tags().get(name) == target:
+            return
+        args = ["tag", "-f"]
+        if message:
+            args += ["-a", "--cleanup=verbatim", "-F", "-"]
+        self._git(*args, "--", name, target, input=message if message else None)
+
+    def reset_hard(self, ref: str) -> None:
+        """Put tracked files back as they are at `ref` and delete untracked files, except run folders
+        (`run_*/`), ignored paths and files over the size limit. Tracked files of run folders do follow `ref`."""
+        target = self._commit_of(ref)
+        untracked = self._git("ls-files", "-z", "--others", "--exclude-standard").stdout.split("\0")
+        large = [p for p in untracked if p and (self._size(p) or 0) > self.MAX_FILE_BYTES]
+        if large:  # never delete big outputs (datasets, checkpoints) written since the last commit
+            self._exclude_large(large)
+        self._git("reset", "-q", "--hard", target)
+        self._git("clean", "-q", "-f", "-d", "-e", "/run_*")
+
+    def restore(self, ref: str, paths: Sequence[str]) -> None:
+        """Write the given files as they are at `ref` into the worktree (and the index)."""
+        if not paths:
+            return
+        target = self._commit_of(ref)
+        self._git("checkout", "-q", target, "--pathspec-from-file=-", "--pathspec-file-nul",
+                  input="\0".join(_literal(paths)))
