@@ -1,0 +1,694 @@
+"""The driver: the only room that sequences the others.
+
+The driver is deterministic given its journal: every step first looks for its own recorded outcome (keyed by stage,
+run, attempt and edit retry) and only performs the side effect when none is recorded. So `resume` is simply driving
+the session again from the top: journaled replies are never requested twice, finished runs are not run again, and
+the conversation is rebuilt from the prompts and replies on record.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from orchestrator import conversation, prompts
+from orchestrator.config import Settings, public_dump
+from orchestrator.edits import EditParseError, apply_edits, parse_edits, plan_line
+from orchestrator.journal import (
+    FINAL_STATUSES,
+    IDEA_FILE,
+    META_DIR,
+    SETTINGS_FILE,
+    Journal,
+    JournalError,
+    SessionState,
+    rebuild,
+    write_model_atomic,
+    write_snapshot,
+    write_text_atomic,
+)
+from orchestrator.models import ContextWindowError, Model, ModelError, Reply
+from orchestrator.runner import RunHandle, RunRequest, RunResult, stop_orphan
+from orchestrator.runner import start as start_run
+from orchestrator.secrets import redact_obj
+from orchestrator.spec import IdeaSpec
+from orchestrator.template import Template, baseline_reusable, copy_template
+from orchestrator.workspace import Workspace
+
+ALL_COMPLETED = "ALL_COMPLETED"
+DEFAULT_RUN_TIMEOUT_S = 7200.0
+
+
+class SessionBusy(RuntimeError):
+    """Another orchestrator process is driving this session."""
+
+
+class _LimitReached(Exception):
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _SessionFailed(Exception):
+    pass
+
+
+class Progress(BaseModel):
+    """What the command line shows while a session runs."""
+
+    phase: str
+    stage: str = "experiment"
+    run: int | None = None
+    max_runs: int = 10
+    attempt: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    message: str = ""
+
+
+class Hooks(Protocol):
+    def progress(self, p: Progress) -> None: ...
+
+
+class _Situation(BaseModel):
+    """What the next prompt is about: a prompt file and the values it needs."""
+
+    name: str
+    context: dict[str, Any] = {}
+    show_files: bool = False
+
+
+class _Applied(BaseModel):
+    kind: str  # applied | no_edits | completed | failed | no_change
+    feedback: str = ""
+    commit: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------- creating
+
+
+def session_dir_name(idea: IdeaSpec, now: datetime | None = None) -> str:
+    stamp = (now or datetime.now()).strftime("%Y-%m-%dT%H-%M-%S")
+    return f"{stamp}_{idea.name}"
+
+
+def create_session(idea: IdeaSpec, template: Template, settings: Settings, max_runs: int,
+                   now: datetime | None = None) -> Path:
+    """Copy the template into a fresh session folder, make it a git repo and journal the launch."""
+    root = Path(settings.root)
+    root.mkdir(parents=True, exist_ok=True)
+    base = session_dir_name(idea, now)
+    session = root / base
+    n = 1
+    while session.exists():
+        n += 1
+        session = root / f"{base}-{n}"
+    copy_template(template, session)
+    reuse = baseline_reusable(template)
+    ws = Workspace.init(session)
+    meta = session / META_DIR
+    meta.mkdir(exist_ok=True)
+    write_model_atomic(meta / IDEA_FILE, idea)
+    write_text_atomic(meta / SETTINGS_FILE, _json(public_dump(settings) | {"max_runs": max_runs}))
+    system = prompts.render("system", {"template_system": template.system_prompt})
+    journal = Journal(session, redact=redact_obj)
+    journal.append(
+        "session_started",
+        idea=idea.model_dump(mode="json"),
+        template=template.model_dump(mode="json"),
+        model=settings.model,
+        max_runs=max_runs,
+        baseline_reusable=reuse,
+        commit=ws.head(),
+        system_prompt=system,
+    )
+    write_snapshot(session, rebuild(journal.events(), session))
+    return session
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str) + "\n"
+
+
+@contextmanager
+def _session_lock(session: Path) -> Iterator[None]:
+    path = session / META_DIR / "lock"
+    fh = open(path, "w")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SessionBusy(f"{session} is being driven by another orchestrator process") from None
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+# --------------------------------------------------------------------------------------------------- the driver
+
+
+class Driver:
+    """Drives one session folder from wherever its journal says it stands to a final status."""
+
+    def __init__(self, session: Path, model: Model, settings: Settings, hooks: Hooks | None = None) -> None:
+        self.dir = Path(session)
+        self.journal = Journal(self.dir, redact=redact_obj)
+        if not self.journal.exists():
+            raise JournalError(f"{self.dir} is not a session folder (no {META_DIR}/journal.jsonl)")
+        started = self.journal.find("session_started")
+        if started is None:
+            raise JournalError(f"{self.dir}: the journal has no session_started event")
+        self.model = model
+        self.settings = settings
+        self.hooks = hooks
+        self.idea = IdeaSpec.model_validate(started.data["idea"])
+        self.template = Template.model_validate(started.data["template"])
+        self.max_runs = int(started.data["max_runs"])
+        self.baseline_reusable = bool(started.data.get("baseline_reusable"))
+        self.ws = Workspace.open(self.dir)
+        self.history: list[conversation.Message] = [
+            conversation.Message(role="system", content=started.data["system_prompt"])
+        ]
+        self.active: RunHandle | None = None
+        self.last_good_run = 0
+
+    # ---------------------------------------------------------------------------------------------- entry point
+
+    def state(self) -> SessionState:
+        return rebuild(self.journal.events(), self.dir)
+
+    def drive(self) -> SessionState:
+        if self.state().session.status in FINAL_STATUSES:
+            return self.state()
+        with _session_lock(self.dir):
+            self._record("drive_started", pid=os.getpid())
+            self._recover()
+            try:
+                status, reason = self._experiments()
+                if status in ("completed", "max_runs") and self.settings.plots:
+                    self._plots()
+                    self._notes()
+                self._record("finished", status=status, reason=reason)
+            except _LimitReached as limit:
+                self._record("finished", status=limit.status, reason=limit.reason)
+            except _SessionFailed as failure:
+                self._record("finished", status="failed", reason=str(failure))
+            except ModelError as exc:
+                self._record("interrupted", reason=f"model error: {exc}")
+            except KeyboardInterrupt:
+                if self.active is not None:
+                    self.active.kill()
+                self._record("interrupted", reason="interrupted by the user")
+                raise
+        return self.state()
+
+    # ---------------------------------------------------------------------------------------------- bookkeeping
+
+    def _record(self, kind: str, **data: Any) -> None:
+        self.journal.append(kind, **data)
+        _crash_point(kind)
+        state = self.state()
+        write_snapshot(self.dir, state)
+        if self.hooks is not None and kind in ("phase", "reply", "run_finished", "finished", "interrupted"):
+            info = state.session
+            self.hooks.progress(Progress(
+                phase=info.phase if kind == "phase" else kind,
+                stage=data.get("stage", "experiment"),
+                run=info.current_run,
+                max_runs=self.max_runs,
+                attempt=info.current_attempt,
+                prompt_tokens=info.totals.prompt_tokens,
+                completion_tokens=info.totals.completion_tokens,
+                cost_usd=info.totals.cost_usd,
+                message=str(data.get("message") or data.get("reason") or ""),
+            ))
+
+    def _phase(self, phase: str, stage: str = "experiment", run: int | None = None,
+               attempt: int | None = None) -> None:
+        self._record("phase", phase=phase, stage=stage, run=run, attempt=attempt)
+
+    def _recover(self) -> None:
+        """Undo what a crash left half done: orphaned experiment processes and uncommitted edits."""
+        finished = {e.key() for e in self.journal.events() if e.kind == "run_finished"}
+        for e in self.journal.events():
+            if e.kind == "run_started" and e.key() not in finished:
+                stop_orphan(int(e.data["pid"]), e.data.get("proc_start_ticks"))
+        editable = self._editable_files(tuple(self.template.editable))
+        if editable and self.ws.is_dirty(editable):
+            # Edits written but not committed: put the editable files back as the last checkpoint has them (the
+            # journaled reply is applied again). Results, figures and other outputs are left alone.
+            for path in editable:
+                if self.ws.show("HEAD", path) is None:
+                    (self.dir / path).unlink()
+            self.ws.restore("HEAD", [p for p in editable if (self.dir / p).exists() or self.ws.show("HEAD", p)])
+
+    def _check_limits(self) -> None:
+        totals = self.state().session.totals
+        budget = self.settings.budget_usd
+        if budget is not None and totals.cost_usd >= budget:
+            raise _LimitReached("budget_usd", f"model spending reached ${totals.cost_usd:.4f} of the ${budget:.2f} budget")
+        wall = self.settings.wall_clock_s
+        if wall is not None:
+            events = self.journal.events()
+            elapsed = totals.active_seconds + max(0.0, datetime.now().timestamp() - events[-1].ts)
+            if elapsed >= wall:
+                raise _LimitReached("wall_clock", f"the session ran {elapsed:.0f} s of its {wall:.0f} s wall-clock budget")
+
+    # ---------------------------------------------------------------------------------------------- asking
+
+    def _ask(self, stage: str, run: int | None, attempt: int, retry: int, make_prompt: Callable[[], str]) -> str:
+        """Append one user message, and get the model's reply: from the journal when on record, else by a call."""
+        key = dict(stage=stage, run=run, attempt=attempt, retry=retry)
+        k = (stage, run, attempt, retry)
+        prompt = self.journal.find("prompt", k)
+        text = prompt.data["content"] if prompt is not None else None
+        if text is None:
+            text = make_prompt()
+            self._record("prompt", **key, content=text)
+        self.history = conversation.append(self.history, "user", text)
+        reply = self.journal.find("reply", k)
+        if reply is None:
+            self._phase("ask", stage, run, attempt)
+            self._check_limits()
+            got = self._call_model()
+            self._record("reply", **key, content=got.content, reasoning=got.reasoning,
+                         prompt_tokens=got.prompt_tokens, completion_tokens=got.completion_tokens,
+                         cached_tokens=got.cached_tokens, cost_usd=got.cost_usd, latency_s=got.latency_s,
+                         model=got.model, call_attempts=got.attempts)
+            reply = self.journal.find("reply", k)
+            assert reply is not None
+        content = reply.data["content"]
+        self.history = conversation.append(self.history, "assistant", content)
+        return content
+
+    def _call_model(self) -> Reply:
+        messages = list(self.history)
+        for _ in range(4):
+            try:
+                reply = self.model.complete(messages)
+            except ContextWindowError:
+                shorter = _shorten(messages)
+                if len(shorter) == len(messages):
+                    raise
+                messages = shorter
+                continue
+            self.journal.transcript_append({
+                "request": conversation.to_wire(messages, self.model.profile),
+                "reply": reply.model_dump(mode="json"),
+            })
+            return reply
+        raise ContextWindowError("the conversation does not fit the model's context window even when shortened")
+
+    # ---------------------------------------------------------------------------------------------- editing
+
+    def _apply(self, stage: str, run: int | None, attempt: int, retry: int, reply: str,
+               editable: tuple[str, ...]) -> _Applied:
+        key = dict(stage=stage, run=run, attempt=attempt, retry=retry)
+        k = (stage, run, attempt, retry)
+        for kind in ("edits_applied", "edits_failed", "no_edits", "no_change", "completed_reply"):
+            done = self.journal.find(kind, k)
+            if done is not None:
+                mapping = {"edits_applied": "applied", "edits_failed": "failed", "completed_reply": "completed"}
+                return _Applied(kind=mapping.get(kind, kind), feedback=done.data.get("feedback", ""),
+                                commit=done.data.get("commit"))
+        try:
+            blocks = parse_edits(reply)
+        except EditParseError as exc:
+            feedback = f"Your reply could not be parsed: {exc}\nNothing was applied. Send corrected blocks."
+            self._record("edits_failed", **key, feedback=feedback, message=str(exc))
+            return _Applied(kind="failed", feedback=feedback)
+        if not blocks:
+            if ALL_COMPLETED in reply:
+                self._record("completed_reply", **key)
+                return _Applied(kind="completed")
+            self._record("no_edits", **key, message="the reply had no SEARCH/REPLACE blocks")
+            return _Applied(kind="no_edits")
+        started = self.journal.find("apply_started", k)
+        if started is not None:
+            self.ws.reset_hard(started.data["base"])
+        else:
+            self._record("apply_started", **key, base=self.ws.head())
+        self._phase("apply", stage, run, attempt)
+        result = apply_edits(self.dir, blocks, editable=editable, protected=tuple(self.template.protected))
+        if not result.ok:
+            self._record("edits_failed", **key, feedback=result.feedback, message=_first_line(result.feedback))
+            return _Applied(kind="failed", feedback=result.feedback)
+        if not result.changed:
+            self._record("no_change", **key, message="every block was already applied")
+            return _Applied(kind="no_change")
+        _crash_point("edits_written")
+        label = f"run {run}" if stage == "experiment" else stage
+        plan = plan_line(reply) or "edits"
+        sha = self.ws.commit(f"{label} attempt {attempt}: {plan}", paths=result.changed)
+        self._record("edits_applied", **key, commit=sha, changed=result.changed, plan=plan,
+                     already_applied=list(getattr(result, "already_applied", [])))
+        return _Applied(kind="applied", commit=sha)
+
+    def _edit_step(self, stage: str, run: int | None, attempt: int, situation: _Situation,
+                   editable: tuple[str, ...], no_edits_ends: bool = False) -> tuple[_Applied, _Situation]:
+        """Ask for edits until they apply, the model is done, or the edit retries run out.
+
+        With `no_edits_ends` (the plot and notes steps) a reply without edits ends the step at once.
+        """
+        retries = self.settings.edit_retries
+        outcome = _Applied(kind="no_edits")
+        for retry in range(retries + 1):
+            reply = self._ask(stage, run, attempt, retry, lambda s=situation: self._render(s, editable))
+            outcome = self._apply(stage, run, attempt, retry, reply, editable)
+            if outcome.kind in ("applied", "completed"):
+                return outcome, situation
+            if no_edits_ends and outcome.kind in ("no_edits", "no_change"):
+                return outcome, situation
+            left = retries - retry
+            if outcome.kind == "failed":
+                situation = _Situation(name="edits_failed", show_files=True,
+                                       context={"run": run, "feedback": outcome.feedback, "retries_left": left})
+            else:
+                situation = _Situation(name=outcome.kind, context={"run": run, "retries_left": left})
+        return outcome, situation
+
+    # ---------------------------------------------------------------------------------------------- running
+
+    def _execute(self, stage: str, run: int | None, attempt: int, request: RunRequest) -> dict[str, Any]:
+        key = dict(stage=stage, run=run, attempt=attempt, retry=None)
+        k = (stage, run, attempt, None)
+        done = self.journal.find("run_finished", k)
+        if done is not None:
+            return done.data
+        self._check_limits()
+        self._phase("run", stage, run, attempt)
+        handle = start_run(request)
+        self.active = handle
+        self._record("run_started", **key, pid=handle.pid, pgid=handle.pgid,
+                     proc_start_ticks=handle.proc_start_ticks, started_at=handle.started_at,
+                     command=request.command())
+        result: RunResult = handle.wait()
+        self.active = None
+        self._record("run_finished", **key, outcome=result.outcome, returncode=result.returncode,
+                     duration_s=result.duration_s,
+                     metrics={n: m.model_dump(mode="json") for n, m in result.metrics.items()},
+                     message=result.message, stderr_head=result.stderr_head, stderr_tail=result.stderr_tail,
+                     stdout_tail=result.stdout_tail)
+        done = self.journal.find("run_finished", k)
+        assert done is not None
+        return done.data
+
+    def _run_request(self, run_name: str, script: str = "experiment.py", args: list[str] | None = None,
+                     results_file: str | None = "final_info.json") -> RunRequest:
+        timeout = self.settings.timeout_s or self.template.timeout_s or DEFAULT_RUN_TIMEOUT_S
+        return RunRequest(cwd=self.dir, run_name=run_name, python=self.settings.python, script=script, args=args,
+                          timeout_s=timeout, env_allow=list(self.template.env), env_set=dict(self.settings.env),
+                          gpus=self.settings.gpus, results_file=results_file)
+
+    def _record_run(self, run: int, outcome: str) -> None:
+        k = ("experiment", run, None, None)
+        if self.journal.find("run_recorded", k) is not None:
+            return
+        sha, untracked = self.ws.commit_run(f"run_{run}", f"run {run}: results ({outcome})")
+        self.ws.tag(f"run_{run}", sha, f"run {run}")
+        self._record("run_recorded", stage="experiment", run=run, commit=sha, tag=f"run_{run}", untracked=untracked)
+
+    def _baseline(self) -> None:
+        if self.journal.find("run_recorded", ("experiment", 0, None, None)) or self.journal.find("baseline_reused"):
+            return
+        if self.baseline_reusable:
+            from orchestrator.runner import read_metrics
+
+            metrics = read_metrics(self.dir / "run_0" / "final_info.json")
+            head = self.ws.head()
+            self.ws.tag("run_0", head, "run 0: baseline reused from the template")
+            self._record("baseline_reused", stage="experiment", run=0, commit=head, tag="run_0",
+                         metrics={n: m.model_dump(mode="json") for n, m in metrics.items()})
+            return
+        result = self._execute("experiment", 0, 1, self._run_request("run_0"))
+        if result["outcome"] != "ok":
+            raise _SessionFailed(f"the baseline run_0 failed ({result['outcome']}): {result.get('message', '')}")
+        self._record_run(0, "ok")
+
+    # ---------------------------------------------------------------------------------------------- stages
+
+    def _experiments(self) -> tuple[str, str]:
+        self._phase("baseline", "experiment", 0, 1)
+        self._baseline()
+        situation = _Situation(name="first_turn", show_files=True)
+        editable = tuple(self.template.editable)
+        for run in range(1, self.max_runs + 1):
+            done, situation = self._run_slot(run, situation, editable)
+            if done:
+                return "completed", f"the model replied {ALL_COMPLETED}"
+        return "max_runs", f"all {self.max_runs} runs used"
+
+    def _run_slot(self, run: int, situation: _Situation, editable: tuple[str, ...]) -> tuple[bool, _Situation]:
+        attempts = self.settings.attempts_per_run
+        last_message = ""
+        for attempt in range(1, attempts + 1):
+            outcome, situation = self._edit_step("experiment", run, attempt, situation, editable)
+            if outcome.kind == "completed":
+                return True, situation
+            if outcome.kind != "applied":
+                last_message = f"no edits could be applied ({outcome.kind.replace('_', ' ')})"
+                if self.journal.find("attempt_failed", ("experiment", run, attempt, None)) is None:
+                    self._record("attempt_failed", stage="experiment", run=run, attempt=attempt, retry=None,
+                                 outcome="edits_failed" if outcome.kind == "failed" else outcome.kind,
+                                 message=last_message)
+                situation = situation.model_copy(
+                    update={"context": {**situation.context, "retries_left": self.settings.edit_retries}})
+                continue
+            result = self._execute("experiment", run, attempt, self._run_request(f"run_{run}"))
+            if result["outcome"] == "ok":
+                self._record_run(run, "ok")
+                self.last_good_run = run
+                return False, _Situation(name="run_ok", context={"run": run})
+            last_message = result.get("message", "")
+            situation = _Situation(name="run_failed", context={
+                "run": run, "attempt": attempt, "outcome": result["outcome"], "message": last_message,
+                "stderr_head": result.get("stderr_head", ""), "stderr_tail": result.get("stderr_tail", ""),
+                "stdout_tail": result.get("stdout_tail", ""), "attempts_left": attempts - attempt,
+            })
+        self._give_up(run, attempts, last_message)
+        return False, _Situation(name="restored", show_files=True, context={
+            "run": run, "attempts": attempts, "message": last_message,
+            "restored_to": f"run_{self.last_good_run}",
+        })
+
+    def _give_up(self, run: int, attempts: int, message: str) -> None:
+        """After the last failed attempt: put the editable files back as the last good run had them."""
+        k = ("experiment", run, None, None)
+        if self.journal.find("run_given_up", k) is not None:
+            return
+        good = f"run_{self.last_good_run}"
+        paths = self._editable_files(tuple(self.template.editable))
+        kept = [p for p in paths if self.ws.show(good, p) is not None]
+        for p in paths:
+            if p not in kept:
+                (self.dir / p).unlink()
+        if kept:
+            self.ws.restore(good, kept)
+        logs = [f"run_{run}"] if (self.dir / f"run_{run}").exists() else []
+        sha = self.ws.commit(f"run {run}: restore code to {good} after {attempts} failed attempts",
+                             paths=[*paths, *logs])
+        self._record("run_given_up", stage="experiment", run=run, commit=sha, restored_to=good, message=message)
+
+    def _plots(self) -> None:
+        """The model adapts plot.py to compare the runs; it runs with the experiments' retry rules."""
+        if not self.template.has_plot or not (self.dir / "plot.py").exists():
+            return
+        state = self.state()
+        situation = _Situation(name="plot", show_files=True, context={
+            "runs": ", ".join(f"run_{r.run}" for r in state.runs if r.status == "ok"),
+            "key_metrics": ", ".join(state.session.key_metrics) or "the main metrics",
+            "run_lines": self._run_lines(state),
+        })
+        attempts = self.settings.attempts_per_run
+        for attempt in range(1, attempts + 1):
+            outcome, situation = self._edit_step("plots", None, attempt, situation, ("plot.py",), no_edits_ends=True)
+            if outcome.kind == "failed":
+                continue
+            if attempt > 1 and outcome.kind != "applied":
+                return  # no fix offered for a failing plot.py: the step ends, the session does not fail
+            before = _figure_stamps(self.dir)
+            request = self._run_request("plot_logs", script="plot.py", args=[], results_file=None)
+            result = self._execute("plots", None, attempt, request)
+            if result["outcome"] == "ok":
+                if self.journal.find("figures") is None:
+                    after = _figure_stamps(self.dir)
+                    figures = sorted(p for p, t in after.items() if before.get(p) != t) or sorted(after)
+                    sha = self.ws.commit("plots: figures from plot.py", paths=[*figures, "plot_logs"])
+                    self._record("figures", stage="plots", files=figures, commit=sha)
+                return
+            situation = _Situation(name="plot_failed", context={
+                "attempt": attempt, "outcome": result["outcome"], "message": result.get("message", ""),
+                "stderr_tail": result.get("stderr_tail", ""), "attempts_left": attempts - attempt,
+            })
+
+    def _notes(self) -> None:
+        """The model writes notes.txt about each run and figure; a reply without edits ends the step."""
+        from fnmatch import fnmatchcase
+
+        if not any(fnmatchcase("notes.txt", p) for p in self.template.editable):
+            return
+        state = self.state()
+        situation = _Situation(name="notes", show_files=True, context={
+            "run_lines": self._run_lines(state),
+            "figures": ", ".join(state.session.figures) or "no figures were made",
+        })
+        self._edit_step("notes", None, 1, situation, ("notes.txt",), no_edits_ends=True)
+
+    # ---------------------------------------------------------------------------------------------- prompts
+
+    def _editable_files(self, editable: tuple[str, ...]) -> list[str]:
+        from fnmatch import fnmatchcase
+
+        found: list[str] = []
+        for path in sorted(self.dir.rglob("*")):
+            rel = path.relative_to(self.dir).as_posix()
+            if rel.startswith((".git/", f"{META_DIR}/", "run_", "plot_logs/")) or not path.is_file():
+                continue
+            if any(fnmatchcase(rel, p) for p in editable) and not any(
+                fnmatchcase(rel, p) for p in self.template.protected
+            ):
+                found.append(rel)
+        return found
+
+    def _files_text(self, editable: tuple[str, ...]) -> str:
+        files = {p: (self.dir / p).read_text(encoding="utf-8", errors="replace") for p in self._editable_files(editable)}
+        return prompts.files_block(files)
+
+    def _render(self, situation: _Situation, editable: tuple[str, ...]) -> str:
+        state = self.state()
+        ctx: dict[str, Any] = dict(situation.context)
+        runs_used = max((r.run for r in state.runs if r.status in ("ok", "failed")), default=0)
+        ctx.setdefault("runs_left", max(0, self.max_runs - runs_used))
+        files = self._files_text(editable) if situation.show_files else ""
+        ctx["files"] = files
+        ctx["files_part"] = f"\n## Current files\n{files}" if situation.show_files else ""
+        if situation.name == "first_turn":
+            ctx.update(
+                title=self.idea.title, experiment=self.idea.experiment,
+                plan=self.idea.plan or "(none given: plan the runs yourself)",
+                task_description=self.template.task_description or "(see the code)",
+                baseline=self._results_text(state, 0), max_runs=self.max_runs,
+                edit_format=prompts.render("edit_format", {
+                    "editable": ", ".join(self.template.editable),
+                    "protected": ", ".join(self.template.protected) or "(none)",
+                }),
+            )
+        elif situation.name == "run_ok":
+            run = int(ctx["run"])
+            rec = state.run(run)
+            ctx.update(results=self._results_text(state, run), next_run=run + 1,
+                       duration=f"{rec.duration_s:.1f} s" if rec and rec.duration_s else "",
+                       best_line=self._best_line(state))
+            if run >= self.max_runs:
+                ctx["runs_left"] = 0
+        elif situation.name in ("run_failed", "plot_failed"):
+            ctx["stderr_part"] = _log_part("stderr", ctx.get("stderr_head", ""), ctx.get("stderr_tail", ""))
+            ctx["stdout_part"] = _log_part("stdout", "", ctx.get("stdout_tail", ""))
+        return prompts.render(situation.name, ctx)
+
+    def _results_text(self, state: SessionState, run: int) -> str:
+        rec = state.run(run)
+        if rec is None or not rec.metrics:
+            return "(no results)"
+        names = [m for m in state.session.key_metrics if m in rec.metrics]
+        names += [m for m in rec.metrics if m not in names]
+        lines = []
+        for name in names[:40]:
+            m = rec.metrics[name]
+            text = f"- {name}: {_fmt(m.value)}"
+            if m.stderr:
+                text += f" ± {_fmt(m.stderr)}"
+            if m.direction:
+                text += f" ({m.direction} is better)"
+            if run and m.baseline is not None and m.vs_baseline is not None:
+                text += f"; baseline {_fmt(m.baseline)}, change {m.vs_baseline:+.4g}"
+            lines.append(text)
+        if len(names) > 40:
+            lines.append(f"- ... and {len(names) - 40} more in run_{run}/final_info.json")
+        return "\n".join(lines)
+
+    def _best_line(self, state: SessionState) -> str:
+        best = state.session.best_run
+        if best is None or not state.session.key_metrics:
+            return ""
+        rec = state.run(best)
+        name = next((m for m in state.session.key_metrics if rec and m in rec.metrics), None)
+        if rec is None or name is None:
+            return ""
+        return f"Best run so far on {name}: run_{best} ({_fmt(rec.metrics[name].value)})."
+
+    def _run_lines(self, state: SessionState) -> str:
+        lines = []
+        for rec in state.runs:
+            head = f"- run_{rec.run} [{rec.status}]: {rec.plan or ('baseline' if rec.run == 0 else rec.message)}"
+            key = [f"{m}={_fmt(rec.metrics[m].value)}" for m in state.session.key_metrics if m in rec.metrics]
+            lines.append(head + (f" ({', '.join(key)})" if key else ""))
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _crash_point(name: str) -> None:
+    """Fault injection for the crash tests: ORCH_TEST_CRASH_AT=<point>[:<n>] kills this process with SIGKILL
+    the n-th time (default 1st) the driver passes that point. Points are journal event kinds and "edits_written"."""
+    spec = os.environ.get("ORCH_TEST_CRASH_AT")
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_CRASH_COUNTS: dict[str, int] = {}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _log_part(name: str, head: str, tail: str) -> str:
+    """A log excerpt for the model: head and tail when both exist, else whichever does; nothing when empty."""
+    parts = []
+    if head.strip():
+        parts.append(f"## {name} (head)\n```\n{head.rstrip()}\n```")
+    if tail.strip():
+        parts.append(f"## {name} ({'tail' if head.strip() else 'last lines'})\n```\n{tail.rstrip()}\n```")
+    return "\n\n".join(parts)
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _shorten(messages: list[conversation.Message]) -> list[conversation.Message]:
+    """Drop the oldest exchange after the first user message (keeps the system prompt and the task)."""
+    head = 2 if messages and messages[0].role == "system" else 1
+    if len(messages) <= head + 3:
+        return messages
+    return messages[:head] + messages[head + 2:]
+
+
+_FIGURE = re.compile(r"\.(png|jpg|jpeg|svg|pdf)$", re.IGNORECASE)
+
+
+def _figure_stamps(folder: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime for p in folder.iterdir() if p.is_file() and _FIGURE.search(p.name)}

@@ -1,0 +1,142 @@
+"""Helpers for the end-to-end session tests: a small template made on the spot, and reply builders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_KEY = "sk-test-e2e-4f9a1c7d2b6e8f0a3c5d7e9b"
+
+EXPERIMENT = '''\
+"""A toy experiment: the score peaks at LR = 0.3."""
+import argparse
+import json
+import os
+
+LR = 0.1
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out_dir", required=True)
+    args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    score = 1.0 - abs(LR - 0.3)
+    secrets = sorted(k for k in os.environ if k.endswith(("_API_KEY", "_TOKEN", "_SECRET")))
+    print("secret-looking variables seen:", secrets)
+    info = {"toy": {"means": {"score": score, "gap": abs(LR - 0.3)}, "stderrs": {"score": 0.01, "gap": 0.0}}}
+    with open(os.path.join(args.out_dir, "final_info.json"), "w") as fh:
+        json.dump(info, fh)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+TEMPLATE_TOML = """\
+description = "toy template for tests"
+editable = ["experiment.py", "notes.txt"]
+timeout_s = 60
+key_metrics = ["toy.score", "toy.gap"]
+
+[metrics]
+"toy.score" = "higher"
+"toy.gap" = "lower"
+"""
+
+
+def make_template(root: Path) -> Path:
+    t = root / "toy_template"
+    t.mkdir(parents=True)
+    (t / "experiment.py").write_text(EXPERIMENT)
+    (t / "notes.txt").write_text("# Notes\n")
+    (t / "template.toml").write_text(TEMPLATE_TOML)
+    (t / "prompt.json").write_text(
+        json.dumps(
+            {"system": "You study learning rates.", "task_description": "A toy experiment with one knob, LR."}
+        )
+    )
+    return t
+
+
+def make_idea(root: Path) -> Path:
+    path = root / "idea.json"
+    path.write_text(
+        json.dumps(
+            {
+                "name": "toy_lr",
+                "title": "Tune the toy LR",
+                "experiment": "Find the best LR.",
+                "plan": "Sweep LR upwards.",
+            }
+        )
+    )
+    return path
+
+
+def edit(search: str, replace: str, path: str = "experiment.py", plan: str = "Change the code.") -> str:
+    return f"{plan}\n\n{path}\n```python\n<<<<<<< SEARCH\n{search}=======\n{replace}>>>>>>> REPLACE\n```\n"
+
+
+def hanging_code(pid_file: Path) -> str:
+    """Code for a run that ignores SIGTERM, forks a grandchild that does too, records both pids, then hangs."""
+    return textwrap.dedent(f"""\
+        import signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        with open({str(pid_file)!r}, "w") as fh:
+            fh.write(f"{{__import__('os').getpid()}} {{child.pid}}")
+        time.sleep(600)
+        """)
+
+
+def orchestrator(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": pythonpath, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or REPO,
+        timeout=timeout,
+    )
+
+
+def session_from(result: subprocess.CompletedProcess[str]) -> Path:
+    first = result.stdout.splitlines()[0] if result.stdout else ""
+    path = Path(first.strip())
+    assert path.is_dir(), f"first line of output is not the session folder: {first!r}\n{result.stderr}"
+    return path
+
+
+def status_json(session: Path) -> dict:
+    res = orchestrator("status", str(session), "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def git(session: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(session), *args], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,315 @@
+"""Whole sessions, end to end: the CLI in a subprocess, litellm over real HTTP to the fake DeepSeek-rules server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.session_helpers import (
+    REPO,
+    TEST_KEY,
+    edit,
+    git,
+    hanging_code,
+    make_idea,
+    make_template,
+    orchestrator,
+    pid_alive,
+    session_from,
+    status_json,
+)
+
+pytestmark = pytest.mark.slow
+
+MODEL_ENV = {"DEEPSEEK_API_KEY": TEST_KEY, "MY_SERVICE_TOKEN": "tok-abcdef123456"}
+
+
+def launch_args(tmp: Path, url: str, *extra: str) -> list[str]:
+    template = make_template(tmp)
+    idea = make_idea(tmp)
+    return [
+        "launch",
+        str(idea),
+        "--template",
+        str(template),
+        "--model",
+        "deepseek/deepseek-reasoner",
+        "--api-base",
+        url,
+        "--root",
+        str(tmp / "sessions"),
+        *extra,
+    ]
+
+
+def test_a_whole_session_survives_failed_edits_crashes_timeouts_and_429s(tmp_path, fake_provider):
+    pid_file = tmp_path / "hang.pids"
+    hang = textwrap.indent(hanging_code(pid_file), "    ")
+    replies = [
+        {
+            "content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1: raise LR to 0.2."),
+            "reasoning": "think",
+            "prompt_tokens": 900,
+            "completion_tokens": 100,
+            "cached_tokens": 300,
+        },
+        {"content": edit("LR = 0.25\n", "LR = 0.3\n", plan="Run 2: LR 0.3.")},  # SEARCH matches nothing
+        {
+            "content": edit("LR = 0.2\n", "LR = 0.3\n", plan="Run 2: LR 0.3.")
+            + edit(
+                "    score = 1.0 - abs(LR - 0.3)\n",
+                "    raise RuntimeError('exploded on purpose')\n",
+                plan="",
+            )
+        },
+        {
+            "content": edit(
+                "    raise RuntimeError('exploded on purpose')\n",
+                "    score = 1.0 - abs(LR - 0.3)\n",
+                plan="Fix the crash.",
+            )
+        },
+        {
+            "content": edit(
+                "    os.makedirs(args.out_dir, exist_ok=True)\n",
+                "    os.makedirs(args.out_dir, exist_ok=True)\n" + hang,
+                plan="Run 3: a slow variant.",
+            )
+        },
+        {
+            "content": edit(hang, "", plan="Run 3: drop the slow part.")
+            + edit("LR = 0.3\n", "LR = 0.35\n", plan="")
+        },
+        {"content": "Everything planned is done.\n\nALL_COMPLETED"},
+        {"content": edit("# Notes\n", "# Notes\nLR = 0.3 scored best.\n", path="notes.txt", plan="Notes.")},
+    ]
+    server = fake_provider.start(
+        {"replies": replies, "faults": {"2": {"status": 429, "retry_after": 1}}}, api_key=TEST_KEY
+    )
+    res = orchestrator(*launch_args(tmp_path, server.url, "--timeout", "4"), env=MODEL_ENV)
+    assert res.returncode == 0, res.stdout + res.stderr
+    session = session_from(res)
+
+    # The provider never answered 400: every history sent obeyed DeepSeek's rules.
+    statuses = [r["status"] for r in server.requests()]
+    assert 400 not in statuses and statuses.count(429) == 1 and statuses.count(200) == len(replies)
+
+    state = status_json(session)
+    assert state["session"]["status"] == "completed"
+    runs = {r["run"]: r for r in state["runs"]}
+    assert [runs[i]["status"] for i in range(4)] == ["ok", "ok", "ok", "ok"]
+    assert runs[2]["attempts"] == 2 and runs[2]["history"][0]["outcome"] == "error"
+    assert "exploded on purpose" in runs[2]["history"][0]["stderr_tail"]
+    assert runs[3]["history"][0]["outcome"] == "timeout"
+    assert runs[2]["metrics"]["toy.score"]["value"] == pytest.approx(1.0)
+    assert runs[2]["metrics"]["toy.score"]["vs_baseline"] == pytest.approx(0.2)
+    assert runs[2]["metrics"]["toy.score"]["better"] is True
+    assert runs[1]["cached_tokens"] == 300 and runs[1]["prompt_tokens"] == 900
+
+    tags = set(git(session, "tag").split())
+    assert {"run_0", "run_1", "run_2", "run_3"} <= tags
+    # The hanging run and the grandchild it forked were both stopped.
+    pids = [int(p) for p in pid_file.read_text().split()]
+    assert len(pids) == 2 and not any(pid_alive(p) for p in pids)
+
+    piped = orchestrator("diff", str(session), "2")
+    assert piped.returncode == 0
+    assert "-LR = 0.2" in piped.stdout and "+LR = 0.3" in piped.stdout and "\x1b[" not in piped.stdout
+    assert "LR = 0.3 scored best." in (session / "notes.txt").read_text()
+
+    # The experiment never saw a key; the key appears nowhere in the session folder.
+    assert "seen: []" in (session / "run_1" / "stdout.log").read_text()
+    for path in session.rglob("*"):
+        if path.is_file() and ".git/" not in path.as_posix():
+            assert TEST_KEY not in path.read_text(errors="ignore"), path
+    assert TEST_KEY not in git(session, "log", "-p", "--all")
+
+
+def test_the_first_prompt_carries_idea_baseline_command_and_files(tmp_path, fake_provider):
+    server = fake_provider.start(
+        {"replies": [{"content": "Nothing to try.\nALL_COMPLETED"}]}, api_key=TEST_KEY
+    )
+    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots"), env=MODEL_ENV)
+    assert res.returncode == 0, res.stderr
+    first = server.requests()[0]["messages"]
+    assert first[0]["role"] == "system" and "You study learning rates." in first[0]["content"]
+    prompt = first[1]["content"]
+    for expected in (
+        "Tune the toy LR",
+        "Sweep LR upwards.",
+        "toy.score: 0.8",
+        "python experiment.py --out_dir=run_i",
+        "ALL_COMPLETED",
+        "LR = 0.1",
+        "<<<<<<< SEARCH",
+    ):
+        assert expected in prompt, expected
+
+
+def test_runs_given_up_after_four_attempts_restore_the_last_good_code(tmp_path, fake_provider):
+    crash = edit(
+        "    score = 1.0 - abs(LR - 0.3)\n", "    score = 1.0 - abs(LR - 0.3)\n    1 / 0\n", plan="Try."
+    )
+    again = edit("    1 / 0\n", "    [][1]\n", plan="Try again.")
+    back = edit("    [][1]\n", "    1 / 0\n", plan="And again.")
+    replies = [crash, again, back, again, {"content": "ALL_COMPLETED"}]
+    server = fake_provider.start(
+        {"replies": [{"content": r} if isinstance(r, str) else r for r in replies]}, api_key=TEST_KEY
+    )
+    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots"), env=MODEL_ENV)
+    assert res.returncode == 0, res.stdout + res.stderr
+    session = session_from(res)
+    state = status_json(session)
+    run1 = next(r for r in state["runs"] if r["run"] == 1)
+    assert run1["status"] == "failed" and run1["attempts"] == 4
+    assert "run_1" not in git(session, "tag").split()
+    # The code is back to the baseline's, and the model was told so with the files.
+    assert (session / "experiment.py").read_text() == git(session, "show", "run_0:experiment.py")
+    last_prompt = server.requests()[-1]["messages"][-1]["content"]
+    assert "restored to run_0" in last_prompt and "LR = 0.1" in last_prompt
+
+
+# --------------------------------------------------------------------------------------------------- crash tests
+
+WAITING_EXPERIMENT_PATCH = (
+    "    os.makedirs(args.out_dir, exist_ok=True)\n",
+    "    os.makedirs(args.out_dir, exist_ok=True)\n"
+    "    import pathlib, time\n"
+    "    go = pathlib.Path(os.environ['TOY_GO_FILE'])\n"
+    "    with open(os.environ['TOY_GO_FILE'] + '.pid', 'w') as fh:\n"
+    "        fh.write(str(os.getpid()))\n"
+    "    while not go.exists():\n"
+    "        time.sleep(0.05)\n",
+)
+
+
+def crash_replies() -> list[dict]:
+    return [
+        {
+            "content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1: LR 0.2.")
+            + edit(*WAITING_EXPERIMENT_PATCH, plan="")
+        },
+        {"content": edit("LR = 0.2\n", "LR = 0.3\n", plan="Run 2: LR 0.3.")},
+        {"content": "ALL_COMPLETED"},
+    ]
+
+
+def outcome(session: Path) -> tuple[dict[str, str], dict[int, dict]]:
+    state = status_json(session)
+    metrics = {r["run"]: {k: v["value"] for k, v in r["metrics"].items()} for r in state["runs"]}
+    tags = {t: git(session, "show", f"{t}:experiment.py") for t in git(session, "tag").split()}
+    return tags, metrics
+
+
+def run_session(tmp: Path, fake_provider, crash_at: str | None) -> tuple[Path, object]:
+    go = tmp / "go"
+    server = fake_provider.start({"replies": crash_replies()}, api_key=TEST_KEY)
+    env = {**MODEL_ENV, "TOY_GO_FILE": str(go)}
+    args = [*launch_args(tmp, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}")]
+    if crash_at == "during_run":
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", *args],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **env},
+        )
+        pid_file = Path(str(go) + ".pid")
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, "the run never started"
+            time.sleep(0.05)
+        orphan = int(pid_file.read_text())
+        proc.send_signal(signal.SIGKILL)
+        stdout, _ = proc.communicate(timeout=30)
+        session = Path(stdout.splitlines()[0])
+        assert pid_alive(orphan)  # the run outlived the orchestrator...
+        go.touch()
+        resumed = orchestrator("resume", str(session), env=env)
+        assert not pid_alive(orphan)  # ...until resume stopped it
+    else:
+        go.touch()
+        first = orchestrator(*args, env={**env, **({"ORCH_TEST_CRASH_AT": crash_at} if crash_at else {})})
+        session = session_from(first)
+        if crash_at is None:
+            assert first.returncode == 0, first.stderr
+            return session, server
+        assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+        resumed = orchestrator("resume", str(session), env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return session, server
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, fake_provider_module):
+    session, _ = run_session(tmp_path_factory.mktemp("plain"), fake_provider_module, None)
+    return outcome(session)
+
+
+@pytest.mark.parametrize("crash_at", ["reply:1", "edits_written:1", "during_run", "run_finished:2"])
+def test_resume_after_sigkill_finishes_like_an_uninterrupted_session(
+    crash_at, tmp_path, fake_provider, uninterrupted
+):
+    session, server = run_session(tmp_path, fake_provider, crash_at)
+    assert outcome(session) == uninterrupted
+    answered = [json.dumps(r["messages"], sort_keys=True) for r in server.requests() if r["status"] == 200]
+    assert len(answered) == len(set(answered)) == 3, "a journaled reply was requested again"
+    assert status_json(session)["session"]["status"] == "completed"
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_get_one_line_and_exit_2(tmp_path):
+    template = make_template(tmp_path)
+    idea = make_idea(tmp_path)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"name": "x", ')
+    no_exp = tmp_path / "no_experiment"
+    no_exp.mkdir()
+    cases = {
+        "missing idea": ["launch", str(tmp_path / "nope.json"), "--template", str(template)],
+        "invalid idea": ["launch", str(broken), "--template", str(template)],
+        "unknown template": ["launch", str(idea), "--template", "no_such_template"],
+        "no experiment.py": ["launch", str(idea), "--template", str(no_exp)],
+        "max runs over 10": ["launch", str(idea), "--template", str(template), "--max-runs", "11"],
+        "secret --env": ["launch", str(idea), "--template", str(template), "--env", "OPENAI_API_KEY=sk-x"],
+        "not a session": ["resume", str(tmp_path)],
+        "status of a non-session": ["status", str(tmp_path)],
+        "missing key": [
+            "launch",
+            str(idea),
+            "--template",
+            str(template),
+            "--model",
+            "deepseek/deepseek-chat",
+        ],
+    }
+    env = {k: "" for k in os.environ if k.endswith("_API_KEY")}
+    for name, args in cases.items():
+        res = orchestrator(*args, env={**env, "DEEPSEEK_API_KEY": ""}, cwd=tmp_path)
+        assert res.returncode == 2, (name, res.stdout, res.stderr)
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in res.stderr, (name, res.stderr)
+    assert "DEEPSEEK_API_KEY" in orchestrator(*cases["missing key"], env={"DEEPSEEK_API_KEY": ""}, cwd=tmp_path).stderr
+    assert not (tmp_path / "experiments").exists()
+
+
+def test_resuming_a_finished_session_changes_nothing(tmp_path, fake_provider):
+    server = fake_provider.start({"replies": [{"content": "ALL_COMPLETED"}]}, api_key=TEST_KEY)
+    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots"), env=MODEL_ENV)
+    session = session_from(res)
+    journal = (session / ".orchestrator" / "journal.jsonl").read_text()
+    again = orchestrator("resume", str(session), env=MODEL_ENV)
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert (session / ".orchestrator" / "journal.jsonl").read_text() == journal
+    assert len(server.requests()) == 1
