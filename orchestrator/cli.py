@@ -1,0 +1,435 @@
+"""The command line: parses arguments, calls the rooms, renders with rich. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="orchestrator",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    help=(
+        "Agentic ML research sessions: a model proposes SEARCH/REPLACE edits to an experiment, every attempt is "
+        "checkpointed in git, run, and fed back; up to ten runs, each reviewable and resumable.\n\n"
+        "Start with [bold]orchestrator demo[/bold] (scripted replies, no API key), then "
+        "[bold]orchestrator launch IDEA --model deepseek/deepseek-reasoner[/bold]."
+    ),
+)
+
+# Piped output (logs, CI) gets a wide page rather than rich's 80 columns, so results tables stay readable.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False)
+
+EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True, markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from orchestrator.config import ConfigError
+    from orchestrator.edits import EditParseError
+    from orchestrator.journal import JournalError
+    from orchestrator.loop import SessionBusy
+    from orchestrator.models import MissingAPIKeyError
+    from orchestrator.report import ReportError
+    from orchestrator.runner import EnvRefused, RunStartError
+    from orchestrator.spec import SpecError
+    from orchestrator.template import TemplateError
+    from orchestrator.workspace import GitError
+
+    return (ConfigError, SpecError, TemplateError, JournalError, MissingAPIKeyError, ReportError, SessionBusy,
+            GitError, EditParseError, EnvRefused, RunStartError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def _guard(fn: Callable[[], int]) -> None:
+    """Run a command: user errors become one line on stderr and exit 2, never a traceback."""
+    try:
+        code = fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except _user_errors() as exc:
+        from orchestrator.secrets import redact
+
+        _fail(redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+    raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------------------------------- progress
+
+
+class _ProgressHooks:
+    """Live progress on a terminal; one line per step when piped (CI logs)."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.live = console.is_terminal
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                            console=console, transient=True)
+        self.task = self.bar.add_task("starting", total=None)
+        self.last = ""
+
+    def __enter__(self) -> _ProgressHooks:
+        if self.live:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self.bar.stop()
+
+    def progress(self, p: Any) -> None:
+        where = f"run {p.run} of {p.max_runs}" if p.stage == "experiment" and p.run is not None else p.stage
+        attempt = f", attempt {p.attempt}" if p.attempt else ""
+        line = (f"{p.phase:<8} {where}{attempt} | {p.prompt_tokens + p.completion_tokens:,} tokens | "
+                f"${p.cost_usd:.4f}")
+        if p.message and p.phase in ("finished", "interrupted"):
+            line += f" | {p.message}"
+        if self.live:
+            self.bar.update(self.task, description=line)
+        elif line != self.last:
+            self.console.print(line, soft_wrap=True)
+        self.last = line
+
+    def retry(self, event: Any) -> None:
+        self.console.print(f"[yellow]model call failed ({event}); retrying[/yellow]", soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _parse_env(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"--env expects KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def _make_model(settings: Any, replies_done: int, hooks: _ProgressHooks | None) -> Any:
+    from orchestrator.models import make_model
+
+    return make_model(settings.model, api_base=settings.api_base, timeout_s=settings.request_timeout_s,
+                      profile=settings.profile, max_attempts=settings.model_max_attempts,
+                      on_retry=hooks.retry if hooks else None, start_at=replies_done)
+
+
+def _absolute_scripted(model: str | None) -> str | None:
+    if model and model.startswith("scripted:"):
+        return "scripted:" + str(Path(model.removeprefix("scripted:")).expanduser().resolve())
+    return model
+
+
+def _drive(session: Path, settings: Any) -> int:
+    from orchestrator.journal import load_state
+    from orchestrator.loop import Driver
+    from orchestrator.report import results_table
+
+    replies_done = load_state(session).session.totals.calls
+    with _ProgressHooks(out) as hooks:
+        model = _make_model(settings, replies_done, hooks)
+        driver = Driver(session, model, settings, hooks=hooks)
+        try:
+            state = driver.drive()
+        except KeyboardInterrupt:
+            out.print(f"[yellow]interrupted[/yellow]; the session is saved. Resume with:\n"
+                      f"  orchestrator resume {session}")
+            return EXIT_INTERRUPTED
+    out.print(results_table(state))
+    status = state.session.status
+    out.print(f"\nSession {status}" + (f": {state.session.reason}" if state.session.reason else ""), soft_wrap=True)
+    out.print(f"  orchestrator status {session}\n  orchestrator diff {session}\n  orchestrator show {session} 1",
+              soft_wrap=True)
+    if status == "interrupted":
+        out.print(f"  orchestrator resume {session}", soft_wrap=True)
+        return EXIT_FAILED
+    return EXIT_FAILED if status == "failed" else EXIT_FINISHED
+
+
+def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, cli: dict[str, Any],
+            config: Path | None) -> int:
+    from orchestrator.config import ConfigError, load_settings
+    from orchestrator.loop import create_session
+    from orchestrator.spec import load_idea
+    from orchestrator.template import find_template
+
+    settings = load_settings(cli, config)
+    idea = load_idea(idea_path, idea_name)
+    template = find_template(template_name or idea.template or "sae", settings.templates_dirs)
+    max_runs = cli.get("max_runs") or idea.max_runs or settings.max_runs
+    if max_runs > 10:
+        raise ConfigError("max runs must be at most 10")
+    from orchestrator.runner import check_env_set
+
+    check_env_set(dict(settings.env))
+    _make_model(settings, 0, None).check_credentials()
+    session = create_session(idea, template, settings, max_runs)
+    print(session, flush=True)
+    return _drive(session, settings)
+
+
+def _session_settings(session: Path, overrides: dict[str, Any]) -> Any:
+    from orchestrator.config import load_settings
+    from orchestrator.journal import META_DIR, SETTINGS_FILE, JournalError
+
+    path = session / META_DIR / SETTINGS_FILE
+    if not path.exists():
+        raise JournalError(f"{session} is not a session folder (no {META_DIR}/{SETTINGS_FILE})")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved.pop("max_runs", None)
+    merged = saved | {k: v for k, v in overrides.items() if v is not None}
+    return load_settings(merged, None)
+
+
+# --------------------------------------------------------------------------------------------------- commands
+
+IdeaArg = Annotated[Path, typer.Argument(help="Idea file (JSON, TOML or YAML): one idea, or a list (pick with --idea).")]
+
+
+@app.command()
+def launch(
+    idea: IdeaArg,
+    idea_name: Annotated[str | None, typer.Option("--idea", help="Which idea of a list, by name.")] = None,
+    template: Annotated[str | None, typer.Option(help="Template name or folder (default: the idea's, else sae).")] = None,
+    model: Annotated[str | None, typer.Option(help="litellm model name, e.g. deepseek/deepseek-reasoner, "
+                                                   "openai/gpt-4o, ollama/qwen2.5-coder, or scripted:FILE.")] = None,
+    api_base: Annotated[str | None, typer.Option(help="Base URL of an OpenAI-compatible server.")] = None,
+    max_runs: Annotated[int | None, typer.Option(help="Runs after the baseline (at most 10; default 10).")] = None,
+    root: Annotated[Path | None, typer.Option(help="Folder for session folders (default: experiments/).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds one run may take (default: the template's).")] = None,
+    gpus: Annotated[str | None, typer.Option(help="GPU ids for runs, e.g. 0 or 0,1 (CUDA_VISIBLE_DEVICES).")] = None,
+    budget_usd: Annotated[float | None, typer.Option(help="Stop before a model call once this much is spent.")] = None,
+    wall_clock: Annotated[float | None, typer.Option(help="Stop after this many seconds of session time.")] = None,
+    env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE for runs' environment (repeatable).")] = None,
+    python: Annotated[str | None, typer.Option(help="Python interpreter for runs.")] = None,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the plot and notes stage.")] = False,
+    config: Annotated[Path | None, typer.Option(help="Settings file (default: ./orchestrator.toml).")] = None,
+) -> None:
+    """Launch an idea: copy the template into ROOT/<time>_<idea>/, run the baseline, then let the model work."""
+    cli = {"model": _absolute_scripted(model), "api_base": api_base, "max_runs": max_runs, "root": root,
+           "timeout_s": timeout, "gpus": gpus, "budget_usd": budget_usd, "wall_clock_s": wall_clock,
+           "env": _parse_env(env), "python": python, "plots": False if no_plots else None}
+    _guard(lambda: _launch(idea, idea_name, template, cli, config))
+
+
+@app.command()
+def resume(
+    session: Annotated[Path, typer.Argument(help="The session folder.")],
+    model: Annotated[str | None, typer.Option(help="Continue with another model.")] = None,
+    api_base: Annotated[str | None, typer.Option(help="Base URL of an OpenAI-compatible server.")] = None,
+    budget_usd: Annotated[float | None, typer.Option(help="New dollar budget.")] = None,
+    wall_clock: Annotated[float | None, typer.Option(help="New wall-clock budget in seconds.")] = None,
+) -> None:
+    """Continue an interrupted session from its journal; journaled replies are never requested again."""
+
+    def run() -> int:
+        from orchestrator.journal import FINAL_STATUSES, load_state
+
+        state = load_state(session)
+        if state.session.status in FINAL_STATUSES:
+            out.print(f"The session is already finished ({state.session.status}"
+                      + (f": {state.session.reason}" if state.session.reason else "") + "); nothing to do.",
+                      soft_wrap=True)
+            return EXIT_FINISHED
+        settings = _session_settings(session, {"model": _absolute_scripted(model), "api_base": api_base,
+                                               "budget_usd": budget_usd, "wall_clock_s": wall_clock})
+        return _drive(session, settings)
+
+    _guard(run)
+
+
+@app.command()
+def status(
+    session: Annotated[Path, typer.Argument(help="The session folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with a `runs` list.")] = False,
+) -> None:
+    """One row per run: status, attempts, metrics against run_0, time, tokens and cost."""
+
+    def run() -> int:
+        from orchestrator.journal import load_state
+        from orchestrator.report import results_table
+
+        state = load_state(session)
+        if as_json:
+            print(state.model_dump_json(indent=2))
+        else:
+            out.print(results_table(state))
+        return EXIT_FINISHED
+
+    _guard(run)
+
+
+@app.command()
+def diff(
+    session: Annotated[Path, typer.Argument(help="The session folder.")],
+    run: Annotated[str | None, typer.Argument(help="Run number (default: the latest successful run).")] = None,
+    against: Annotated[str | None, typer.Option(help="Compare with this run (default: the previous successful one).")] = None,
+) -> None:
+    """The code change that produced a run, against the previous successful run."""
+
+    def go() -> int:
+        from rich.syntax import Syntax
+
+        from orchestrator.journal import load_state
+        from orchestrator.report import run_diff
+
+        state = load_state(session)
+        rec, base, text = run_diff(session, state, run, against)
+        header = f"run_{rec.run} against " + (f"run_{base.run}" if base else "the template")
+        if out.is_terminal:
+            out.print(f"[bold]{header}[/bold]: {rec.plan}")
+            out.print(Syntax(text or "(no code change)\n", "diff", theme="ansi_dark"))
+        else:
+            sys.stdout.write(text if text else f"# {header}: no code change\n")
+        return EXIT_FINISHED
+
+    _guard(go)
+
+
+@app.command(name="list")
+def list_(root: Annotated[Path, typer.Argument(help="Folder holding session folders.")] = Path("experiments")) -> None:
+    """The sessions under ROOT with their status, successful runs, best run and cost."""
+
+    def run() -> int:
+        from orchestrator.report import list_sessions, sessions_table
+
+        states = list_sessions(root)
+        if not states:
+            out.print(f"No sessions under {root}.")
+        else:
+            out.print(sessions_table(states))
+        return EXIT_FINISHED
+
+    _guard(run)
+
+
+@app.command()
+def templates() -> None:
+    """The experiment templates that launch can use."""
+
+    def run() -> int:
+        from rich.table import Table
+
+        from orchestrator.template import list_templates
+
+        table = Table(title="Templates", title_justify="left")
+        for col in ("name", "description", "editable", "ideas", "path"):
+            table.add_column(col)
+        for t in list_templates():
+            table.add_row(t.name, t.description, ", ".join(t.editable), str(len(t.ideas())), str(t.path))
+        out.print(table)
+        return EXIT_FINISHED
+
+    _guard(run)
+
+
+@app.command()
+def demo(
+    root: Annotated[Path, typer.Option(help="Folder for the session folder.")] = Path("experiments"),
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the plot and notes stage.")] = False,
+) -> None:
+    """Run the Median-MAD idea on the SAE template with SCRIPTED model replies (no API key, about two minutes)."""
+
+    def run() -> int:
+        from orchestrator.template import find_template
+
+        sae = find_template("sae")
+        idea = sae.path / "ideas" / "median_mad_sae.json"
+        replies = sae.path / "demo" / "median_mad_replies.yaml"
+        out.print("[bold]Demo[/bold]: the model's replies are scripted (recorded in "
+                  f"{replies.name}); no model is called. Runs use the fast preset (SAE_FAST=1).", soft_wrap=True)
+        cli = {"model": f"scripted:{replies}", "root": root, "env": {"SAE_FAST": "1"},
+               "plots": False if no_plots else None, "max_runs": 5}
+        return _launch(idea, None, "sae", cli, None)
+
+    _guard(run)
+
+
+@app.command()
+def show(
+    session: Annotated[Path, typer.Argument(help="The session folder.")],
+    run: Annotated[str, typer.Argument(help="Run number, e.g. 3 or run_3.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the `status --json` schema with this run only, "
+                                                         "its `diff` filled in.")] = False,
+) -> None:
+    """One run: commit and plan, metrics against the baseline and the previous run, failed attempts, diff."""
+
+    def go() -> int:
+        from orchestrator.report import run_view, show_renderables
+
+        view = run_view(session, run)
+        if as_json:
+            print(view.model_dump_json(indent=2))
+        else:
+            for part in show_renderables(view):
+                out.print(part)
+        return EXIT_FINISHED
+
+    _guard(go)
+
+
+@app.command()
+def log(
+    session: Annotated[Path, typer.Argument(help="The session folder.")],
+    run: Annotated[str | None, typer.Option(help="Only this run's prompts, replies and steps.")] = None,
+) -> None:
+    """The conversation with the model as a readable transcript (reasoning folded, secrets redacted)."""
+
+    def go() -> int:
+        from orchestrator.report import transcript, transcript_renderables
+
+        entries = transcript(session, run)
+        if not entries:
+            out.print("No messages yet.")
+        for part in transcript_renderables(entries):
+            out.print(part)
+        return EXIT_FINISHED
+
+    _guard(go)
+
+
+@app.command()
+def report(
+    session: Annotated[Path, typer.Argument(help="The session folder.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="HTML file to write "
+                                                                      "(default: SESSION/report.html).")] = None,
+) -> None:
+    """Write one self-contained HTML report (opens offline): results, chart, each run's diff, logs, figures."""
+
+    def go() -> int:
+        from orchestrator.report_html import write_report
+
+        path = write_report(session, output)
+        print(path)
+        return EXIT_FINISHED
+
+    _guard(go)
+
+
+def main() -> None:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""The HTML report: rendered for completed, failed, interrupted and half-written sessions, opened in Chromium.
+
+Sessions are driven for real (scripted replies, the toy template's runs as subprocesses, git checkpoints); the
+browser checks run headless Chromium on the written file and look at its DOM, its console and its network log.
+The builders at the top are also used by tests/test_review_cli.py and bench/report.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import Settings
+from orchestrator.journal import META_DIR, load_state
+from orchestrator.loop import Driver, create_session
+from orchestrator.models import make_model
+from orchestrator.report_html import render_report, write_report
+from orchestrator.spec import load_idea
+from orchestrator.template import find_template
+from tests.session_helpers import REPO, edit, make_idea, make_template
+
+ARTIFACTS = REPO / "test-artifacts"
+
+# plot.py for the report template: draws one bar per run from final_info.json as a PNG, standard library only.
+PLOT_PY = '''\
+import glob, json, os, struct, zlib
+
+
+def png(path, width, height, pixel):
+    rows = b"".join(b"\\x00" + b"".join(bytes(pixel(x, y)) for x in range(width)) for y in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    with open(path, "wb") as fh:
+        fh.write(b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                 + chunk(b"IEND", b""))
+
+
+scores = []
+for folder in sorted(glob.glob("run_*"), key=lambda p: int(p.split("_")[1])):
+    path = os.path.join(folder, "final_info.json")
+    if os.path.exists(path):
+        scores.append(json.load(open(path))["toy"]["means"]["score"])
+width, height, bar = 40 * max(1, len(scores)), 120, 40
+
+
+def pixel(x, y):
+    i = x // bar
+    top = height - int(height * scores[i]) if i < len(scores) else height
+    return (40, 110, 200) if y >= top and x % bar < bar - 6 else (255, 255, 255)
+
+
+png("scores.png", width, height, pixel)
+print("wrote scores.png for", len(scores), "runs")
+'''
+
+TEMPLATE_TOML = '''\
+description = "toy template for report tests"
+editable = ["experiment.py", "plot.py", "notes.txt"]
+timeout_s = 60
+key_metrics = ["toy.score", "toy.gap"]
+
+[metrics]
+"toy.score" = "higher"
+"toy.gap" = "lower"
+'''
+
+REASONING = "\n".join(f"reasoning line {i}: LR should go up." for i in range(1, 7))
+
+
+def report_template(root: Path, baseline_fails: bool = False) -> Path:
+    """The toy template of tests/session_helpers.py with a plot.py; optionally an experiment.py that fails."""
+    template = make_template(root)
+    (template / "template.toml").write_text(TEMPLATE_TOML)
+    (template / "plot.py").write_text(PLOT_PY)
+    if baseline_fails:
+        code = (template / "experiment.py").read_text()
+        code = code.replace("    os.makedirs(args.out_dir, exist_ok=True)\n",
+                            "    os.makedirs(args.out_dir, exist_ok=True)\n"
+                            "    raise SystemExit('dataset not found: /data/toy.csv')\n")
+        (template / "experiment.py").write_text(code)
+    return template
+
+
+def drive_scripted(root: Path, replies: list[dict], max_runs: int = 5, plots: bool = True,
+                   baseline_fails: bool = False, template: Path | None = None) -> Path:
+    """Launch the toy idea with scripted replies and drive it until it stops; returns the session folder.
+    `template`: a template folder made by the caller (default: `report_template(root)`)."""
+    root.mkdir(parents=True, exist_ok=True)
+    template = template or report_template(root, baseline_fails)
+    idea = make_idea(root)
+    script = root / "replies.json"
+    script.write_text(json.dumps(replies))
+    settings = Settings(model=f"scripted:{script}", root=root / "sessions", plots=plots)
+    session = create_session(load_idea(idea), find_template(str(template)), settings, max_runs)
+    Driver(session, make_model(settings.model), settings).drive()
+    return session
+
+
+def completed_replies() -> list[dict]:
+    return [
+        {"content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1: raise LR to 0.2."), "reasoning": REASONING,
+         "prompt_tokens": 900, "completion_tokens": 100, "cached_tokens": 300, "cost_usd": 0.0012},
+        {"content": edit("LR = 0.25\n", "LR = 0.3\n", plan="Run 2: LR 0.3.")},  # SEARCH matches nothing
+        {"content": edit("LR = 0.2\n", "LR = 0.3\n", plan="Run 2: LR 0.3.")
+         + edit("    score = 1.0 - abs(LR - 0.3)\n", "    raise RuntimeError('exploded on purpose')\n", plan="")},
+        {"content": edit("    raise RuntimeError('exploded on purpose')\n", "    score = 1.0 - abs(LR - 0.3)\n",
+                         plan="Fix the crash.")},
+        {"content": edit("LR = 0.3\n", "LR = 0.6\n", plan="Run 3: overshoot to LR 0.6.")},
+        {"content": "Everything planned is done.\n\nALL_COMPLETED"},
+        {"content": "plot.py already compares every run."},
+        {"content": edit("# Notes\n", "# Notes\nrun_2 (LR 0.3) scored best; scores.png shows every run.\n",
+                         path="notes.txt", plan="Notes.")},
+    ]
+
+
+def completed_session(root: Path) -> Path:
+    return drive_scripted(root, completed_replies())
+
+
+def failed_session(root: Path) -> Path:
+    """The baseline's experiment.py exits 1: the session fails before the model is asked anything."""
+    return drive_scripted(root, [{"content": "ALL_COMPLETED"}], baseline_fails=True)
+
+
+def interrupted_session(root: Path) -> Path:
+    """Run 1 succeeds, run 2's first attempt crashes, then the scripted model has no reply left."""
+    return drive_scripted(root, completed_replies()[:1] + completed_replies()[2:3])
+
+
+def cut_journal_mid_run(session: Path, run: int) -> None:
+    """Leave the journal as a crash during `run` would: everything after its last run_started is gone."""
+    path = session / META_DIR / "journal.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines)
+              if json.loads(line)["kind"] == "run_started" and json.loads(line)["data"].get("run") == run]
+    path.write_text("".join(lines[: starts[-1] + 1]))
+
+
+# --------------------------------------------------------------------------------------------------- Chromium
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                None)
+
+
+def need_chromium() -> str:
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("headless Chromium is required in CI (Debian package `chromium`)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return CHROMIUM
+
+
+@dataclass
+class PageLoad:
+    dom: str
+    console: list[str]  # every console message (the report has no script, so any message is a problem)
+    requests: list[str]  # network requests the page made (Chromium's own background traffic left out)
+
+
+def _chromium_args(profile: Path) -> list[str]:
+    return [need_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
+            f"--user-data-dir={profile}"]
+
+
+def _page_requests(netlog: Path) -> list[str]:
+    """URLs of requests whose top frame was the file: page loads are keyed by the page's file:// site."""
+    text = netlog.read_text(encoding="utf-8", errors="replace")
+    try:
+        log = json.loads(text)
+    except json.JSONDecodeError:
+        log = json.loads(text.rstrip().rstrip(",") + "]}")
+    kinds = {v: k for k, v in log["constants"]["logEventTypes"].items()}
+    urls = []
+    for ev in log.get("events", []):
+        p = ev.get("params") or {}
+        if kinds.get(ev["type"]) == "URL_REQUEST_START_JOB" and "url" in p:
+            if "file://" in str(p.get("network_isolation_key", "")) or p.get("initiator") == "null":
+                urls.append(p["url"])
+    return urls
+
+
+def load_page(page: Path, workdir: Path) -> PageLoad:
+    workdir.mkdir(parents=True, exist_ok=True)
+    netlog = workdir / "netlog.json"
+    proc = subprocess.run(
+        [*_chromium_args(workdir / "profile"), "--enable-logging=stderr", "--v=0", f"--log-net-log={netlog}",
+         "--dump-dom", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    return PageLoad(dom=proc.stdout, console=console, requests=_page_requests(netlog))
+
+
+def screenshot(page: Path, out: Path, workdir: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([*_chromium_args(workdir / "profile-shot"), f"--screenshot={out}", "--window-size=1280,2000",
+                    "--hide-scrollbars", page.resolve().as_uri()], capture_output=True, timeout=120, check=True)
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls += [v or "" for k, v in attrs if k in ("src", "href", "action", "srcset", "data", "poster")]
+
+
+def link_targets(html: str) -> list[str]:
+    parser = _Links()
+    parser.feed(html)
+    return parser.urls
+
+
+def text_of(html: str, element_id: str) -> str:
+    """The text inside the element with this id (tags stripped), from a serialized DOM."""
+    start = html.index(f'id="{element_id}"')
+    tag = html.rfind("<", 0, start)
+    name = re.match(r"<(\w+)", html[tag:]).group(1)  # type: ignore[union-attr]
+    end = html.index(f"</{name}>", start)
+    return re.sub(r"<[^>]+>", " ", html[start:end])
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("report_sessions")
+    return {"completed": completed_session(root / "completed"), "failed": failed_session(root / "failed"),
+            "interrupted": interrupted_session(root / "interrupted")}
+
+
+# --------------------------------------------------------------------------------------------------- tests
+
+
+def test_the_sessions_built_here_end_as_named(sessions):
+    assert {k: load_state(v).session.status for k, v in sessions.items()} == {
+        "completed": "completed", "failed": "failed", "interrupted": "interrupted"}
+
+
+def test_completed_report_holds_results_chart_diffs_attempts_figures_and_notes(sessions):
+    session = sessions["completed"]
+    path = write_report(session)
+    assert path == session / "report.html"
+    page = path.read_text()
+    table = text_of(page, "results-table")
+    assert all(f"run_{n}" in table for n in range(4))
+    # Colour by direction: run_2 (score up, gap down) is better on both; run_3 (LR 0.6) is worse on both.
+    start = page.index('id="results-table"')
+    rows = page[start:page.index("</table>", start)].split("<tr")
+    row2 = next(r for r in rows if 'href="#run-2"' in r)
+    row3 = next(r for r in rows if 'href="#run-3"' in r)
+    assert row2.count('class="better"') == 2 and row3.count('class="worse"') == 2
+    # Each run's diff, highlighted; run_2's diff is against run_1 and holds the net change.
+    run2 = text_of(page, "run-2")
+    assert "-LR = 0.2" in run2 and "+LR = 0.3" in run2 and 'class="hl"' in page
+    # The failed attempt is folded, with its error and the edits it tried.
+    attempt = page[page.index('<details class="attempt">'):]
+    attempt = attempt[:attempt.index("</details>")]
+    assert "attempt 1 failed: error" in attempt and "exploded on purpose" in attempt
+    assert "1 edit(s) that did not apply" in run2
+    # One chart per key metric, one point per successful run.
+    charts = re.findall(r'<svg[^>]*data-metric="([^"]+)".*?</svg>', page, re.S)
+    assert charts == ["toy.score", "toy.gap"]
+    first_chart = re.search(r"<svg.*?</svg>", page, re.S).group(0)  # type: ignore[union-attr]
+    assert first_chart.count("<circle") == 4
+    # The figure from plot.py, embedded; the notes the model wrote.
+    assert re.search(r'<img alt="scores.png" src="data:image/png;base64,[A-Za-z0-9+/=]+">', page)
+    assert "run_2 (LR 0.3) scored best" in page
+    assert "Content-Security-Policy" in page
+    assert not [u for u in link_targets(page) if not (u.startswith(("data:", "#")))]
+
+
+def test_failed_and_interrupted_reports_say_why_and_how_to_go_on(sessions):
+    failed = render_report(sessions["failed"])
+    assert "Failed: the baseline run_0 failed" in failed
+    assert "dataset not found: /data/toy.csv" in text_of(failed, "run-0")
+    interrupted = render_report(sessions["interrupted"])
+    assert "Interrupted: model error" in interrupted and "orchestrator resume" in interrupted
+    run2 = text_of(interrupted, "run-2")
+    assert "attempt 1 failed: error" in run2 and "exploded on purpose" in run2
+
+
+def test_a_journal_cut_mid_run_still_renders(sessions, tmp_path):
+    session = tmp_path / "cut"
+    shutil.copytree(sessions["completed"], session, symlinks=True)
+    cut_journal_mid_run(session, 2)
+    page = render_report(session)
+    assert "has not finished" in page
+    assert re.search(r'id="run-2">.*?<span class="badge warn">running</span>', page, re.S)
+    assert "+LR = 0.2" in text_of(page, "run-1")
+
+
+def test_secrets_in_session_files_do_not_reach_the_report(sessions, tmp_path, monkeypatch):
+    session = tmp_path / "secret"
+    shutil.copytree(sessions["completed"], session, symlinks=True)
+    (session / "notes.txt").write_text("token used: tok-report-9f8e7d6c5b4a\n")
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-report-9f8e7d6c5b4a")
+    page = render_report(session)
+    assert "tok-report-9f8e7d6c5b4a" not in page and "token used: [REDACTED]" in page
+
+
+def test_a_folder_that_is_not_a_session_is_one_clear_error(tmp_path):
+    from orchestrator.journal import JournalError
+
+    with pytest.raises(JournalError, match="not a session folder"):
+        render_report(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["completed", "failed", "interrupted"])
+def test_reports_open_in_chromium_offline_without_errors(kind, sessions, tmp_path):
+    path = write_report(sessions[kind], tmp_path / f"{kind}.html")
+    page = load_page(path, tmp_path / "chromium")
+    assert page.console == [] and page.requests == []
+    assert 'id="results-table"' in page.dom
+    assert re.search(r'<span class="badge \w+" id="status">' + kind, page.dom)
+    if kind == "failed":
+        assert "dataset not found" in page.dom
+    else:
+        assert 'class="diff-block"' in page.dom and "+LR = 0.2" in re.sub(r"<[^>]+>", "", page.dom)
+    if kind == "completed":
+        assert 'src="data:image/png;base64,' in page.dom
+        shot = ARTIFACTS / "report_completed.png"
+        screenshot(path, shot, tmp_path / "chromium")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_the_browser_check_catches_requests_and_blocked_loads(tmp_path):
+    """The check above can fail: a page that fetches is seen in the network log, a blocked load on the console."""
+    fetching = tmp_path / "fetching.html"
+    fetching.write_text('<!DOCTYPE html><html><body><img src="http://127.0.0.1:9/x.png"></body></html>')
+    assert load_page(fetching, tmp_path / "a").requests == ["http://127.0.0.1:9/x.png"]
+    blocked = tmp_path / "blocked.html"
+    blocked.write_text(render_report_head_only() + '<img src="http://127.0.0.1:9/y.png"></body></html>')
+    got = load_page(blocked, tmp_path / "b")
+    assert got.requests == [] and any("Content Security Policy" in line for line in got.console)
+
+
+def render_report_head_only() -> str:
+    from orchestrator.report_html import CSP
+
+    return f'<!DOCTYPE html><html><head><meta http-equiv="Content-Security-Policy" content="{CSP}"></head><body>'
+
+
+@pytest.mark.slow
+def test_a_ten_run_report_stays_under_5_mb(tmp_path):
+    replies = [{"content": edit(f"LR = {0.1 + 0.02 * i:.2f}\n" if i else "LR = 0.1\n",
+                                f"LR = {0.1 + 0.02 * (i + 1):.2f}\n", plan=f"Run {i + 1}: LR up a step."),
+                "reasoning": REASONING * 20}
+               for i in range(10)]
+    replies += [{"content": "plot.py already compares every run."}, {"content": "No notes."}]
+    session = drive_scripted(tmp_path, replies, max_runs=10)
+    state = load_state(session)
+    assert sum(r.status == "ok" for r in state.runs) == 11
+    path = write_report(session)
+    assert path.stat().st_size < 5_000_000
+    assert all(f'id="run-{n}"' in path.read_text() for n in range(11))
+
+
+# --------------------------------------------------------------------------------------------------- plot and notes
+
+
+def _events(session: Path, kind: str) -> list[dict]:
+    lines = (session / META_DIR / "journal.jsonl").read_text().splitlines()
+    return [e["data"] for e in map(json.loads, lines) if e["kind"] == kind]
+
+
+RUN_1 = {"content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1: LR 0.2.")}
+DONE = {"content": "ALL_COMPLETED"}
+
+
+def test_a_plot_py_the_model_broke_and_fixed_gives_figures_in_the_report(tmp_path):
+    broken = edit('png("scores.png", width, height, pixel)\n', 'raise ValueError("no axes")\n', path="plot.py",
+                  plan="Plot: compare runs.")
+    fixed = edit('raise ValueError("no axes")\n', 'png("scores.png", width, height, pixel)\n', path="plot.py",
+                 plan="Plot: fix.")
+    session = drive_scripted(tmp_path, [RUN_1, DONE, {"content": broken}, {"content": fixed},
+                                        {"content": "Nothing to add to the notes."}])
+    state = load_state(session)
+    assert state.session.status == "completed" and state.session.figures == ["scores.png"]
+    outcomes = [d["outcome"] for d in _events(session, "run_finished") if d.get("stage") == "plots"]
+    assert outcomes == ["error", "ok"]
+    assert (session / "notes.txt").read_text() == "# Notes\n"  # a reply without edits ends the notes step
+    page = render_report(session)
+    assert '<img alt="scores.png" src="data:image/png;base64,' in page
+
+
+def test_a_plot_failure_with_no_fix_offered_ends_the_step_not_the_session(tmp_path):
+    broken = edit('png("scores.png", width, height, pixel)\n', 'raise ValueError("no axes")\n', path="plot.py",
+                  plan="Plot: compare runs.")
+    session = drive_scripted(tmp_path, [RUN_1, DONE, {"content": broken}, {"content": "I cannot fix plot.py."},
+                                        {"content": edit("# Notes\n", "# Notes\nLR 0.2 helped.\n", path="notes.txt",
+                                                         plan="Notes.")}])
+    state = load_state(session)
+    assert state.session.status == "completed" and state.session.figures == []
+    assert "LR 0.2 helped." in (session / "notes.txt").read_text()
+    assert "Figures" not in render_report(session)
+
+
+@pytest.mark.parametrize("case", ["no_plots", "no_plot_py"])
+def test_the_plot_step_is_skipped_without_plots_or_without_plot_py(case, tmp_path):
+    template = report_template(tmp_path)
+    if case == "no_plot_py":
+        (template / "plot.py").unlink()
+    replies = [RUN_1, DONE] + ([{"content": "No notes."}] if case == "no_plot_py" else [])
+    session = drive_scripted(tmp_path, replies, plots=case != "no_plots", template=template)
+    state = load_state(session)
+    assert state.session.status == "completed" and state.session.figures == []
+    stages = {d.get("stage") for d in _events(session, "prompt")}
+    assert stages == ({"experiment", "notes"} if case == "no_plot_py" else {"experiment"})
