@@ -356,7 +356,7 @@ def demo(
         sae = find_template("sae")
         idea = sae.path / "ideas" / "median_mad_sae.json"
         replies = sae.path / "demo" / "median_mad_replies.yaml"
-        out.print("[bold]Demo[/bold]: the model's replies are scripted (recorded in "
+        err.print("[bold]Demo[/bold]: the model's replies are scripted (recorded in "
                   f"{replies.name}); no model is called. Runs use the fast preset (SAE_FAST=1).", soft_wrap=True)
         cli = {"model": f"scripted:{replies}", "root": root, "env": {"SAE_FAST": "1"},
                "plots": False if no_plots else None, "max_runs": 5}

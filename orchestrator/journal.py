@@ -28,6 +28,10 @@ SessionStatus = Literal["running", "completed", "failed", "interrupted", "max_ru
 FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "max_runs", "budget_usd", "wall_clock"})
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class JournalError(ValueError):
     """The journal cannot be read (not a session folder, or corrupted beyond its last line)."""
 
@@ -56,6 +60,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -254,7 +259,7 @@ def _compare(metrics: dict[str, Any], baseline: dict[str, Any] | None, previous:
         if baseline and name in baseline:
             change.baseline = float(baseline[name]["mean"])
             change.vs_baseline = mv.mean - change.baseline
-            if change.direction is not None and change.vs_baseline != 0:
+            if change.direction is not None and abs(change.vs_baseline) > 1e-9 * max(1.0, abs(change.baseline)):
                 change.better = (change.vs_baseline > 0) == (change.direction == "higher")
         if previous and name in previous:
             change.previous = float(previous[name]["mean"])

@@ -41,7 +41,7 @@ from orchestrator.runner import RunHandle, RunRequest, RunResult, stop_orphan
 from orchestrator.runner import start as start_run
 from orchestrator.secrets import redact_obj
 from orchestrator.spec import IdeaSpec
-from orchestrator.template import Template, baseline_reusable, copy_template
+from orchestrator.template import Template, baseline_reusable, copy_template, record_baseline_hash
 from orchestrator.workspace import Workspace
 
 ALL_COMPLETED = "ALL_COMPLETED"
@@ -438,6 +438,7 @@ class Driver:
         result = self._execute("experiment", 0, 1, self._run_request("run_0"))
         if result["outcome"] != "ok":
             raise _SessionFailed(f"the baseline run_0 failed ({result['outcome']}): {result.get('message', '')}")
+        record_baseline_hash(self.dir)  # so this folder can serve as a template whose baseline is reused
         self._record_run(0, "ok")
 
     # ---------------------------------------------------------------------------------------------- stages

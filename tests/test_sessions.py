@@ -313,3 +313,71 @@ def test_resuming_a_finished_session_changes_nothing(tmp_path, fake_provider):
     assert again.returncode == 0 and "already finished" in again.stdout
     assert (session / ".orchestrator" / "journal.jsonl").read_text() == journal
     assert len(server.requests()) == 1
+
+
+# --------------------------------------------------------------------------------------------------- limits, Ctrl-C, baseline
+
+
+def test_ctrl_c_leaves_a_resumable_session_and_stops_the_run(tmp_path, fake_provider):
+    go = tmp_path / "go"
+    server = fake_provider.start({"replies": crash_replies()}, api_key=TEST_KEY)
+    env = {**MODEL_ENV, "TOY_GO_FILE": str(go)}
+    args = launch_args(tmp_path, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}")
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": pythonpath, **env})
+    pid_file = Path(str(go) + ".pid")
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never started"
+        time.sleep(0.05)
+    run_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    assert "orchestrator resume" in stdout
+    session = Path(stdout.splitlines()[0])
+    assert not pid_alive(run_pid)
+    assert status_json(session)["session"]["status"] == "interrupted"
+    go.touch()
+    resumed = orchestrator("resume", str(session), env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert status_json(session)["session"]["status"] == "completed"
+
+
+def test_the_budget_is_checked_before_every_call(tmp_path, fake_provider):
+    replies = [{"content": edit("LR = 0.1\n", "LR = 0.2\n"), "prompt_tokens": 200_000, "completion_tokens": 1000},
+               {"content": "ALL_COMPLETED"}]
+    server = fake_provider.start({"replies": replies}, api_key=TEST_KEY)
+    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots", "--budget-usd", "0.01"), env=MODEL_ENV)
+    assert res.returncode == 0, res.stdout + res.stderr
+    state = status_json(session_from(res))
+    assert state["session"]["status"] == "budget_usd" and "budget" in state["session"]["reason"]
+    assert state["session"]["totals"]["cost_usd"] > 0.01
+    assert len(server.requests()) == 1  # the second call was never made
+
+
+def test_a_template_baseline_is_reused_only_when_made_by_the_same_code(tmp_path, fake_provider):
+    from orchestrator.template import record_baseline_hash
+
+    template = make_template(tmp_path)
+    (template / "run_0").mkdir()
+    (template / "run_0" / "final_info.json").write_text(json.dumps({"toy": {"means": {"score": 0.123}}}))
+    record_baseline_hash(template)
+    idea = make_idea(tmp_path)
+    server = fake_provider.start({"replies": [{"content": "ALL_COMPLETED"}] * 2}, api_key=TEST_KEY)
+
+    def launch() -> dict:
+        res = orchestrator("launch", str(idea), "--template", str(template), "--model", "deepseek/deepseek-reasoner",
+                           "--api-base", server.url, "--root", str(tmp_path / "sessions"), "--no-plots", env=MODEL_ENV)
+        assert res.returncode == 0, res.stdout + res.stderr
+        session = session_from(res)
+        assert "run_0" in git(session, "tag").split()
+        return next(r for r in status_json(session)["runs"] if r["run"] == 0)
+
+    reused = launch()
+    assert reused["metrics"]["toy.score"]["value"] == 0.123 and reused["duration_s"] is None
+    (template / "experiment.py").write_text((template / "experiment.py").read_text() + "\n# changed\n")
+    rerun = launch()
+    assert rerun["metrics"]["toy.score"]["value"] == pytest.approx(0.8) and rerun["duration_s"] is not None
