@@ -7,7 +7,6 @@ a session's settings.json) holds nothing secret; values of `--env` variables who
 from __future__ import annotations
 
 import contextvars
-import fnmatch
 import json
 import os
 import sys
@@ -26,10 +25,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from orchestrator.secrets import looks_secret
+
 CONFIG_FILE = "orchestrator.toml"
 ENV_PREFIX = "ORCH_"
 DEFAULT_RUN_TIMEOUT_S = 7200.0
-SECRET_NAME_PATTERNS = ("*KEY*", "*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*CREDENTIAL*", "*AUTH*")
 
 # The TOML file the next Settings() reads; load_settings sets it for the duration of one construction.
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
@@ -251,16 +251,11 @@ def load_settings(cli: dict[str, Any], config_file: Path | None = None) -> Setti
         _toml_path.reset(token)
 
 
-def _looks_secret(name: str) -> bool:
-    upper = name.upper()
-    return any(fnmatch.fnmatchcase(upper, p) for p in SECRET_NAME_PATTERNS)
-
-
 def public_dump(s: Settings) -> dict[str, Any]:
     """Settings as JSON-ready data for settings.json: nothing secret (api_base credentials and values of
     secret-looking --env variables are masked)."""
     data = s.model_dump(mode="json")
-    data["env"] = {k: ("***" if _looks_secret(k) else v) for k, v in s.env.items()}
+    data["env"] = {k: ("***" if looks_secret(k) else v) for k, v in s.env.items()}
     if s.api_base:
         parts = urlsplit(s.api_base)
         if parts.username or parts.password:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from orchestrator.atomic import write_text_atomic
 
 META_DIR = ".orchestrator"
 JOURNAL_FILE = "journal.jsonl"
@@ -26,10 +27,6 @@ SETTINGS_FILE = "settings.json"
 
 SessionStatus = Literal["running", "completed", "failed", "interrupted", "max_runs", "budget_usd", "wall_clock"]
 FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "max_runs", "budget_usd", "wall_clock"})
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class JournalError(ValueError):
@@ -49,22 +46,6 @@ class Event(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------------- disk helpers
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file so a crash leaves either the old or the new content, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_model_atomic(path: Path, model: BaseModel) -> None:

@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from orchestrator.secrets import looks_secret
+
 Outcome = Literal["ok", "error", "timeout", "oom", "no_results"]
 
 ALLOWED_NAMES = frozenset({
@@ -42,12 +44,6 @@ FORCED_ENV = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
 
 # Name parts (split on "_") that mark a variable as a credential; the allowlist is the main defence, this is the
 # backstop that holds even for names a template declares or a user passes with --env.
-_SECRET_PARTS = frozenset({
-    "KEY", "APIKEY", "TOKEN", "SECRET", "SECRETS", "PASSWORD", "PASSWD", "PASS", "PASSPHRASE",
-    "CREDENTIAL", "CREDENTIALS", "AUTH", "PAT", "COOKIE", "PRIVATE", "SESSIONID",
-})
-_SECRET_SUFFIXES = ("APIKEY", "API_KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS")
-_SECRET_PREFIXES = ("AWS_", "LITELLM_", "AZURE_", "OPENAI_", "ANTHROPIC_", "DEEPSEEK_", "GOOGLE_APPLICATION_")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _GPUS = re.compile(r"[A-Za-z0-9,:_\-]*\Z")
 
@@ -107,14 +103,6 @@ class RunResult(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------------- environment
-
-
-def looks_secret(name: str) -> bool:
-    """True for names such as OPENAI_API_KEY, MY_SERVICE_TOKEN, DB_PASSWORD, AWS_*, LITELLM_*."""
-    upper = name.upper()
-    if upper.startswith(_SECRET_PREFIXES) or upper.endswith(_SECRET_SUFFIXES):
-        return True
-    return any(part in _SECRET_PARTS for part in upper.split("_"))
 
 
 def _allowed(name: str, declared: set[str]) -> bool:

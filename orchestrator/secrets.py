@@ -70,6 +70,25 @@ _KEY_SHAPES = re.compile(
 _BEARER = re.compile(r"(\bBearer\s+)[A-Za-z0-9._~+/=\-]{6,}", re.IGNORECASE)
 
 
+# Names that never pass into a run's environment (parts of the name, prefixes of providers' variables).
+_NEVER_PASS_PARTS = frozenset({
+    "KEY", "APIKEY", "TOKEN", "SECRET", "SECRETS", "PASSWORD", "PASSWD", "PASS", "PASSPHRASE",
+    "CREDENTIAL", "CREDENTIALS", "AUTH", "PAT", "COOKIE", "PRIVATE", "SESSIONID",
+})
+_NEVER_PASS_SUFFIXES = ("APIKEY", "API_KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS")
+_NEVER_PASS_PREFIXES = ("AWS_", "LITELLM_", "AZURE_", "OPENAI_", "ANTHROPIC_", "DEEPSEEK_", "GOOGLE_APPLICATION_")
+
+
+def looks_secret(name: str) -> bool:
+    """Broader than is_secret_env_name: names that never reach an experiment run, nor settings.json.
+
+    True for names such as OPENAI_API_KEY, MY_SERVICE_TOKEN, DB_PASSWORD, AWS_*, LITELLM_*."""
+    upper = name.upper()
+    if upper.startswith(_NEVER_PASS_PREFIXES) or upper.endswith(_NEVER_PASS_SUFFIXES):
+        return True
+    return any(part in _NEVER_PASS_PARTS for part in upper.split("_"))
+
+
 def is_secret_env_name(name: str) -> bool:
     """Whether an environment variable's name says it holds a secret."""
     upper = name.upper()

@@ -21,6 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from orchestrator.atomic import write_text_atomic
+
 EXPERIMENT_FILE = "experiment.py"
 PLOT_FILE = "plot.py"
 TOML_FILE = "template.toml"
@@ -398,14 +400,5 @@ def record_baseline_hash(folder: Path) -> str:
     digest = file_hash(folder / EXPERIMENT_FILE)
     run0 = folder / BASELINE_DIR
     run0.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=run0, prefix=f".{BASELINE_HASH_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(digest + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, run0 / BASELINE_HASH_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(run0 / BASELINE_HASH_FILE, digest + "\n")
     return digest

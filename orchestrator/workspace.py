@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel
+
+from orchestrator.atomic import write_text_atomic
 
 IDENTITY_NAME = "orchestrator"
 IDENTITY_EMAIL = "orchestrator@localhost"
@@ -126,20 +127,6 @@ def _unescape_ignore(pattern: str) -> str:
     return "".join(out)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Workspace:
     """A session folder that is a git repository (see the module docstring for the rules every call follows)."""
 
@@ -192,7 +179,7 @@ class Workspace:
             return
         if text and not text.endswith("\n"):
             text += "\n"
-        _write_atomic(path, text + "".join(p + "\n" for p in missing))
+        write_text_atomic(path, text + "".join(p + "\n" for p in missing))
 
     # ------------------------------------------------------------------------------------------- plumbing
 
@@ -269,7 +256,7 @@ class Workspace:
         patterns = [p for p in (_escape_ignore(x) for x in ours) if p is not None]
         if patterns:
             lines += [_EXCLUDE_BEGIN, *patterns, _EXCLUDE_END]
-        _write_atomic(self._exclude_file(), "".join(ln + "\n" for ln in lines))
+        write_text_atomic(self._exclude_file(), "".join(ln + "\n" for ln in lines))
 
     def large_files(self) -> list[str]:
         """Files left untracked because they are over the size limit (relative paths, sorted)."""
