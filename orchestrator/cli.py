@@ -33,7 +33,9 @@ EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True, markup=True, highlight=False)
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -72,6 +74,10 @@ def _guard(fn: Callable[[], int]) -> None:
 # --------------------------------------------------------------------------------------------------- progress
 
 
+_PHASE_WORDS = {"ask": "asking", "apply": "applying", "run": "running", "reply": "replied", "run_finished": "ran",
+                "baseline": "baseline"}
+
+
 class _ProgressHooks:
     """Live progress on a terminal; one line per step when piped (CI logs)."""
 
@@ -95,20 +101,26 @@ class _ProgressHooks:
             self.bar.stop()
 
     def progress(self, p: Any) -> None:
+        from rich.markup import escape
+
         where = f"run {p.run} of {p.max_runs}" if p.stage == "experiment" and p.run is not None else p.stage
         attempt = f", attempt {p.attempt}" if p.attempt else ""
-        line = (f"{p.phase:<8} {where}{attempt} | {p.prompt_tokens + p.completion_tokens:,} tokens | "
+        phase = _PHASE_WORDS.get(p.phase, p.phase)
+        line = (f"{phase:<9} {where}{attempt} | {p.prompt_tokens + p.completion_tokens:,} tokens | "
                 f"${p.cost_usd:.4f}")
-        if p.message and p.phase in ("finished", "interrupted"):
+        if p.message and p.phase in ("finished", "interrupted", "run_finished"):
             line += f" | {p.message}"
         if self.live:
-            self.bar.update(self.task, description=line)
+            self.bar.update(self.task, description=escape(line))
         elif line != self.last:
-            self.console.print(line, soft_wrap=True)
+            self.console.print(line, soft_wrap=True, markup=False)
         self.last = line
 
     def retry(self, event: Any) -> None:
-        self.console.print(f"[yellow]model call failed ({event}); retrying[/yellow]", soft_wrap=True)
+        from rich.markup import escape
+
+        self.console.print(f"[yellow]model call {event.attempt} failed ({event.kind}: {escape(event.message)}); "
+                           f"retrying in {event.wait_s:.1f}s[/yellow]", soft_wrap=True, markup=True)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
