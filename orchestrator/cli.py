@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -82,12 +83,12 @@ class _ProgressHooks:
     """Live progress on a terminal; one line per step when piped (CI logs)."""
 
     def __init__(self, console: Console) -> None:
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress, SpinnerColumn, TextColumn
 
+        self.started = time.monotonic()
         self.console = console
         self.live = console.is_terminal
-        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                            console=console, transient=True)
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True)
         self.task = self.bar.add_task("starting", total=None)
         self.last = ""
 
@@ -106,8 +107,9 @@ class _ProgressHooks:
         where = f"run {p.run} of {p.max_runs}" if p.stage == "experiment" and p.run is not None else p.stage
         attempt = f", attempt {p.attempt}" if p.attempt else ""
         phase = _PHASE_WORDS.get(p.phase, p.phase)
-        line = (f"{phase:<9} {where}{attempt} | {p.prompt_tokens + p.completion_tokens:,} tokens | "
-                f"${p.cost_usd:.4f}")
+        elapsed = int(time.monotonic() - self.started)
+        line = (f"{phase:<9} {where}{attempt} | {elapsed // 60}:{elapsed % 60:02d} elapsed | "
+                f"{p.prompt_tokens + p.completion_tokens:,} tokens | ${p.cost_usd:.4f}")
         if p.message and p.phase in ("finished", "interrupted", "run_finished"):
             line += f" | {p.message}"
         if self.live:
