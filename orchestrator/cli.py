@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -154,7 +153,7 @@ def _absolute_scripted(model: str | None) -> str | None:
     return model
 
 
-def _drive(session: Path, settings: Any) -> int:
+def _drive(session: Path, settings: Any, reopen: bool = False) -> int:
     from orchestrator.journal import load_state
     from orchestrator.loop import Driver
     from orchestrator.report import results_table
@@ -164,7 +163,7 @@ def _drive(session: Path, settings: Any) -> int:
         model = _make_model(settings, replies_done, hooks)
         driver = Driver(session, model, settings, hooks=hooks)
         try:
-            state = driver.drive()
+            state = driver.drive(reopen=reopen)
         except KeyboardInterrupt:
             out.print(f"[yellow]interrupted[/yellow]; the session is saved. Resume with:\n"
                       f"  orchestrator resume {session}")
@@ -200,19 +199,6 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     session = create_session(idea, template, settings, max_runs)
     print(session, flush=True)
     return _drive(session, settings)
-
-
-def _session_settings(session: Path, overrides: dict[str, Any]) -> Any:
-    from orchestrator.config import load_settings
-    from orchestrator.journal import META_DIR, SETTINGS_FILE, JournalError
-
-    path = session / META_DIR / SETTINGS_FILE
-    if not path.exists():
-        raise JournalError(f"{session} is not a session folder (no {META_DIR}/{SETTINGS_FILE})")
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    saved.pop("max_runs", None)
-    merged = saved | {k: v for k, v in overrides.items() if v is not None}
-    return load_settings(merged, None)
 
 
 # --------------------------------------------------------------------------------------------------- commands
@@ -258,16 +244,21 @@ def resume(
 
     def run() -> int:
         from orchestrator.journal import FINAL_STATUSES, load_state
+        from orchestrator.loop import resume_settings
 
         state = load_state(session)
-        if state.session.status in FINAL_STATUSES:
-            out.print(f"The session is already finished ({state.session.status}"
-                      + (f": {state.session.reason}" if state.session.reason else "") + "); nothing to do.",
+        status = state.session.status
+        extended = (status == "budget_usd" and budget_usd is not None) or (status == "wall_clock"
+                                                                          and wall_clock is not None)
+        if status in FINAL_STATUSES and not extended:
+            hint = " (raise it with --budget-usd or --wall-clock to go on)" if status in ("budget_usd", "wall_clock") else ""
+            out.print(f"The session is already finished ({status}"
+                      + (f": {state.session.reason}" if state.session.reason else "") + f"); nothing to do{hint}.",
                       soft_wrap=True)
             return EXIT_FINISHED
-        settings = _session_settings(session, {"model": _absolute_scripted(model), "api_base": api_base,
-                                               "budget_usd": budget_usd, "wall_clock_s": wall_clock})
-        return _drive(session, settings)
+        settings = resume_settings(session, {"model": _absolute_scripted(model), "api_base": api_base,
+                                             "budget_usd": budget_usd, "wall_clock_s": wall_clock})
+        return _drive(session, settings, reopen=extended)
 
     _guard(run)
 

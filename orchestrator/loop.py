@@ -9,6 +9,7 @@ the conversation is rebuilt from the prompts and replies on record.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import signal
@@ -137,9 +138,23 @@ def create_session(idea: IdeaSpec, template: Template, settings: Settings, max_r
     return session
 
 
-def _json(obj: Any) -> str:
-    import json
+def resume_settings(session: Path, overrides: dict[str, Any]) -> Settings:
+    """The settings a session was launched with, updated by the flags given to `resume` (and saved again)."""
+    from orchestrator.config import load_settings
 
+    path = Path(session) / META_DIR / SETTINGS_FILE
+    if not path.exists():
+        raise JournalError(f"{session} is not a session folder (no {META_DIR}/{SETTINGS_FILE})")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    max_runs = saved.pop("max_runs", None)
+    changed = {k: v for k, v in overrides.items() if v is not None}
+    settings = load_settings(saved | changed, None)
+    if changed:
+        write_text_atomic(path, _json(public_dump(settings) | {"max_runs": max_runs}))
+    return settings
+
+
+def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str) + "\n"
 
 
@@ -192,8 +207,10 @@ class Driver:
     def state(self) -> SessionState:
         return rebuild(self.journal.events(), self.dir)
 
-    def drive(self) -> SessionState:
-        if self.state().session.status in FINAL_STATUSES:
+    def drive(self, reopen: bool = False) -> SessionState:
+        """Drive to a final status. `reopen` continues a session that a budget or wall-clock limit ended."""
+        status = self.state().session.status
+        if status in FINAL_STATUSES and not (reopen and status in ("budget_usd", "wall_clock")):
             return self.state()
         with _session_lock(self.dir):
             self._record("drive_started", pid=os.getpid())

@@ -357,6 +357,13 @@ def test_the_budget_is_checked_before_every_call(tmp_path, fake_provider):
     assert state["session"]["totals"]["cost_usd"] > 0.01
     assert len(server.requests()) == 1  # the second call was never made
 
+    session = session_from(res)
+    again = orchestrator("resume", str(session), env=MODEL_ENV)
+    assert again.returncode == 0 and "--budget-usd" in again.stdout and len(server.requests()) == 1
+    more = orchestrator("resume", str(session), "--budget-usd", "5", env=MODEL_ENV)
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert status_json(session)["session"]["status"] == "completed" and len(server.requests()) == 2
+
 
 def test_a_template_baseline_is_reused_only_when_made_by_the_same_code(tmp_path, fake_provider):
     from orchestrator.template import record_baseline_hash
