@@ -355,7 +355,9 @@ def rebuild(events: Iterable[Event], session_dir: Path | None = None) -> Session
             if d["outcome"] == "ok":
                 rec.status = "ok"
                 rec.commit = a.commit or d.get("commit")
-                rec.plan = a.plan
+                # The run's intent is the plan of its first attempt; later attempts are usually fixes.
+                plans = [x.plan for x in sorted(rec.history, key=lambda x: x.attempt) if x.plan]
+                rec.plan = plans[0] if plans else a.plan
                 raw_metrics[n] = d.get("metrics", {})
         elif ev.kind == "run_recorded":
             rec = record(n)

@@ -243,7 +243,7 @@ class Driver:
         write_snapshot(self.dir, state)
         if self.hooks is not None and kind in ("phase", "reply", "run_finished", "finished", "interrupted"):
             info = state.session
-            self.hooks.progress(Progress(
+            self._show(Progress(
                 phase=info.phase if kind == "phase" else kind,
                 stage=data.get("stage", "experiment"),
                 run=info.current_run,
@@ -254,6 +254,14 @@ class Driver:
                 cost_usd=info.totals.cost_usd,
                 message=str(data.get("message") or data.get("reason") or ""),
             ))
+
+    def _show(self, progress: Progress) -> None:
+        """Progress for the terminal; a closed terminal or pipe never stops the session."""
+        try:
+            assert self.hooks is not None
+            self.hooks.progress(progress)
+        except OSError:
+            self.hooks = None
 
     def _phase(self, phase: str, stage: str = "experiment", run: int | None = None,
                attempt: int | None = None) -> None:

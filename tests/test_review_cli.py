@@ -30,7 +30,8 @@ def test_show_tells_the_story_of_one_run(session):
     status = status_json(session)
     run2 = next(r for r in status["runs"] if r["run"] == 2)
     assert "run_2 ok" in text and "(best run)" in text
-    assert "Fix the crash." in text and run2["commit"][:12] in text and "tag run_2" in text
+    # The plan shown is the run's intent (its first attempt), not the later fix.
+    assert "Run 2: LR 0.3." in text and run2["commit"][:12] in text and "tag run_2" in text
     # Metrics against the baseline and the previous run: score 0.8 -> 0.9 -> 1.0.
     score = next(line for line in text.splitlines() if "toy.score" in line)
     assert all(v in score for v in ("1 ± 0.01", "0.8", "+0.2", "0.9", "+0.1"))

@@ -400,3 +400,32 @@ def test_the_wall_clock_budget_ends_the_session_cleanly(tmp_path, fake_provider)
     assert state["session"]["status"] == "wall_clock" and "wall-clock" in state["session"]["reason"]
     assert [r["status"] for r in state["runs"]] == ["ok", "ok"]  # the run in progress finished and counts
     assert len(server.requests()) == 1
+
+
+def test_a_context_window_error_shortens_the_history_instead_of_failing(tmp_path, fake_provider):
+    replies = [{"content": edit("LR = 0.1\n", "LR = 0.2\n")}, {"content": edit("LR = 0.2\n", "LR = 0.3\n")},
+               {"content": "ALL_COMPLETED"}]
+    too_long = {"status": 400, "message": "This model's maximum context length is 50 tokens. Please reduce the length."}
+    server = fake_provider.start({"replies": replies, "faults": {"3": too_long}}, api_key=TEST_KEY)
+    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots"), env=MODEL_ENV)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert status_json(session_from(res))["session"]["status"] == "completed"
+    sent = server.requests()
+    assert sent[2]["status"] == 400 and sent[3]["status"] == 200
+    assert len(sent[3]["messages"]) < len(sent[2]["messages"])
+    assert sent[3]["messages"][-1] == sent[2]["messages"][-1]  # the pending prompt is still the last message
+
+
+def test_two_orchestrators_never_drive_one_session(tmp_path, fake_provider):
+    import fcntl
+
+    server = fake_provider.start({"replies": [{"content": "ALL_COMPLETED"}]}, api_key=TEST_KEY)
+    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots"), env={**MODEL_ENV, "ORCH_TEST_CRASH_AT": "reply"})
+    session = session_from(res)
+    with open(session / ".orchestrator" / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another driver holds the session
+        busy = orchestrator("resume", str(session), env=MODEL_ENV)
+    assert busy.returncode == 2 and "another orchestrator process" in busy.stderr
+    assert len(busy.stderr.strip().splitlines()) == 1
+    done = orchestrator("resume", str(session), env=MODEL_ENV)
+    assert done.returncode == 0 and status_json(session)["session"]["status"] == "completed"
