@@ -82,12 +82,13 @@ class _ProgressHooks:
     """Live progress on a terminal; one line per step when piped (CI logs)."""
 
     def __init__(self, console: Console) -> None:
-        from rich.progress import Progress, SpinnerColumn, TextColumn
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self.started = time.monotonic()
         self.console = console
         self.live = console.is_terminal
-        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True)
+        self.bar = Progress(SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
+                            transient=True)
         self.task = self.bar.add_task("starting", total=None)
         self.last = ""
 
@@ -107,7 +108,8 @@ class _ProgressHooks:
         attempt = f", attempt {p.attempt}" if p.attempt else ""
         phase = _PHASE_WORDS.get(p.phase, p.phase)
         elapsed = int(time.monotonic() - self.started)
-        line = (f"{phase:<9} {where}{attempt} | {elapsed // 60}:{elapsed % 60:02d} elapsed | "
+        clock = "" if self.live else f"{elapsed // 60}:{elapsed % 60:02d} elapsed | "  # live: a ticking column
+        line = (f"{phase:<9} {where}{attempt} | {clock}"
                 f"{p.prompt_tokens + p.completion_tokens:,} tokens | ${p.cost_usd:.4f}")
         if p.message and p.phase in ("finished", "interrupted", "run_finished"):
             line += f" | {p.message}"
