@@ -429,3 +429,42 @@ def test_two_orchestrators_never_drive_one_session(tmp_path, fake_provider):
     assert len(busy.stderr.strip().splitlines()) == 1
     done = orchestrator("resume", str(session), env=MODEL_ENV)
     assert done.returncode == 0 and status_json(session)["session"]["status"] == "completed"
+
+
+PLOT_PY = '''\
+"""Writes scores.png: one byte per successful run's score (a stand-in for a real figure)."""
+import glob
+import json
+
+scores = [json.load(open(p))["toy"]["means"]["score"] for p in sorted(glob.glob("run_*/final_info.json"))]
+TITLE = "scores"
+with open("scores.png", "wb") as fh:
+    fh.write(bytes(int(s * 100) for s in scores))
+'''
+
+
+@pytest.mark.parametrize("crash_at", ["run_finished:3", "reply:4"])
+def test_the_plot_and_notes_stage_resumes_after_sigkill(crash_at, tmp_path, fake_provider):
+    make_template(tmp_path)
+    (tmp_path / "toy_template" / "plot.py").write_text(PLOT_PY)
+    (tmp_path / "toy_template" / "template.toml").write_text(
+        (tmp_path / "toy_template" / "template.toml").read_text().replace('"notes.txt"]', '"notes.txt", "plot.py"]'))
+    replies = [{"content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1.")}, {"content": "ALL_COMPLETED"},
+               {"content": edit('TITLE = "scores"\n', 'TITLE = "toy score by run"\n', path="plot.py", plan="Title.")},
+               {"content": edit("# Notes\n", "# Notes\nRun 1 raised the score.\n", path="notes.txt", plan="Notes.")}]
+    server = fake_provider.start({"replies": replies}, api_key=TEST_KEY)
+    idea = make_idea(tmp_path)
+    args = ["launch", str(idea), "--template", str(tmp_path / "toy_template"), "--model", "deepseek/deepseek-reasoner",
+            "--api-base", server.url, "--root", str(tmp_path / "sessions")]
+    first = orchestrator(*args, env={**MODEL_ENV, "ORCH_TEST_CRASH_AT": crash_at})
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    session = session_from(first)
+    resumed = orchestrator("resume", str(session), env=MODEL_ENV)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    state = status_json(session)
+    assert state["session"]["status"] == "completed" and state["session"]["figures"] == ["scores.png"]
+    assert (session / "scores.png").read_bytes() == bytes([80, 90])
+    assert "Run 1 raised the score." in (session / "notes.txt").read_text()
+    assert 'TITLE = "toy score by run"' in git(session, "show", "HEAD:plot.py")
+    answered = [json.dumps(r["messages"], sort_keys=True) for r in server.requests() if r["status"] == 200]
+    assert len(answered) == len(set(answered)) == 4
