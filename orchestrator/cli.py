@@ -41,7 +41,6 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from orchestrator.config import ConfigError
-    from orchestrator.edits import EditParseError
     from orchestrator.journal import JournalError
     from orchestrator.loop import SessionBusy
     from orchestrator.models import MissingAPIKeyError
@@ -52,7 +51,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from orchestrator.workspace import GitError
 
     return (ConfigError, SpecError, TemplateError, JournalError, MissingAPIKeyError, ReportError, SessionBusy,
-            GitError, EditParseError, EnvRefused, RunStartError, FileNotFoundError, NotADirectoryError, PermissionError)
+            GitError, EnvRefused, RunStartError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def _guard(fn: Callable[[], int]) -> None:
@@ -183,7 +182,7 @@ def _drive(session: Path, settings: Any, reopen: bool = False) -> int:
 
 def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, cli: dict[str, Any],
             config: Path | None) -> int:
-    from orchestrator.config import ConfigError, load_settings
+    from orchestrator.config import load_settings
     from orchestrator.loop import create_session
     from orchestrator.spec import load_idea
     from orchestrator.template import find_template
@@ -191,9 +190,7 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     settings = load_settings(cli, config)
     idea = load_idea(idea_path, idea_name)
     template = find_template(template_name or idea.template or "sae", settings.templates_dirs)
-    max_runs = cli.get("max_runs") or idea.max_runs or settings.max_runs
-    if max_runs > 10:
-        raise ConfigError("max runs must be at most 10")
+    max_runs = cli.get("max_runs") or idea.max_runs or settings.max_runs  # each is validated to 1..10
     from orchestrator.runner import check_env_set
 
     check_env_set(dict(settings.env))

@@ -22,8 +22,9 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from orchestrator import conversation, prompts
+from orchestrator.atomic import write_text_atomic
 from orchestrator.config import Settings, public_dump
-from orchestrator.edits import EditParseError, apply_edits, parse_edits, plan_line
+from orchestrator.edits import apply_edits, plan_line
 from orchestrator.journal import (
     FINAL_STATUSES,
     IDEA_FILE,
@@ -35,7 +36,6 @@ from orchestrator.journal import (
     rebuild,
     write_model_atomic,
     write_snapshot,
-    write_text_atomic,
 )
 from orchestrator.models import ContextWindowError, Model, ModelError, Reply
 from orchestrator.runner import RunHandle, RunRequest, RunResult, stop_orphan
@@ -275,12 +275,18 @@ class Driver:
                 stop_orphan(int(e.data["pid"]), e.data.get("proc_start_ticks"))
         editable = self._editable_files(tuple(self.template.editable))
         if editable and self.ws.is_dirty(editable):
-            # Edits written but not committed: put the editable files back as the last checkpoint has them (the
-            # journaled reply is applied again). Results, figures and other outputs are left alone.
-            for path in editable:
-                if self.ws.show("HEAD", path) is None:
-                    (self.dir / path).unlink()
-            self.ws.restore("HEAD", [p for p in editable if (self.dir / p).exists() or self.ws.show("HEAD", p)])
+            # Edits written but not committed: back to the last checkpoint (the journaled reply is applied again).
+            # Results, figures and other outputs are left alone.
+            self._reset_editable("HEAD")
+
+    def _reset_editable(self, ref: str) -> list[str]:
+        """Make the editable files what they are at `ref` (files absent there are removed); returns their paths."""
+        paths = self._editable_files(tuple(self.template.editable))
+        kept = [p for p in paths if self.ws.show(ref, p) is not None]
+        for p in set(paths) - set(kept):
+            (self.dir / p).unlink()
+        self.ws.restore(ref, kept)
+        return paths
 
     def _check_limits(self) -> None:
         totals = self.state().session.totals
@@ -351,25 +357,19 @@ class Driver:
                 mapping = {"edits_applied": "applied", "edits_failed": "failed", "completed_reply": "completed"}
                 return _Applied(kind=mapping.get(kind, kind), feedback=done.data.get("feedback", ""),
                                 commit=done.data.get("commit"))
-        try:
-            blocks = parse_edits(reply)
-        except EditParseError as exc:
-            feedback = f"Your reply could not be parsed: {exc}\nNothing was applied. Send corrected blocks."
-            self._record("edits_failed", **key, feedback=feedback, message=str(exc))
-            return _Applied(kind="failed", feedback=feedback)
-        if not blocks:
+        started = self.journal.find("apply_started", k)
+        if started is not None:
+            self.ws.reset_hard(started.data["base"])  # a crash between writing the edits and committing them
+        else:
+            self._record("apply_started", **key, base=self.ws.head())
+        self._phase("apply", stage, run, attempt)
+        result = apply_edits(self.dir, reply, editable=editable, protected=tuple(self.template.protected))
+        if result.blocks == 0 and not result.parse_error:
             if ALL_COMPLETED in reply:
                 self._record("completed_reply", **key)
                 return _Applied(kind="completed")
             self._record("no_edits", **key, message="the reply had no SEARCH/REPLACE blocks")
             return _Applied(kind="no_edits")
-        started = self.journal.find("apply_started", k)
-        if started is not None:
-            self.ws.reset_hard(started.data["base"])
-        else:
-            self._record("apply_started", **key, base=self.ws.head())
-        self._phase("apply", stage, run, attempt)
-        result = apply_edits(self.dir, blocks, editable=editable, protected=tuple(self.template.protected))
         if not result.ok:
             self._record("edits_failed", **key, feedback=result.feedback, message=_first_line(result.feedback))
             return _Applied(kind="failed", feedback=result.feedback)
@@ -381,7 +381,7 @@ class Driver:
         plan = plan_line(reply) or "edits"
         sha = self.ws.commit(f"{label} attempt {attempt}: {plan}", paths=result.changed)
         self._record("edits_applied", **key, commit=sha, changed=result.changed, plan=plan,
-                     already_applied=list(getattr(result, "already_applied", [])))
+                     already_applied=result.already_applied)
         return _Applied(kind="applied", commit=sha)
 
     def _edit_step(self, stage: str, run: int | None, attempt: int, situation: _Situation,
@@ -518,13 +518,7 @@ class Driver:
         if self.journal.find("run_given_up", k) is not None:
             return
         good = f"run_{self.last_good_run}"
-        paths = self._editable_files(tuple(self.template.editable))
-        kept = [p for p in paths if self.ws.show(good, p) is not None]
-        for p in paths:
-            if p not in kept:
-                (self.dir / p).unlink()
-        if kept:
-            self.ws.restore(good, kept)
+        paths = self._reset_editable(good)
         logs = [f"run_{run}"] if (self.dir / f"run_{run}").exists() else []
         sha = self.ws.commit(f"run {run}: restore code to {good} after {attempts} failed attempts",
                              paths=[*paths, *logs])
