@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.journal import load_state
 from orchestrator.report_html import CSP, render_report, write_report
+from tests.report_helpers import CHROMIUM, REASONING, drive_scripted, report_template
 from tests.session_helpers import edit
-from tests.test_report import CHROMIUM, REASONING, drive_scripted, report_template
 
 MAX_BYTES = 5_000_000
 MAX_RENDER_S = 2.0

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.journal import META_DIR
+from tests.report_helpers import completed_session, interrupted_session
 from tests.session_helpers import orchestrator, status_json
-from tests.test_report import completed_session, interrupted_session
 
 
 @pytest.fixture(scope="module")
