@@ -110,6 +110,28 @@ def test_decoder_of_ground_truth_matches_through_evaluate(sae_modules):
     assert m["mcc"] == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.slow
+def test_gpu_preset_trains_and_scores_on_the_cpu(sae_modules):
+    """CI has no GPU: the gpu preset's whole path (16k planted features, 4k latents, Hungarian matching on a
+    4096 x 16384 similarity matrix) still runs here for a few steps, so it cannot rot unseen."""
+    sae_data, sae_eval = sae_modules
+    sys.path.insert(0, str(TEMPLATE))
+    try:
+        import experiment
+    finally:
+        sys.path.remove(str(TEMPLATE))
+    source = sae_data.SyntheticSource(sae_data.SYNTHETIC_PRESETS["gpu"], "cpu")
+    hp = experiment.HPARAMS["gpu"]
+    sae, stats = experiment.train_sae(source, "contaminated", 0, hp, 2, "cpu")
+    m = sae_eval.evaluate(sae, source, "contaminated", stats)
+    assert m["samples"] == 2 * hp["batch_size"]
+    assert 0.0 < m["mcc"] < 0.9 and m["dead_frac"] < 1.0  # two steps: trained a little, far from done
+    assert m["true_l0"] == pytest.approx(source.true_l0, rel=0.05)
+    planted = source.features[torch.randperm(len(source.features))[: hp["d_sae"]]]
+    mcc, _ = sae_eval.match_features(planted, source.features)
+    assert mcc == pytest.approx(1.0, abs=1e-6)
+
+
 def test_bad_settings_give_one_clear_error(sae_modules):
     sae_data, _ = sae_modules
     with pytest.raises(sae_data.SAEDataError, match="SAE_SEEDS"):
