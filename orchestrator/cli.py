@@ -347,6 +347,11 @@ def templates() -> None:
     _guard(run)
 
 
+# The demo's script was written for these numbers: the CPU's fast preset, one seed, synthetic data, even on a
+# GPU machine (where the template would otherwise pick its gpu preset) or with SAE_* variables exported.
+DEMO_ENV = {"SAE_FAST": "1", "SAE_PRESET": "cpu", "SAE_DEVICE": "cpu", "SAE_SEEDS": "1", "SAE_MODEL_PATH": ""}
+
+
 @app.command()
 def demo(
     root: Annotated[Path, typer.Option(help="Folder for the session folder.")] = Path("experiments"),
@@ -361,8 +366,9 @@ def demo(
         idea = sae.path / "ideas" / "median_mad_sae.json"
         replies = sae.path / "demo" / "median_mad_replies.yaml"
         err.print("[bold]Demo[/bold]: the model's replies are scripted (recorded in "
-                  f"{replies.name}); no model is called. Runs use the fast preset (SAE_FAST=1).", soft_wrap=True)
-        cli = {"model": f"scripted:{replies}", "root": root, "env": {"SAE_FAST": "1"},
+                  f"{replies.name}); no model is called. Runs use the CPU's fast preset, whatever the machine "
+                  "or the SAE_* variables, so the numbers match the README.", soft_wrap=True)
+        cli = {"model": f"scripted:{replies}", "root": root, "env": DEMO_ENV,
                "plots": False if no_plots else None, "max_runs": 5}
         return _launch(idea, None, "sae", cli, None)
 

@@ -12,10 +12,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_demo_completes_a_session_with_successful_runs_a_fixed_crash_figures_and_notes(tmp_path):
-    res = orchestrator("demo", "--root", str(tmp_path / "experiments"), cwd=tmp_path, timeout=600)
+    # SAE_* variables a GPU user may have exported must not change the scripted demo (its preset, seeds, data).
+    hostile = {"SAE_PRESET": "gpu", "SAE_SEEDS": "3", "SAE_FAST": "0", "SAE_MODEL_PATH": str(tmp_path / "none.gguf")}
+    res = orchestrator("demo", "--root", str(tmp_path / "experiments"), cwd=tmp_path, timeout=600, env=hostile)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     session = session_from(res)
     assert "scripted" in res.stderr and "orchestrator diff" in res.stdout
+    run_info = json.loads((session / "run_0" / "run_info.json").read_text())
+    assert run_info["settings"]["preset"] == "cpu" and run_info["settings"]["seeds"] == [0]
+    assert run_info["settings"]["fast"] is True and run_info["data"]["kind"] == "synthetic"
 
     state = json.loads(orchestrator("status", str(session), "--json").stdout)
     assert state["session"]["status"] == "completed"
