@@ -31,7 +31,7 @@ if [ $dry -eq 1 ]; then
   sweep_args=(--preset cpu --steps 200 --lr 5e-3 --l1 0.5,3 --budget-s 30)
 else
   bench_args=(); run_env=(SAE_PRESET=gpu)
-  sweep_args=(--preset gpu --lr 1e-3,3e-3,1e-2 --l1 1.2,2.5 --budget-s 100)
+  sweep_args=(--preset gpu --lr 1e-3,4e-3,1e-2 --l1 1.2,2.5 --budget-s 100)
 fi
 [ $dry -eq 1 ] || "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || {
   echo "error: torch sees no CUDA device; this check is for a GPU machine" >&2

@@ -24,7 +24,7 @@ from torch import nn
 # SAE_FAST=1 uses fast_steps instead of steps.
 HPARAMS = {
     "cpu": dict(d_sae=256, lr=5e-3, batch_size=1024, steps=3000, fast_steps=1000, l1_coeff=0.5),
-    "gpu": dict(d_sae=4096, lr=1e-3, batch_size=4096, steps=10_000, fast_steps=1000, l1_coeff=1.2),
+    "gpu": dict(d_sae=4096, lr=4e-3, batch_size=4096, steps=10_000, fast_steps=1000, l1_coeff=1.2),
     "lm": dict(d_sae=1152, lr=2e-3, batch_size=1024, steps=1000, fast_steps=150, l1_coeff=1.0),
 }
 LOG_EVERY = 250  # steps between loss checks/prints
