@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The SAE template's GPU check, prepared to run as one command on a machine with CUDA (about 5 minutes on an H100).
+# The SAE template's GPU check, prepared to run as one command on a machine with CUDA (under 10 minutes).
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      (OUT_DIR defaults to $OUT, else ./gpu_check_out)
 #   bash bench/gpu_check.sh --dry-run DIR  (the same plumbing on the CPU in about a minute: cpu preset, SAE_FAST)
@@ -48,6 +48,7 @@ cp "$root"/templates/sae/*.py "$work"/
 (cd "$work" && env "${run_env[@]}" SAE_SEEDS=1 timeout 240 "$py" experiment.py --out_dir=run_0) 2>&1 | tee "$out/baseline.log"
 run_rc=${PIPESTATUS[0]}
 cp "$work"/run_0/final_info.json "$work"/run_0/run_info.json "$out"/ 2>/dev/null
+rm -rf "$work"
 
 echo "== sweep (bench/sae_sweep.py ${sweep_args[*]})"
 (cd "$root" && PYTHONPATH=. timeout 180 "$py" bench/sae_sweep.py "${sweep_args[@]}") 2>&1 | tee "$out/sweep.txt"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import sys
 import time
@@ -37,6 +38,7 @@ H100_REFERENCE = 200_000  # samples/s, SynthSAEBench-16k on one H100
 H100_PEAK_BF16, H100_PEAK_TF32 = 989e12, 494e12  # dense FLOP/s, H100 SXM data sheet
 
 
+@functools.cache
 def flops_per_step(preset: str) -> tuple[float, float]:
     """(data generation, SAE update) FLOPs of one training step of `preset`, counted on the CPU."""
     from torch.utils.flop_counter import FlopCounterMode
