@@ -12,6 +12,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
+from orchestrator.errors import OrchestratorError
+
 app = typer.Typer(
     name="orchestrator",
     no_args_is_help=True,
@@ -39,21 +41,6 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from orchestrator.config import ConfigError
-    from orchestrator.journal import JournalError
-    from orchestrator.loop import SessionBusy
-    from orchestrator.models import MissingAPIKeyError
-    from orchestrator.report import ReportError
-    from orchestrator.runner import EnvRefused, RunStartError
-    from orchestrator.spec import SpecError
-    from orchestrator.template import TemplateError
-    from orchestrator.workspace import GitError
-
-    return (ConfigError, SpecError, TemplateError, JournalError, MissingAPIKeyError, ReportError, SessionBusy,
-            GitError, EnvRefused, RunStartError, FileNotFoundError, NotADirectoryError, PermissionError)
-
-
 def _guard(fn: Callable[[], int]) -> None:
     """Run a command: user errors become one line on stderr and exit 2, never a traceback."""
     try:
@@ -63,10 +50,11 @@ def _guard(fn: Callable[[], int]) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except _user_errors() as exc:
+    except (OrchestratorError, OSError) as exc:
         from orchestrator.secrets import redact
 
-        _fail(redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _fail(redact(text), getattr(exc, "exit_code", EXIT_BAD_INPUT))
     raise typer.Exit(code)
 
 

@@ -25,6 +25,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from orchestrator.errors import OrchestratorError
 from orchestrator.secrets import looks_secret
 
 CONFIG_FILE = "orchestrator.toml"
@@ -37,7 +38,7 @@ _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(OrchestratorError, ValueError):
     """Settings that cannot be used; the message is one line naming the setting, the problem and its source."""
 
 

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from orchestrator.errors import OrchestratorError
+
 Role = Literal["system", "user", "assistant"]
 SystemHandling = Literal["system", "developer", "fold"]
 
@@ -85,11 +87,11 @@ PROFILES: dict[str, Profile] = {
 STRICTEST_PROFILE: Profile = PROFILES["no-system"]
 
 
-class ConversationError(ValueError):
+class ConversationError(OrchestratorError, ValueError):
     """A history breaks a provider rule; the message names the rule and the message index."""
 
 
-class UnknownProfileError(ValueError):
+class UnknownProfileError(OrchestratorError, ValueError):
     """A profile override names no known profile."""
 
 

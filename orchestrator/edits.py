@@ -38,6 +38,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from orchestrator.errors import OrchestratorError
+
 DEFAULT_EDITABLE: tuple[str, ...] = ("experiment.py", "plot.py", "notes.txt")
 NEVER_EDITABLE_DIRS = frozenset({".git", ".orchestrator"})
 
@@ -61,7 +63,7 @@ FEEDBACK_MAX_SUGGESTED_LINES = 15
 # ---------------------------------------------------------------------------------------------- data
 
 
-class EditParseError(ValueError):
+class EditParseError(OrchestratorError, ValueError):
     """A reply holds a malformed SEARCH/REPLACE block; the message says which block and what was expected."""
 
     def __init__(self, message: str, block: int = 0):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from orchestrator.atomic import write_text_atomic
+from orchestrator.errors import OrchestratorError
 
 META_DIR = ".orchestrator"
 JOURNAL_FILE = "journal.jsonl"
@@ -29,7 +30,7 @@ SessionStatus = Literal["running", "completed", "failed", "interrupted", "max_ru
 FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "max_runs", "budget_usd", "wall_clock"})
 
 
-class JournalError(ValueError):
+class JournalError(OrchestratorError, ValueError):
     """The journal cannot be read (not a session folder, or corrupted beyond its last line)."""
 
 

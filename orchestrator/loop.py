@@ -25,6 +25,7 @@ from orchestrator import conversation, prompts
 from orchestrator.atomic import write_text_atomic
 from orchestrator.config import Settings, public_dump
 from orchestrator.edits import apply_edits, plan_line
+from orchestrator.errors import OrchestratorError
 from orchestrator.journal import (
     FINAL_STATUSES,
     IDEA_FILE,
@@ -49,7 +50,7 @@ ALL_COMPLETED = "ALL_COMPLETED"
 DEFAULT_RUN_TIMEOUT_S = 7200.0
 
 
-class SessionBusy(RuntimeError):
+class SessionBusy(OrchestratorError, RuntimeError):
     """Another orchestrator process is driving this session."""
 
 

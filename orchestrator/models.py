@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.conversation import STRICTEST_PROFILE, Message, Profile, profile_for, to_wire
+from orchestrator.errors import OrchestratorError
 from orchestrator.secrets import is_secret_env_name, redact
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class RetryEvent(BaseModel):
 # --------------------------------------------------------------------------------------------------- errors
 
 
-class ModelError(Exception):
+class ModelError(OrchestratorError, Exception):
     """Base of every model-layer failure; str(e) is one clear line."""
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from string import Template
 
 import orchestrator
+from orchestrator.errors import OrchestratorError
 
 
-class PromptError(LookupError):
+class PromptError(OrchestratorError, LookupError):
     """A prompt file is missing or refers to a value the caller did not give."""
 
 

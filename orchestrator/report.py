@@ -13,6 +13,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from orchestrator.errors import OrchestratorError
 from orchestrator.journal import META_DIR, AttemptRecord, JournalError, RunRecord, SessionState, load_state
 from orchestrator.secrets import redact
 from orchestrator.workspace import GitError, Workspace
@@ -21,7 +22,7 @@ from orchestrator.workspace import GitError, Workspace
 NON_CODE = (":(exclude)run_*", ":(exclude)plot_logs", ":(exclude)*.png", ":(exclude)*.pdf", ":(exclude)*.svg")
 
 
-class ReportError(ValueError):
+class ReportError(OrchestratorError, ValueError):
     """A run or session asked for does not exist."""
 
 

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from orchestrator.errors import OrchestratorError
 from orchestrator.secrets import looks_secret
 
 Outcome = Literal["ok", "error", "timeout", "oom", "no_results"]
@@ -53,15 +54,15 @@ LIVE_CAP_FACTOR = 4  # a log is compacted while the run goes on once it is this 
 _WAIT_STEP_S = 0.05
 
 
-class ResultsError(ValueError):
+class ResultsError(OrchestratorError, ValueError):
     """The results file is missing or does not hold metrics. The message is one line."""
 
 
-class EnvRefused(ValueError):
+class EnvRefused(OrchestratorError, ValueError):
     """An environment variable for runs is refused (it looks like a secret, or is not a valid name)."""
 
 
-class RunStartError(RuntimeError):
+class RunStartError(OrchestratorError, RuntimeError):
     """The experiment process could not be started (missing interpreter, unusable folder)."""
 
 

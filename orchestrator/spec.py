@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator.errors import OrchestratorError
+
 NAME_MAX = 64
 SUFFIXES = (".json", ".toml", ".yaml", ".yml")
 _MAX_LISTED = 30
@@ -31,7 +33,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(OrchestratorError, ValueError):
     """An idea file that cannot be used; the message is one line naming the file and the problem."""
 
 

@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.atomic import write_text_atomic
+from orchestrator.errors import OrchestratorError
 
 EXPERIMENT_FILE = "experiment.py"
 PLOT_FILE = "plot.py"
@@ -37,7 +38,7 @@ ALWAYS_SKIPPED = (".git", "__pycache__", "*.pyc", ".act_cache", ".orchestrator")
 Direction = Literal["higher", "lower"]
 
 
-class TemplateError(ValueError):
+class TemplateError(OrchestratorError, ValueError):
     """A template that cannot be used; the message is one line naming the template and the problem."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from orchestrator.atomic import write_text_atomic
+from orchestrator.errors import OrchestratorError
 
 IDENTITY_NAME = "orchestrator"
 IDENTITY_EMAIL = "orchestrator@localhost"
@@ -60,7 +61,7 @@ _EXCLUDE_BEGIN = "# >>> orchestrator: files over the size limit, never committed
 _EXCLUDE_END = "# <<< orchestrator"
 
 
-class GitError(RuntimeError):
+class GitError(OrchestratorError, RuntimeError):
     """A git operation failed, or the folder is not a session repository. The message is one line."""
 
 
