@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.journal import REOPENABLE_STATUSES
 
 app = typer.Typer(
     name="orchestrator",
@@ -144,33 +145,38 @@ def _absolute_scripted(model: str | None) -> str | None:
 
 def _drive(session: Path, settings: Any, reopen: bool = False) -> int:
     from orchestrator.journal import load_state
-    from orchestrator.loop import Driver
+    from orchestrator.loop import Driver, session_lock
     from orchestrator.report import results_table
 
-    replies_done = load_state(session).session.totals.calls
-    with _ProgressHooks(out) as hooks:
+    with session_lock(session), _ProgressHooks(out) as hooks:  # the lock before the journal is read
+        replies_done = load_state(session).session.totals.calls
         model = _make_model(settings, replies_done, hooks)
         driver = Driver(session, model, settings, hooks=hooks)
         try:
             state = driver.drive(reopen=reopen)
-        except KeyboardInterrupt:
-            out.print(f"[yellow]interrupted[/yellow]; the session is saved. Resume with:\n"
+        except KeyboardInterrupt as exc:
+            why = f"stopped by {exc.args[0]}" if exc.args else "interrupted"
+            out.print(f"[yellow]{why}[/yellow]; the session is saved. Resume with:\n"
                       f"  orchestrator resume {session}")
             return EXIT_INTERRUPTED
     out.print(results_table(state))
     status = state.session.status
     out.print(f"\nSession {status}" + (f": {state.session.reason}" if state.session.reason else ""), soft_wrap=True)
-    out.print(f"  orchestrator status {session}\n  orchestrator diff {session}\n  orchestrator show {session} 1",
-              soft_wrap=True)
+    hints = [f"orchestrator status {session}", f"orchestrator report {session}", f"orchestrator log {session}"]
+    shown = state.session.best_run or max((r.run for r in state.runs if r.status == "ok" and r.run), default=None)
+    if shown:
+        hints[1:1] = [f"orchestrator show {session} {shown}", f"orchestrator diff {session} {shown}"]
+    if status == "interrupted" or status in REOPENABLE_STATUSES:
+        hints.append(f"orchestrator resume {session}")
+    out.print("\n".join(f"  {h}" for h in hints), soft_wrap=True)
     if status == "interrupted":
-        out.print(f"  orchestrator resume {session}", soft_wrap=True)
         return EXIT_FAILED
     return EXIT_FAILED if status == "failed" else EXIT_FINISHED
 
 
 def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, cli: dict[str, Any],
             config: Path | None) -> int:
-    from orchestrator.config import load_settings
+    from orchestrator.config import check_python, load_settings
     from orchestrator.loop import create_session
     from orchestrator.spec import load_idea
     from orchestrator.template import find_template
@@ -182,6 +188,7 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     from orchestrator.runner import check_env_set
 
     check_env_set(dict(settings.env))
+    check_python(settings.python)
     _make_model(settings, 0, None).check_credentials()
     session = create_session(idea, template, settings, max_runs)
     print(session, flush=True)
@@ -205,8 +212,15 @@ def launch(
     root: Annotated[Path | None, typer.Option(help="Folder for session folders (default: experiments/).")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds one run may take (default: the template's).")] = None,
     gpus: Annotated[str | None, typer.Option(help="GPU ids for runs, e.g. 0 or 0,1 (CUDA_VISIBLE_DEVICES).")] = None,
-    budget_usd: Annotated[float | None, typer.Option(help="Stop before a model call once this much is spent.")] = None,
-    wall_clock: Annotated[float | None, typer.Option(help="Stop after this many seconds of session time.")] = None,
+    budget_usd: Annotated[float | None, typer.Option(help="Stop before a model call once this much is spent "
+                                                          "(a model whose price litellm does not know also needs "
+                                                          "--max-tokens-total).")] = None,
+    max_tokens_total: Annotated[int | None, typer.Option(help="Stop before a model call once the session has used "
+                                                              "this many prompt + completion tokens.")] = None,
+    wall_clock: Annotated[float | None, typer.Option(help="Stop after this many seconds of session time; a run "
+                                                          "is never given more than the time left.")] = None,
+    stall_replies: Annotated[int | None, typer.Option(help="Stop (status stalled) after this many replies in a row "
+                                                           "with no edits that apply (default 6).")] = None,
     env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE for runs' environment (repeatable).")] = None,
     python: Annotated[str | None, typer.Option(help="Python interpreter for runs.")] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the plot and notes stage.")] = False,
@@ -215,6 +229,7 @@ def launch(
     """Launch an idea: copy the template into ROOT/<time>_<idea>/, run the baseline, then let the model work."""
     cli = {"model": _absolute_scripted(model), "api_base": api_base, "max_runs": max_runs, "root": root,
            "timeout_s": timeout, "gpus": gpus, "budget_usd": budget_usd, "wall_clock_s": wall_clock,
+           "max_tokens_total": max_tokens_total, "stall_replies": stall_replies,
            "env": _parse_env(env), "python": python, "plots": False if no_plots else None}
     _guard(lambda: _launch(idea, idea_name, template, cli, config))
 
@@ -225,29 +240,67 @@ def resume(
     model: Annotated[str | None, typer.Option(help="Continue with another model.")] = None,
     api_base: Annotated[str | None, typer.Option(help="Base URL of an OpenAI-compatible server.")] = None,
     budget_usd: Annotated[float | None, typer.Option(help="New dollar budget.")] = None,
+    max_tokens_total: Annotated[int | None, typer.Option(help="New token budget (prompt + completion).")] = None,
     wall_clock: Annotated[float | None, typer.Option(help="New wall-clock budget in seconds.")] = None,
+    stall_replies: Annotated[int | None, typer.Option(help="Replies without applicable edits before the "
+                                                           "session counts as stalled.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds one run may take.")] = None,
+    gpus: Annotated[str | None, typer.Option(help="GPU ids for runs, e.g. 0 or 0,1.")] = None,
+    env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE for runs' environment (repeatable; added "
+                                                       "to the saved ones).")] = None,
+    python: Annotated[str | None, typer.Option(help="Python interpreter for runs.")] = None,
 ) -> None:
-    """Continue an interrupted session from its journal; journaled replies are never requested again."""
+    """Continue an interrupted session from its journal; journaled replies are never requested again.
+
+    Saved settings apply unless an ORCH_* variable or a flag here changes them. A session that a limit ended
+    (budget, tokens, wall clock, stalled) goes on when that limit is raised, or, for stalled, with another
+    --model."""
 
     def run() -> int:
+        from orchestrator.config import check_python
         from orchestrator.journal import FINAL_STATUSES, load_state
         from orchestrator.loop import resume_settings
 
         state = load_state(session)
         status = state.session.status
-        extended = (status == "budget_usd" and budget_usd is not None) or (status == "wall_clock"
-                                                                          and wall_clock is not None)
+        lifted = {"budget_usd": budget_usd, "wall_clock": wall_clock, "max_tokens": max_tokens_total,
+                  "stalled": model or stall_replies}
+        extended = status in REOPENABLE_STATUSES and lifted.get(status) is not None
         if status in FINAL_STATUSES and not extended:
-            hint = " (raise it with --budget-usd or --wall-clock to go on)" if status in ("budget_usd", "wall_clock") else ""
+            hint = {"budget_usd": "--budget-usd", "wall_clock": "--wall-clock", "max_tokens": "--max-tokens-total",
+                    "stalled": "--model or --stall-replies"}.get(status)
             out.print(f"The session is already finished ({status}"
-                      + (f": {state.session.reason}" if state.session.reason else "") + f"); nothing to do{hint}.",
-                      soft_wrap=True)
+                      + (f": {state.session.reason}" if state.session.reason else "") + "); nothing to do"
+                      + (f" (go on with resume {hint})" if hint else "") + ".", soft_wrap=True)
             return EXIT_FINISHED
-        settings = resume_settings(session, {"model": _absolute_scripted(model), "api_base": api_base,
-                                             "budget_usd": budget_usd, "wall_clock_s": wall_clock})
+        saved_env = None
+        if env:
+            saved_env = {**_saved_env(session), **(_parse_env(env) or {})}
+        settings = resume_settings(session, {
+            "model": _absolute_scripted(model), "api_base": api_base, "budget_usd": budget_usd,
+            "wall_clock_s": wall_clock, "max_tokens_total": max_tokens_total, "stall_replies": stall_replies,
+            "timeout_s": timeout, "gpus": gpus, "env": saved_env, "python": python})
+        from orchestrator.runner import check_env_set
+
+        check_env_set(dict(settings.env))
+        check_python(settings.python)
+        _make_model(settings, 0, None).check_credentials()
         return _drive(session, settings, reopen=extended)
 
     _guard(run)
+
+
+def _saved_env(session: Path) -> dict[str, str]:
+    import json
+
+    from orchestrator.journal import META_DIR, SETTINGS_FILE
+
+    try:
+        saved = json.loads((session / META_DIR / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    env = saved.get("env") or {}
+    return {k: v for k, v in env.items() if v != "***"}
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import shutil
 import sys
 import tomllib
 from pathlib import Path
@@ -55,7 +56,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(600, gt=0)
     model_max_attempts: int = Field(6, ge=1, le=50)
     budget_usd: float | None = Field(None, gt=0)
+    max_tokens_total: int | None = Field(None, gt=0)
     wall_clock_s: float | None = Field(None, gt=0)
+    stall_replies: int = Field(6, ge=1, le=100)
     python: str = sys.executable
     gpus: str | None = None
     env: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
@@ -250,6 +253,23 @@ def load_settings(cli: dict[str, Any], config_file: Path | None = None) -> Setti
         raise ConfigError(str(err).splitlines()[0] if str(err) else "invalid settings") from None
     finally:
         _toml_path.reset(token)
+
+
+def env_overrides() -> set[str]:
+    """Names of the settings that an ORCH_* environment variable sets now."""
+    names = {k.upper() for k in os.environ}
+    return {field for field in Settings.model_fields if (ENV_PREFIX + field).upper() in names}
+
+
+def check_python(python: str) -> str:
+    """The interpreter runs will use, as a path; ConfigError when it cannot be found or run."""
+    found = shutil.which(python)
+    if found is None:
+        where = "does not exist" if ("/" in python and not Path(python).exists()) else "is not an executable"
+        if "/" not in python:
+            where = "is not on PATH"
+        raise ConfigError(f"python {python!r} {where}: give an interpreter for runs with --python")
+    return found
 
 
 def public_dump(s: Settings) -> dict[str, Any]:

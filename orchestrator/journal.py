@@ -26,8 +26,12 @@ TRANSCRIPT_FILE = "transcript.jsonl"
 IDEA_FILE = "idea.json"
 SETTINGS_FILE = "settings.json"
 
-SessionStatus = Literal["running", "completed", "failed", "interrupted", "max_runs", "budget_usd", "wall_clock"]
-FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "max_runs", "budget_usd", "wall_clock"})
+SessionStatus = Literal["running", "completed", "failed", "interrupted", "max_runs", "budget_usd", "wall_clock",
+                        "max_tokens", "stalled"]
+FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "max_runs", "budget_usd", "wall_clock",
+                                            "max_tokens", "stalled"})
+# Limits that `resume` can lift (a larger budget, another model) to continue the session.
+REOPENABLE_STATUSES: frozenset[str] = frozenset({"budget_usd", "wall_clock", "max_tokens", "stalled"})
 
 
 class JournalError(OrchestratorError, ValueError):
@@ -53,36 +57,88 @@ def write_model_atomic(path: Path, model: BaseModel) -> None:
     write_text_atomic(path, model.model_dump_json(indent=2) + "\n")
 
 
+def _encode_line(obj: Any) -> bytes:
+    """One JSON line as UTF-8. Text that cannot be encoded (a lone surrogate from a provider) is escaped, never
+    allowed to fail the append."""
+    text = json.dumps(obj, ensure_ascii=False, default=str)
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(obj, ensure_ascii=True, default=str) + "\n").encode("ascii")
+
+
+def repair_tail(path: Path) -> bool:
+    """Make a JSONL file end on a complete line. A crash mid-append (power loss, SIGKILL) can leave a fragment
+    after the last newline; the next append would glue its line onto it and make the file unreadable. A fragment
+    that is a whole JSON value (only the newline was lost) gets its newline; anything else is cut off.
+    Returns True if the file was changed. Costs one byte read when the file is whole."""
+    try:
+        fh = open(path, "r+b")
+    except FileNotFoundError:
+        return False
+    with fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return False
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return False
+        fh.seek(0)
+        data = fh.read()
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:].decode("utf-8"))
+            fh.write(b"\n")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            fh.truncate(cut)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
 def append_jsonl(path: Path, obj: Any) -> None:
-    """Append one JSON line and fsync it before returning."""
+    """Append one JSON line and fsync it before returning; a torn last line left by a crash is repaired first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(obj, ensure_ascii=False, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
+    line = _encode_line(obj)
+    repair_tail(path)
+    with open(path, "ab") as fh:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a JSONL file; a torn last line (a crash mid-write) is ignored, a torn line elsewhere is an error."""
-    if not path.exists():
+    """Read a JSONL file; a torn last line (a crash mid-write) is ignored, a bad line elsewhere is an error."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = data.split(b"\n")
+    torn_tail = not data.endswith(b"\n")
     out: list[dict[str, Any]] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
+    for i, raw in enumerate(lines):
+        if not raw.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if i == len(lines) - 1:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            if torn_tail and i == len(lines) - 1:
                 break
-            raise JournalError(f"{path}: line {i + 1} is not valid JSON ({exc.msg})") from None
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            raise JournalError(f"{path}: line {i + 1} is not valid JSON ({why})") from None
+        if not isinstance(obj, dict):
+            raise JournalError(f"{path}: line {i + 1} is not a JSON object")
+        out.append(obj)
     return out
 
 
 class Journal:
-    """Append-only list of events in `<session>/.orchestrator/journal.jsonl`."""
+    """Append-only list of events in `<session>/.orchestrator/journal.jsonl`.
+
+    Events are read once and then kept in memory with an index, so `find` costs the same at event 3,000 as at
+    event 3. Only the process holding the session lock appends (see `loop.session_lock`); readers such as
+    `status` never write and simply ignore a torn last line.
+    """
 
     def __init__(self, session_dir: Path, redact: Any = None) -> None:
         self.session_dir = Path(session_dir)
@@ -90,31 +146,49 @@ class Journal:
         self.path = self.meta / JOURNAL_FILE
         self._redact = redact
         self._events: list[Event] | None = None
+        self._last: dict[tuple[str, tuple[Any, ...] | None], Event] = {}
 
     def exists(self) -> bool:
         return self.path.exists()
 
-    def events(self) -> list[Event]:
+    def _loaded(self) -> list[Event]:
         if self._events is None:
-            self._events = [Event.model_validate(obj) for obj in read_jsonl(self.path)]
-        return list(self._events)
+            try:
+                events = [Event.model_validate(obj) for obj in read_jsonl(self.path)]
+            except ValueError as exc:
+                raise JournalError(f"{self.path}: {str(exc).splitlines()[0]}") from None
+            self._events = []
+            self._last = {}
+            for event in events:
+                self._index(event)
+        return self._events
+
+    def _index(self, event: Event) -> None:
+        assert self._events is not None
+        self._events.append(event)
+        self._last[(event.kind, None)] = event
+        self._last[(event.kind, event.key())] = event
+
+    def events(self) -> list[Event]:
+        return list(self._loaded())
+
+    def last(self) -> Event | None:
+        events = self._loaded()
+        return events[-1] if events else None
 
     def append(self, kind: str, **data: Any) -> Event:
-        events = self.events()
+        events = self._loaded()
         if self._redact is not None:
             data = self._redact(data)
         event = Event(seq=len(events) + 1, ts=time.time(), kind=kind, data=data)
         append_jsonl(self.path, event.model_dump(mode="json"))
-        assert self._events is not None
-        self._events.append(event)
+        self._index(event)
         return event
 
     def find(self, kind: str, key: tuple[Any, ...] | None = None) -> Event | None:
         """The last event of this kind (and step key, when given)."""
-        for event in reversed(self.events()):
-            if event.kind == kind and (key is None or event.key() == key):
-                return event
-        return None
+        self._loaded()
+        return self._last.get((kind, key))
 
     def transcript_append(self, record: dict[str, Any]) -> None:
         if self._redact is not None:
@@ -145,7 +219,7 @@ class MetricChange(BaseModel):
 
 class AttemptRecord(BaseModel):
     attempt: int
-    outcome: str  # ok | error | timeout | oom | no_results | edits_failed | no_edits | running
+    outcome: str  # ok | error | timeout | oom | no_results | edits_failed | no_edits | running | stopped
     message: str = ""
     commit: str | None = None
     plan: str = ""
@@ -155,7 +229,8 @@ class AttemptRecord(BaseModel):
 
 class RunRecord(BaseModel):
     run: int
-    status: Literal["ok", "failed", "running", "pending"] = "pending"
+    # stopped: it was in progress when the session stopped (resume runs it again)
+    status: Literal["ok", "failed", "running", "pending", "stopped"] = "pending"
     attempts: int = 0
     outcome: str | None = None
     message: str = ""
@@ -250,21 +325,26 @@ def _compare(metrics: dict[str, Any], baseline: dict[str, Any] | None, previous:
     return out
 
 
-def rebuild(events: Iterable[Event], session_dir: Path | None = None) -> SessionState:
-    """Fold the journal into the session snapshot. Pure: the same events always give the same state."""
-    info = SessionInfo(dir=str(session_dir) if session_dir else "")
-    runs: dict[int, RunRecord] = {}
-    raw_metrics: dict[int, dict[str, Any]] = {}
-    directions: dict[str, str] = {}
-    segment_start: float | None = None
-    last_ts = 0.0
+class StateFold:
+    """The session snapshot, folded from the journal one event at a time: `add` each event as it is appended and
+    `state()` whenever a snapshot is needed. Replaying a whole session is linear in its events."""
 
-    def record(n: int) -> RunRecord:
-        if n not in runs:
-            runs[n] = RunRecord(run=n)
-        return runs[n]
+    def __init__(self, session_dir: Path | None = None) -> None:
+        self.info = SessionInfo(dir=str(session_dir) if session_dir else "")
+        self.runs: dict[int, RunRecord] = {}
+        self.raw_metrics: dict[int, dict[str, Any]] = {}
+        self.directions: dict[str, str] = {}
+        self.segment_start: float | None = None
+        self.last_ts = 0.0
+        self.active_before = 0.0  # active seconds of the drive segments before the current one
 
-    def attempt_rec(rec: RunRecord, attempt: int) -> AttemptRecord:
+    def _record(self, n: int) -> RunRecord:
+        if n not in self.runs:
+            self.runs[n] = RunRecord(run=n)
+        return self.runs[n]
+
+    @staticmethod
+    def _attempt(rec: RunRecord, attempt: int) -> AttemptRecord:
         for a in rec.history:
             if a.attempt == attempt:
                 return a
@@ -273,131 +353,173 @@ def rebuild(events: Iterable[Event], session_dir: Path | None = None) -> Session
         rec.attempts = max(rec.attempts, attempt)
         return a
 
-    for ev in events:
-        d = ev.data
+    def add(self, ev: Event) -> None:
+        info, d = self.info, ev.data
         if ev.kind == "drive_started":
-            if segment_start is not None:
-                info.totals.active_seconds += max(0.0, last_ts - segment_start)
-            segment_start = ev.ts
+            if self.segment_start is not None:
+                self.active_before += max(0.0, self.last_ts - self.segment_start)
+            self.segment_start = ev.ts
             info.status = "running"
             info.reason = ""
-        last_ts = ev.ts
+        self.last_ts = ev.ts
         info.updated_at = ev.ts
         stage = d.get("stage", "experiment")
         n = d.get("run")
         if ev.kind == "session_started":
-            idea = d.get("idea", {})
-            tmpl = d.get("template", {})
-            info.name = idea.get("name", "")
-            info.title = idea.get("title", "")
-            info.experiment = idea.get("experiment", "")
-            info.plan = idea.get("plan")
-            info.template = tmpl.get("name", "")
-            info.model = d.get("model", "")
-            info.max_runs = int(d.get("max_runs", 10))
-            info.started_at = ev.ts
-            info.key_metrics = list(tmpl.get("key_metrics", []))
-            directions = dict(tmpl.get("metrics", {}))
-            info.metric_directions = directions
-            if segment_start is None:
-                segment_start = ev.ts
+            self._session_started(ev)
         elif ev.kind == "phase":
             info.phase = d.get("phase", info.phase)
             if stage == "experiment":
                 info.current_run = n
                 info.current_attempt = d.get("attempt")
         elif ev.kind == "reply":
-            info.totals.calls += 1
-            info.totals.prompt_tokens += int(d.get("prompt_tokens", 0))
-            info.totals.completion_tokens += int(d.get("completion_tokens", 0))
-            info.totals.cached_tokens += int(d.get("cached_tokens", 0))
-            cost = d.get("cost_usd")
-            if cost is None:
-                info.totals.cost_unknown_calls += 1
-            else:
-                info.totals.cost_usd += float(cost)
-            if stage == "experiment" and n is not None:
-                rec = record(n)
-                rec.calls += 1
-                rec.prompt_tokens += int(d.get("prompt_tokens", 0))
-                rec.completion_tokens += int(d.get("completion_tokens", 0))
-                rec.cached_tokens += int(d.get("cached_tokens", 0))
-                rec.cost_usd += float(cost or 0.0)
-        elif stage != "experiment" or n is None:
-            pass
-        elif ev.kind == "edits_applied":
-            rec = record(n)
-            a = attempt_rec(rec, d["attempt"])
+            self._reply(d, stage, n)
+        elif stage == "experiment" and n is not None:
+            self._run_event(ev.kind, d, n)
+        if ev.kind == "finished":
+            info.status = d.get("status", "completed")
+            info.reason = d.get("reason", "")
+            info.phase = "finished"
+            self._nothing_runs()
+        elif ev.kind == "interrupted":
+            info.status = "interrupted"
+            info.reason = d.get("reason", "interrupted")
+            self._nothing_runs()
+        elif ev.kind == "figures":
+            info.figures = list(d.get("files", []))
+
+    def _nothing_runs(self) -> None:
+        """The session stopped: an attempt or run still marked running was stopped with it."""
+        for rec in self.runs.values():
+            for a in rec.history:
+                if a.outcome == "running":
+                    a.outcome = "stopped"
+                    a.message = a.message or "stopped when the session stopped"
+            if rec.status == "running":
+                rec.status = "stopped"
+
+    def _session_started(self, ev: Event) -> None:
+        info, d = self.info, ev.data
+        idea = d.get("idea", {})
+        tmpl = d.get("template", {})
+        info.name = idea.get("name", "")
+        info.title = idea.get("title", "")
+        info.experiment = idea.get("experiment", "")
+        info.plan = idea.get("plan")
+        info.template = tmpl.get("name", "")
+        info.model = d.get("model", "")
+        info.max_runs = int(d.get("max_runs", 10))
+        info.started_at = ev.ts
+        info.key_metrics = list(tmpl.get("key_metrics", []))
+        self.directions = dict(tmpl.get("metrics", {}))
+        info.metric_directions = self.directions
+        if self.segment_start is None:
+            self.segment_start = ev.ts
+
+    def _reply(self, d: dict[str, Any], stage: str, n: int | None) -> None:
+        totals = self.info.totals
+        totals.calls += 1
+        totals.prompt_tokens += int(d.get("prompt_tokens", 0))
+        totals.completion_tokens += int(d.get("completion_tokens", 0))
+        totals.cached_tokens += int(d.get("cached_tokens", 0))
+        cost = d.get("cost_usd")
+        if cost is None:
+            totals.cost_unknown_calls += 1
+        else:
+            totals.cost_usd += float(cost)
+        if stage == "experiment" and n is not None:
+            rec = self._record(n)
+            rec.calls += 1
+            rec.prompt_tokens += int(d.get("prompt_tokens", 0))
+            rec.completion_tokens += int(d.get("completion_tokens", 0))
+            rec.cached_tokens += int(d.get("cached_tokens", 0))
+            rec.cost_usd += float(cost or 0.0)
+
+    def _run_event(self, kind: str, d: dict[str, Any], n: int) -> None:
+        if kind == "edits_applied":
+            rec = self._record(n)
+            a = self._attempt(rec, d["attempt"])
             a.commit = d.get("commit")
             a.plan = d.get("plan", "")
-        elif ev.kind == "attempt_failed":
-            rec = record(n)
-            a = attempt_rec(rec, d["attempt"])
+        elif kind == "attempt_failed":
+            rec = self._record(n)
+            a = self._attempt(rec, d["attempt"])
             a.outcome = d.get("outcome", "edits_failed")
             a.message = d.get("message", "")
             if rec.status != "ok":
                 rec.status = "running"
-        elif ev.kind == "run_started":
-            rec = record(n)
-            attempt_rec(rec, d["attempt"]).outcome = "running"
+        elif kind == "run_started":
+            rec = self._record(n)
+            self._attempt(rec, d["attempt"]).outcome = "running"
             rec.status = "running"
-        elif ev.kind == "run_finished":
-            rec = record(n)
-            a = attempt_rec(rec, d["attempt"])
-            a.outcome = d["outcome"]
+        elif kind == "run_finished":
+            self._run_finished(d, n)
+        elif kind == "run_stopped":
+            rec = self._record(n)
+            a = self._attempt(rec, d["attempt"])
+            a.outcome = "stopped"
             a.message = d.get("message", "")
-            a.duration_s = d.get("duration_s")
-            a.stderr_tail = d.get("stderr_tail", "")
-            info.totals.run_seconds += float(d.get("duration_s") or 0.0)
-            rec.outcome = d["outcome"]
-            rec.message = a.message
-            rec.duration_s = a.duration_s
-            rec.stderr_tail = a.stderr_tail
-            if d["outcome"] == "ok":
-                rec.status = "ok"
-                rec.commit = a.commit or d.get("commit")
-                # The run's intent is the plan of its first attempt; later attempts are usually fixes.
-                plans = [x.plan for x in sorted(rec.history, key=lambda x: x.attempt) if x.plan]
-                rec.plan = plans[0] if plans else a.plan
-                raw_metrics[n] = d.get("metrics", {})
-        elif ev.kind == "run_recorded":
-            rec = record(n)
+        elif kind == "run_recorded":
+            rec = self._record(n)
             rec.results_commit = d.get("commit")
             rec.tag = d.get("tag")
             rec.untracked = list(d.get("untracked", []))
-        elif ev.kind == "baseline_reused":
-            rec = record(0)
+        elif kind == "baseline_reused":
+            rec = self._record(0)
             rec.status = "ok"
             rec.outcome = "ok"
             rec.message = "reused from the template (same experiment.py)"
             rec.commit = d.get("commit")
             rec.tag = d.get("tag")
-            raw_metrics[0] = d.get("metrics", {})
-        elif ev.kind == "run_given_up":
-            rec = record(n)
-            rec.status = "failed"
-        if ev.kind == "finished":
-            info.status = d.get("status", "completed")
-            info.reason = d.get("reason", "")
-            info.phase = "finished"
-        elif ev.kind == "interrupted":
-            info.status = "interrupted"
-            info.reason = d.get("reason", "interrupted")
-        elif ev.kind == "figures":
-            info.figures = list(d.get("files", []))
+            self.raw_metrics[0] = d.get("metrics", {})
+        elif kind == "run_given_up":
+            self._record(n).status = "failed"
 
-    if segment_start is not None:
-        info.totals.active_seconds += max(0.0, last_ts - segment_start)
+    def _run_finished(self, d: dict[str, Any], n: int) -> None:
+        rec = self._record(n)
+        a = self._attempt(rec, d["attempt"])
+        a.outcome = d["outcome"]
+        a.message = d.get("message", "")
+        a.duration_s = d.get("duration_s")
+        a.stderr_tail = d.get("stderr_tail", "")
+        self.info.totals.run_seconds += float(d.get("duration_s") or 0.0)
+        rec.outcome = d["outcome"]
+        rec.message = a.message
+        rec.duration_s = a.duration_s
+        rec.stderr_tail = a.stderr_tail
+        if d["outcome"] == "ok":
+            rec.status = "ok"
+            rec.commit = a.commit or d.get("commit")
+            # The run's intent is the plan of its first attempt; later attempts are usually fixes.
+            plans = [x.plan for x in sorted(rec.history, key=lambda x: x.attempt) if x.plan]
+            rec.plan = plans[0] if plans else a.plan
+            self.raw_metrics[n] = d.get("metrics", {})
 
-    baseline = raw_metrics.get(0)
-    previous: dict[str, Any] | None = None
-    for n in sorted(runs):
-        rec = runs[n]
-        if n in raw_metrics:
-            rec.metrics = _compare(raw_metrics[n], baseline if n else None, previous if n else None, directions)
-            previous = raw_metrics[n]
-    info.best_run = _best_run(runs, info.key_metrics, directions)
-    return SessionState(session=info, runs=[runs[n] for n in sorted(runs)])
+    def state(self) -> SessionState:
+        """The snapshot as of the events added so far (a copy: later events do not change it)."""
+        info = self.info.model_copy(deep=True)
+        active = self.active_before
+        if self.segment_start is not None:
+            active += max(0.0, self.last_ts - self.segment_start)
+        info.totals.active_seconds = active
+        runs = {n: rec.model_copy(deep=True) for n, rec in self.runs.items()}
+        baseline = self.raw_metrics.get(0)
+        previous: dict[str, Any] | None = None
+        for n in sorted(runs):
+            if n in self.raw_metrics:
+                runs[n].metrics = _compare(self.raw_metrics[n], baseline if n else None, previous if n else None,
+                                           self.directions)
+                previous = self.raw_metrics[n]
+        info.best_run = _best_run(runs, info.key_metrics, self.directions)
+        return SessionState(session=info, runs=[runs[n] for n in sorted(runs)])
+
+
+def rebuild(events: Iterable[Event], session_dir: Path | None = None) -> SessionState:
+    """Fold the journal into the session snapshot. Pure: the same events always give the same state."""
+    fold = StateFold(session_dir)
+    for ev in events:
+        fold.add(ev)
+    return fold.state()
 
 
 def _best_run(runs: dict[int, RunRecord], key_metrics: list[str], directions: dict[str, str]) -> int | None:

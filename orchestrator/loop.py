@@ -13,8 +13,11 @@ import json
 import os
 import re
 import signal
+import threading
+import time
+import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,17 +26,19 @@ from pydantic import BaseModel
 
 from orchestrator import conversation, prompts
 from orchestrator.atomic import write_text_atomic
-from orchestrator.config import Settings, public_dump
+from orchestrator.config import ConfigError, Settings, public_dump
 from orchestrator.edits import apply_edits, plan_line
 from orchestrator.errors import OrchestratorError
 from orchestrator.journal import (
     FINAL_STATUSES,
     IDEA_FILE,
     META_DIR,
+    REOPENABLE_STATUSES,
     SETTINGS_FILE,
     Journal,
     JournalError,
     SessionState,
+    StateFold,
     rebuild,
     write_model_atomic,
     write_snapshot,
@@ -105,18 +110,32 @@ def session_dir_name(idea: IdeaSpec, now: datetime | None = None) -> str:
     return f"{stamp}_{idea.name}"
 
 
+def claim_session_dir(root: Path, name: str) -> Path:
+    """Create and return `root/name`, or `root/name-2`, `-3` ... when taken. `os.mkdir` either creates the folder
+    or fails, so two launches in the same second (or two batch sessions) never share a folder."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"root {root} is a file, not a folder for session folders")
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        session = root / (name if n == 1 else f"{name}-{n}")
+        try:
+            os.mkdir(session)
+        except FileExistsError:
+            continue
+        return session
+    raise ConfigError(f"no free session folder name for {name!r} under {root}")
+
+
 def create_session(idea: IdeaSpec, template: Template, settings: Settings, max_runs: int,
                    now: datetime | None = None) -> Path:
     """Copy the template into a fresh session folder, make it a git repo and journal the launch."""
-    root = Path(settings.root)
-    root.mkdir(parents=True, exist_ok=True)
-    base = session_dir_name(idea, now)
-    session = root / base
-    n = 1
-    while session.exists():
-        n += 1
-        session = root / f"{base}-{n}"
-    copy_template(template, session)
+    session = claim_session_dir(Path(settings.root), session_dir_name(idea, now))
+    try:
+        copy_template(template, session)
+    except BaseException:
+        with suppress(OSError):
+            session.rmdir()
+        raise
     reuse = baseline_reusable(template)
     ws = Workspace.init(session)
     meta = session / META_DIR
@@ -140,18 +159,28 @@ def create_session(idea: IdeaSpec, template: Template, settings: Settings, max_r
 
 
 def resume_settings(session: Path, overrides: dict[str, Any]) -> Settings:
-    """The settings a session was launched with, updated by the flags given to `resume` (and saved again)."""
-    from orchestrator.config import load_settings
+    """The settings a session was launched with, under ORCH_* variables and the flags given to `resume` (the
+    result is saved again). A saved `api_base` whose credentials were masked is never used as a URL."""
+    from orchestrator.config import env_overrides, load_settings
 
     path = Path(session) / META_DIR / SETTINGS_FILE
     if not path.exists():
         raise JournalError(f"{session} is not a session folder (no {META_DIR}/{SETTINGS_FILE})")
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise JournalError(f"{path} cannot be read: {exc}") from None
     max_runs = saved.pop("max_runs", None)
     changed = {k: v for k, v in overrides.items() if v is not None}
-    settings = load_settings(saved | changed, None)
-    if changed:
-        write_text_atomic(path, _json(public_dump(settings) | {"max_runs": max_runs}))
+    masked = "***" in str(saved.get("api_base") or "")
+    if masked:
+        saved.pop("api_base")
+    kept = {k: v for k, v in saved.items() if k not in env_overrides()}
+    settings = load_settings(kept | changed, None)
+    if masked and settings.api_base is None:
+        raise ConfigError("the session's api_base held credentials, which are never saved: give it again with "
+                          "resume --api-base URL (or ORCH_API_BASE)")
+    write_text_atomic(path, _json(public_dump(settings) | {"max_runs": max_runs}))
     return settings
 
 
@@ -159,20 +188,74 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str) + "\n"
 
 
+_HELD_LOCKS: set[Path] = set()
+
+
 @contextmanager
-def _session_lock(session: Path) -> Iterator[None]:
-    path = session / META_DIR / "lock"
-    fh = open(path, "w")
+def session_lock(session: Path) -> Iterator[None]:
+    """Hold the session's lock (`.orchestrator/lock`, flock) for the block; re-entrant within one process.
+
+    Take it before reading the journal: a driver that read the journal first could replay stale events. Opening
+    the file never truncates it, so a second process that fails to get the lock leaves the holder's pid there
+    and can name it."""
+    key = Path(session).resolve()
+    if key in _HELD_LOCKS:
+        yield
+        return
+    path = Path(session) / META_DIR / "lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        raise JournalError(f"{session} is not a session folder (no {META_DIR}/)") from None
     try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SessionBusy(f"{session} is being driven by another orchestrator process") from None
-        fh.write(str(os.getpid()))
-        fh.flush()
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise SessionBusy(f"{session} is being driven by another orchestrator process{who}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD_LOCKS.add(key)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(key)
+    finally:
+        os.close(fd)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP reached the orchestrator: it stops the way Ctrl-C stops it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_stop_the_session() -> Iterator[None]:
+    """While a session is driven, SIGTERM and SIGHUP raise `Stopped` (a KeyboardInterrupt), so they take Ctrl-C's
+    path: the run's process group is stopped and the session is recorded `interrupted`. Only the first signal
+    raises; later ones are ignored so that the clean-up itself is not cut short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal fired
+        if fired:
+            return
+        fired = True
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
         yield
     finally:
-        fh.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------------------------- the driver
@@ -183,15 +266,23 @@ class Driver:
 
     def __init__(self, session: Path, model: Model, settings: Settings, hooks: Hooks | None = None) -> None:
         self.dir = Path(session)
+        self.model = model
+        self.settings = settings
+        self.hooks = hooks
+        self.active: RunHandle | None = None
+        self.last_good_run = 0
+
+    def _load(self) -> None:
+        """Read the journal (under the session lock) and what the session was launched with."""
         self.journal = Journal(self.dir, redact=redact_obj)
         if not self.journal.exists():
             raise JournalError(f"{self.dir} is not a session folder (no {META_DIR}/journal.jsonl)")
         started = self.journal.find("session_started")
         if started is None:
             raise JournalError(f"{self.dir}: the journal has no session_started event")
-        self.model = model
-        self.settings = settings
-        self.hooks = hooks
+        self.fold = StateFold(self.dir)
+        for event in self.journal.events():
+            self.fold.add(event)
         self.idea = IdeaSpec.model_validate(started.data["idea"])
         self.template = Template.model_validate(started.data["template"])
         self.max_runs = int(started.data["max_runs"])
@@ -200,23 +291,26 @@ class Driver:
         self.history: list[conversation.Message] = [
             conversation.Message(role="system", content=started.data["system_prompt"])
         ]
-        self.active: RunHandle | None = None
-        self.last_good_run = 0
 
     # ---------------------------------------------------------------------------------------------- entry point
 
     def state(self) -> SessionState:
-        return rebuild(self.journal.events(), self.dir)
+        return self.fold.state()
 
     def drive(self, reopen: bool = False) -> SessionState:
-        """Drive to a final status. `reopen` continues a session that a budget or wall-clock limit ended."""
-        status = self.state().session.status
-        if status in FINAL_STATUSES and not (reopen and status in ("budget_usd", "wall_clock")):
-            return self.state()
-        with _session_lock(self.dir):
-            self._record("drive_started", pid=os.getpid())
-            self._recover()
+        """Drive to a final status. `reopen` continues a session that one of its limits ended.
+
+        Whatever goes wrong inside a step ends recorded: a limit as its status, a model error or any unexpected
+        exception as `interrupted` (resumable; the traceback is journaled), Ctrl-C, SIGTERM and SIGHUP as
+        `interrupted` after the run's process group is stopped (then KeyboardInterrupt is raised again)."""
+        with session_lock(self.dir), _signals_stop_the_session():
+            self._load()
+            status = self.state().session.status
+            if status in FINAL_STATUSES and not (reopen and status in REOPENABLE_STATUSES):
+                return self.state()
+            self._record("drive_started", pid=os.getpid(), reopened=status if status in FINAL_STATUSES else None)
             try:
+                self._recover()
                 status, reason = self._experiments()
                 if status in ("completed", "max_runs") and self.settings.plots:
                     self._plots()
@@ -227,18 +321,29 @@ class Driver:
             except _SessionFailed as failure:
                 self._record("finished", status="failed", reason=str(failure))
             except ModelError as exc:
+                self._stop_active()
                 self._record("interrupted", reason=f"model error: {exc}")
-            except KeyboardInterrupt:
-                if self.active is not None:
-                    self.active.kill()
-                self._record("interrupted", reason="interrupted by the user")
+            except KeyboardInterrupt as exc:
+                self._stop_active()
+                why = f"stopped by {exc.args[0]}" if isinstance(exc, Stopped) else "interrupted by the user"
+                self._record("interrupted", reason=why)
                 raise
+            except Exception as exc:  # the catch-all: never leave a session `running` with a traceback
+                self._stop_active()
+                self._record("interrupted", reason=_one_line(f"{type(exc).__name__}: {exc}"),
+                             error_type=type(exc).__name__, traceback=traceback.format_exc(limit=30))
         return self.state()
+
+    def _stop_active(self) -> None:
+        if self.active is not None:
+            self.active.kill()
+            self.active = None
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
 
     def _record(self, kind: str, **data: Any) -> None:
-        self.journal.append(kind, **data)
+        event = self.journal.append(kind, **data)
+        self.fold.add(event)
         _crash_point(kind)
         state = self.state()
         write_snapshot(self.dir, state)
@@ -270,8 +375,9 @@ class Driver:
 
     def _recover(self) -> None:
         """Undo what a crash left half done: orphaned experiment processes and uncommitted edits."""
-        finished = {e.key() for e in self.journal.events() if e.kind == "run_finished"}
-        for e in self.journal.events():
+        events = self.journal.events()
+        finished = {e.key() for e in events if e.kind in ("run_finished", "run_stopped")}
+        for e in events:
             if e.kind == "run_started" and e.key() not in finished:
                 stop_orphan(int(e.data["pid"]), e.data.get("proc_start_ticks"))
         editable = self._editable_files(tuple(self.template.editable))
@@ -281,25 +387,54 @@ class Driver:
             self._reset_editable("HEAD")
 
     def _reset_editable(self, ref: str) -> list[str]:
-        """Make the editable files what they are at `ref` (files absent there are removed); returns their paths."""
+        """Make the editable files what they are at `ref` and return their paths. Only files git tracks are
+        touched: a tracked file absent at `ref` is removed, untracked files (caches, files over the size limit)
+        always stay."""
         paths = self._editable_files(tuple(self.template.editable))
+        tracked = set(self.ws.tracked(paths))
         kept = [p for p in paths if self.ws.show(ref, p) is not None]
-        for p in set(paths) - set(kept):
+        for p in tracked - set(kept):
             (self.dir / p).unlink()
         self.ws.restore(ref, kept)
         return paths
 
     def _check_limits(self) -> None:
+        """Before each model call and each run: stop cleanly when a budget is used up."""
         totals = self.state().session.totals
         budget = self.settings.budget_usd
         if budget is not None and totals.cost_usd >= budget:
             raise _LimitReached("budget_usd", f"model spending reached ${totals.cost_usd:.4f} of the ${budget:.2f} budget")
+        cap = self.settings.max_tokens_total
+        used = totals.prompt_tokens + totals.completion_tokens
+        if cap is not None and used >= cap:
+            raise _LimitReached("max_tokens", f"the session used {used:,} tokens of its {cap:,} token budget")
+        left = self._wall_left()
+        if left is not None and left <= 0:
+            wall = self.settings.wall_clock_s
+            raise _LimitReached("wall_clock", f"the session ran its {wall:.0f} s wall-clock budget")
+
+    def _wall_left(self) -> float | None:
+        """Seconds left of the wall-clock budget (None without one)."""
         wall = self.settings.wall_clock_s
-        if wall is not None:
-            events = self.journal.events()
-            elapsed = totals.active_seconds + max(0.0, datetime.now().timestamp() - events[-1].ts)
-            if elapsed >= wall:
-                raise _LimitReached("wall_clock", f"the session ran {elapsed:.0f} s of its {wall:.0f} s wall-clock budget")
+        if wall is None:
+            return None
+        last = self.journal.last()
+        active = self.state().session.totals.active_seconds
+        elapsed = active + (max(0.0, time.time() - last.ts) if last is not None else 0.0)
+        return wall - elapsed
+
+    def _check_stall(self) -> None:
+        """End the session (status `stalled`) after `stall_replies` replies in a row with nothing to apply."""
+        limit = self.settings.stall_replies
+        streak = 0
+        for event in reversed(self.journal.events()):
+            if event.kind in ("edits_applied", "completed_reply") or (event.kind == "drive_started"
+                                                                      and event.data.get("reopened")):
+                break
+            if event.kind in ("edits_failed", "no_edits", "no_change") and event.data.get("stage") == "experiment":
+                streak += 1
+        if streak >= limit:
+            raise _LimitReached("stalled", f"{streak} replies in a row had no edits that could be applied")
 
     # ---------------------------------------------------------------------------------------------- asking
 
@@ -317,18 +452,20 @@ class Driver:
         if reply is None:
             self._phase("ask", stage, run, attempt)
             self._check_limits()
-            got = self._call_model()
+            got, wire = self._call_model()
             self._record("reply", **key, content=got.content, reasoning=got.reasoning,
                          prompt_tokens=got.prompt_tokens, completion_tokens=got.completion_tokens,
                          cached_tokens=got.cached_tokens, cost_usd=got.cost_usd, latency_s=got.latency_s,
-                         model=got.model, call_attempts=got.attempts)
+                         model=got.model, call_attempts=got.attempts, finish_reason=got.finish_reason)
+            # the transcript follows the journal: a reply on record there is never missing from the journal
+            self.journal.transcript_append({"request": wire, "reply": got.model_dump(mode="json")})
             reply = self.journal.find("reply", k)
             assert reply is not None
         content = reply.data["content"]
         self.history = conversation.append(self.history, "assistant", content)
         return content
 
-    def _call_model(self) -> Reply:
+    def _call_model(self) -> tuple[Reply, list[dict[str, str]]]:
         messages = list(self.history)
         for _ in range(4):
             try:
@@ -339,11 +476,7 @@ class Driver:
                     raise
                 messages = shorter
                 continue
-            self.journal.transcript_append({
-                "request": conversation.to_wire(messages, self.model.profile),
-                "reply": reply.model_dump(mode="json"),
-            })
-            return reply
+            return reply, conversation.to_wire(messages, self.model.profile)
         raise ContextWindowError("the conversation does not fit the model's context window even when shortened")
 
     # ---------------------------------------------------------------------------------------------- editing
@@ -359,14 +492,14 @@ class Driver:
                 return _Applied(kind=mapping.get(kind, kind), feedback=done.data.get("feedback", ""),
                                 commit=done.data.get("commit"))
         started = self.journal.find("apply_started", k)
-        if started is not None:
-            self.ws.reset_hard(started.data["base"])  # a crash between writing the edits and committing them
+        if started is not None:  # a crash between writing the edits and committing them
+            self._reset_editable(started.data["base"])
         else:
             self._record("apply_started", **key, base=self.ws.head())
         self._phase("apply", stage, run, attempt)
         result = apply_edits(self.dir, reply, editable=editable, protected=tuple(self.template.protected))
         if result.blocks == 0 and not result.parse_error:
-            if ALL_COMPLETED in reply:
+            if is_completed(reply):
                 self._record("completed_reply", **key)
                 return _Applied(kind="completed")
             self._record("no_edits", **key, message="the reply had no SEARCH/REPLACE blocks")
@@ -400,13 +533,26 @@ class Driver:
                 return outcome, situation
             if no_edits_ends and outcome.kind in ("no_edits", "no_change"):
                 return outcome, situation
+            if stage == "experiment":
+                self._check_stall()
             left = retries - retry
+            cut = self._reply_cut(stage, run, attempt, retry)
             if outcome.kind == "failed":
                 situation = _Situation(name="edits_failed", show_files=True,
-                                       context={"run": run, "feedback": outcome.feedback, "retries_left": left})
+                                       context={"run": run, "feedback": cut + outcome.feedback, "retries_left": left})
+            elif cut:
+                situation = _Situation(name="reply_cut", context={"run": run, "retries_left": left})
             else:
                 situation = _Situation(name=outcome.kind, context={"run": run, "retries_left": left})
         return outcome, situation
+
+    def _reply_cut(self, stage: str, run: int | None, attempt: int, retry: int) -> str:
+        """A line for the model when its reply was cut at the output limit (finish_reason `length`), else ''."""
+        reply = self.journal.find("reply", (stage, run, attempt, retry))
+        if reply is None or reply.data.get("finish_reason") != "length":
+            return ""
+        return ("Your last reply was cut off at the output token limit before it ended, so its last block may be "
+                "incomplete.\n\n")
 
     # ---------------------------------------------------------------------------------------------- running
 
@@ -418,13 +564,25 @@ class Driver:
             return done.data
         self._check_limits()
         self._phase("run", stage, run, attempt)
-        handle = start_run(request)
-        self.active = handle
-        self._record("run_started", **key, pid=handle.pid, pgid=handle.pgid,
-                     proc_start_ticks=handle.proc_start_ticks, started_at=handle.started_at,
-                     command=request.command())
+        left = self._wall_left()
+        cut_by_wall = left is not None and left < request.timeout_s
+        if cut_by_wall:
+            request = request.model_copy(update={"timeout_s": max(left or 0.0, 0.001)})
+        handle = self.active = start_run(request)
+        try:
+            self._record("run_started", **key, pid=handle.pid, pgid=handle.pgid,
+                         proc_start_ticks=handle.proc_start_ticks, started_at=handle.started_at,
+                         command=request.command(), timeout_s=request.timeout_s)
+        except BaseException:
+            self._stop_active()  # a run the journal does not know about must not go on
+            raise
         result: RunResult = handle.wait()
         self.active = None
+        if cut_by_wall and result.outcome == "timeout":
+            # not the run's fault: it runs again from a clean folder if the session is resumed with more time
+            self._record("run_stopped", **key, message="stopped: the session's wall-clock budget ran out")
+            raise _LimitReached("wall_clock", f"the session's {self.settings.wall_clock_s:.0f} s wall-clock "
+                                              f"budget ran out during run {run if run is not None else stage}")
         self._record("run_finished", **key, outcome=result.outcome, returncode=result.returncode,
                      duration_s=result.duration_s,
                      metrics={n: m.model_dump(mode="json") for n, m in result.metrics.items()},
@@ -666,16 +824,20 @@ class Driver:
 
 
 def _crash_point(name: str) -> None:
-    """Fault injection for the crash tests: ORCH_TEST_CRASH_AT=<point>[:<n>] kills this process with SIGKILL
-    the n-th time (default 1st) the driver passes that point. Points are journal event kinds and "edits_written"."""
+    """Fault injection for the crash tests: ORCH_TEST_CRASH_AT=<point>[:<n>[:raise]] kills this process with SIGKILL
+    the n-th time (default 1st) the driver passes that point, or with `raise` makes that step fail with an OSError
+    (as a full disk would). Points are journal event kinds and "edits_written"."""
     spec = os.environ.get("ORCH_TEST_CRASH_AT")
     if not spec:
         return
-    point, _, nth = spec.partition(":")
+    point, _, rest = spec.partition(":")
     if point != name:
         return
+    nth, _, mode = rest.partition(":")
     _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
     if _CRASH_COUNTS[name] == int(nth or 1):
+        if mode == "raise":
+            raise OSError(f"injected fault at {name}")
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -694,6 +856,18 @@ def _log_part(name: str, head: str, tail: str) -> str:
     if tail.strip():
         parts.append(f"## {name} ({'tail' if head.strip() else 'last lines'})\n```\n{tail.rstrip()}\n```")
     return "\n\n".join(parts)
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def is_completed(reply: str) -> bool:
+    """The model says it is done: ALL_COMPLETED stands alone as the reply's last non-blank line (markdown
+    emphasis or code ticks around it, and a final period, are allowed). Anywhere else it is prose."""
+    lines = [line.strip() for line in reply.splitlines() if line.strip()]
+    return bool(lines) and lines[-1].strip("*`_ ").rstrip(".") == ALL_COMPLETED
 
 
 def _first_line(text: str) -> str:

@@ -230,7 +230,7 @@ def test_demo_replies_have_the_scripted_shape():
     replies = load_replies()
     blocks = [len(parse_edits(r["content"])) for r in replies]
     assert all(blocks[i] > 0 for i in (0, 1, 2, 3, 5, 6))
-    assert blocks[4] == 0 and replies[4]["content"].startswith("ALL_COMPLETED")
+    assert blocks[4] == 0 and replies[4]["content"].rstrip().endswith("\nALL_COMPLETED")
     assert {e.path for e in parse_edits(replies[5]["content"])} == {"plot.py"}
     assert {e.path for e in parse_edits(replies[6]["content"])} == {"notes.txt"}
 
