@@ -131,7 +131,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=3000)
     args = parser.parse_args()
     events = make_events(args.events)
-    console = Console()
+    console = Console(width=130)
     stores = Table(title=f"Journal stores, {args.events} events (this machine: {os.cpu_count()} cores)")
     for col in ("store", "append (ms/event, durable)", "cold read (ms)", "find by key (µs)", "size (KiB)",
                 "readable after a torn write"):

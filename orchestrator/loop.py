@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -305,10 +306,10 @@ class Driver:
         `interrupted` after the run's process group is stopped (then KeyboardInterrupt is raised again)."""
         with session_lock(self.dir), _signals_stop_the_session():
             self._load()
-            status = self.state().session.status
-            if status in FINAL_STATUSES and not (reopen and status in REOPENABLE_STATUSES):
+            before = self.state().session.status
+            if before in FINAL_STATUSES and not (reopen and before in REOPENABLE_STATUSES):
                 return self.state()
-            self._record("drive_started", pid=os.getpid(), reopened=status if status in FINAL_STATUSES else None)
+            self._record("drive_started", pid=os.getpid(), reopened=before if before in FINAL_STATUSES else None)
             try:
                 self._recover()
                 status, reason = self._experiments()
@@ -527,7 +528,7 @@ class Driver:
         retries = self.settings.edit_retries
         outcome = _Applied(kind="no_edits")
         for retry in range(retries + 1):
-            reply = self._ask(stage, run, attempt, retry, lambda s=situation: self._render(s, editable))
+            reply = self._ask(stage, run, attempt, retry, partial(self._render, situation, editable))
             outcome = self._apply(stage, run, attempt, retry, reply, editable)
             if outcome.kind in ("applied", "completed"):
                 return outcome, situation

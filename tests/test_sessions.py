@@ -390,15 +390,19 @@ def test_a_template_baseline_is_reused_only_when_made_by_the_same_code(tmp_path,
     assert rerun["metrics"]["toy.score"]["value"] == pytest.approx(0.8) and rerun["duration_s"] is not None
 
 
-def test_the_wall_clock_budget_ends_the_session_cleanly(tmp_path, fake_provider):
+def test_the_wall_clock_budget_stops_a_run_that_would_outlast_it(tmp_path, fake_provider):
     slow = edit("    os.makedirs(args.out_dir, exist_ok=True)\n",
-                "    os.makedirs(args.out_dir, exist_ok=True)\n    import time\n    time.sleep(2)\n", plan="A slow run.")
+                "    os.makedirs(args.out_dir, exist_ok=True)\n    import time\n    time.sleep(600)\n", plan="A slow run.")
     server = fake_provider.start({"replies": [{"content": slow}, {"content": "ALL_COMPLETED"}]}, api_key=TEST_KEY)
-    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots", "--wall-clock", "2"), env=MODEL_ENV)
+    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots", "--wall-clock", "45", "--timeout", "500"),
+                       env=MODEL_ENV,
+                       timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     state = status_json(session_from(res))
     assert state["session"]["status"] == "wall_clock" and "wall-clock" in state["session"]["reason"]
-    assert [r["status"] for r in state["runs"]] == ["ok", "ok"]  # the run in progress finished and counts
+    # the run was cut at the budget (not after its 500 s timeout) and will run again on resume
+    assert [r["status"] for r in state["runs"]] == ["ok", "stopped"]
+    assert state["runs"][1]["history"][-1]["outcome"] == "stopped"
     assert len(server.requests()) == 1
 
 
