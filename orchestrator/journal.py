@@ -312,7 +312,7 @@ def _compare(metrics: dict[str, Any], baseline: dict[str, Any] | None, previous:
     out: dict[str, MetricChange] = {}
     for name, m in metrics.items():
         mv = MetricValue.model_validate(m)
-        change = MetricChange(value=mv.mean, stderr=mv.stderr, direction=_direction(name, directions))  # type: ignore[arg-type]
+        change = MetricChange(value=mv.mean, stderr=mv.stderr, direction=_direction(name, directions))
         if baseline and name in baseline:
             change.baseline = float(baseline[name]["mean"])
             change.vs_baseline = mv.mean - change.baseline

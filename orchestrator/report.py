@@ -128,6 +128,7 @@ def run_diff(session: Path, state: SessionState, run: str | int | None = None,
     """The code change that produced a run, against the previous successful run (or the one given)."""
     rec = resolve_run(state, run)
     ws = Workspace.open(session)
+    base: RunRecord | None
     if against is not None:
         base = resolve_run(state, against)
     else:
