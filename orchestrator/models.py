@@ -157,6 +157,12 @@ class Model(Protocol):
 
     def complete(self, messages: Sequence[Message]) -> Reply: ...
 
+    def context_limit(self) -> int | None: ...
+
+    def count_tokens(self, messages: Sequence[Message]) -> int: ...
+
+    def price_known(self) -> bool: ...
+
 
 # --------------------------------------------------------------------------------------------------- litellm
 
@@ -633,6 +639,7 @@ class ScriptedReply(BaseModel):
     completion_tokens: int | None = Field(default=None, ge=0)
     cached_tokens: int | None = Field(default=None, ge=0)
     cost_usd: float | None = Field(default=None, ge=0)
+    finish_reason: str = "stop"  # "length" simulates a reply cut at max_tokens
 
 
 def _estimate_tokens(text: str) -> int:
@@ -640,9 +647,17 @@ def _estimate_tokens(text: str) -> int:
 
 
 def load_script(path: Path) -> list[ScriptedReply]:
-    """Read a scripted model's replies: YAML/JSON (a list) or JSONL (one item per line)."""
+    """Read a scripted model's replies: YAML/JSON (a list) or JSONL (one item per line); at least one."""
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScriptFormatError(f"scripted model: cannot read {path}: it does not exist") from None
+    except IsADirectoryError:
+        raise ScriptFormatError(f"scripted model: cannot read {path}: it is a folder, not a file") from None
+    except UnicodeDecodeError as exc:
+        raise ScriptFormatError(
+            f"scripted model: cannot read {path}: it is not UTF-8 text (byte {exc.start})"
+        ) from None
     except OSError as exc:
         raise ScriptFormatError(f"scripted model: cannot read {path}: {exc.strerror or exc}") from None
     where: list[str] = []
@@ -668,6 +683,8 @@ def load_script(path: Path) -> list[ScriptedReply]:
             raise ScriptFormatError(
                 f"scripted model: {path} is not valid YAML/JSON: {_one_line(str(exc))}"
             ) from None
+        if loaded is None:
+            loaded = []
         if not isinstance(loaded, list):
             raise ScriptFormatError(f"scripted model: {path} must hold a list of replies")
         items = loaded
@@ -682,19 +699,27 @@ def load_script(path: Path) -> list[ScriptedReply]:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"]) or "item"
             raise ScriptFormatError(f"scripted model: {path} {place}: {loc}: {first['msg']}") from None
+    if not replies:
+        raise ScriptFormatError(f"scripted model: {path} has no replies")
     return replies
 
 
 class ScriptedModel:
-    """Replies from a file, in order, for the offline demo and tests. Validates with the strictest profile."""
+    """Replies from a file, in order, for the offline demo and tests. Validates with the strictest profile.
 
-    def __init__(self, path: Path, *, start_at: int = 0) -> None:
+    It costs nothing (its price is known: zero). Its context window is unlimited unless `context_tokens` is given;
+    then a history whose estimated tokens exceed it is refused with ContextWindowError, as a provider would."""
+
+    def __init__(self, path: Path, *, start_at: int = 0, context_tokens: int | None = None) -> None:
         self.path = Path(path)
         self.name = f"{SCRIPTED_PREFIX}{self.path}"
         self.profile: Profile = STRICTEST_PROFILE
         self.replies = load_script(self.path)
         if start_at < 0:
             raise ValueError("start_at must be >= 0")
+        if context_tokens is not None and context_tokens < 1:
+            raise ValueError("context_tokens must be at least 1")
+        self.context_tokens = context_tokens
         self.used = start_at
         self.calls: list[list[dict[str, str]]] = []  # what each call would have sent, for tests and debugging
 
@@ -705,8 +730,24 @@ class ScriptedModel:
     def remaining(self) -> int:
         return max(0, len(self.replies) - self.used)
 
+    def context_limit(self) -> int | None:
+        return self.context_tokens
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        """The same estimate as the prompt_tokens of its replies (a quarter of the characters)."""
+        return _estimate_tokens("".join(m["content"] for m in to_wire(messages, self.profile, check=False)))
+
+    def price_known(self) -> bool:
+        return True  # it costs nothing
+
     def complete(self, messages: Sequence[Message]) -> Reply:
         wire = to_wire(messages, self.profile)
+        prompt_tokens = _estimate_tokens("".join(m["content"] for m in wire))
+        if self.context_tokens is not None and prompt_tokens > self.context_tokens:
+            raise ContextWindowError(
+                f"scripted model: context window exceeded: the history is about {prompt_tokens} tokens, "
+                f"the limit {self.context_tokens}"
+            )
         if self.used >= len(self.replies):
             n = len(self.replies)
             raise ScriptExhaustedError(
@@ -715,14 +756,11 @@ class ScriptedModel:
         item = self.replies[self.used]
         self.used += 1
         self.calls.append(wire)
-        prompt_text = "".join(m["content"] for m in wire)
         completion_text = item.content + (item.reasoning or "")
         return Reply(
             content=redact(item.content),
             reasoning=redact(item.reasoning) if item.reasoning else None,
-            prompt_tokens=item.prompt_tokens
-            if item.prompt_tokens is not None
-            else _estimate_tokens(prompt_text),
+            prompt_tokens=item.prompt_tokens if item.prompt_tokens is not None else prompt_tokens,
             completion_tokens=(
                 item.completion_tokens
                 if item.completion_tokens is not None
@@ -733,7 +771,7 @@ class ScriptedModel:
             latency_s=0.0,
             model=self.name,
             attempts=1,
-            finish_reason="stop",
+            finish_reason=item.finish_reason,
         )
 
 
@@ -750,12 +788,23 @@ def make_model(
     on_retry: Callable[[RetryEvent], None] | None = None,
     **kw: Any,
 ) -> Model:
-    """`scripted:PATH` -> ScriptedModel (kw: start_at); anything else -> LiteLLMModel (kw: its other options)."""
+    """`scripted:PATH` -> ScriptedModel (kw: start_at, context_tokens); anything else -> LiteLLMModel (kw: its other
+    options). Either is checked as it is made: an unusable script, or an unknown profile, is one clear error."""
     if name.startswith(SCRIPTED_PREFIX):
+        if profile:
+            profile_for(
+                name, profile
+            )  # the scripted model always uses the strictest, but a bogus name is an error
         path = name[len(SCRIPTED_PREFIX) :]
-        if not path:
+        if not path.strip():
             raise ScriptFormatError("scripted model: give a file, as scripted:PATH")
-        return ScriptedModel(Path(path).expanduser(), start_at=int(kw.get("start_at", 0)))
+        try:
+            where = Path(path).expanduser()
+        except RuntimeError:  # "~someone/..." for a user this machine does not know
+            raise ScriptFormatError(f"scripted model: cannot read {path}: it does not exist") from None
+        return ScriptedModel(
+            where, start_at=int(kw.get("start_at", 0)), context_tokens=kw.get("context_tokens")
+        )
     kw.pop("start_at", None)
     return LiteLLMModel(
         name,
