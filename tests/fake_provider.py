@@ -27,8 +27,9 @@ len/4 as for usage, above it) -> 400 with OpenAI's "maximum context length" word
 left", so a test that asks for more than it planned fails loudly.
 
 Every request is appended to the requests log (one JSON object per line, flushed): index, ts, path, model,
-messages, temperature_sent, temperature, authorization (the Authorization header as received, or null), prompt_tokens
-(the estimate), fault, status.
+messages, temperature_sent, temperature, authorization (null when none was sent; the header itself only when it
+carries a key in PUBLIC_KEYS, else "(a key)": real keys never reach the log), prompt_tokens (the estimate), fault,
+status.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ REASONING_SENT_TEMPLATE = (
     "remove reasoning_content from the assistant messages you send back."
 )
 NO_REPLIES_LEFT = "fake provider: no replies left"
+PUBLIC_KEYS = frozenset({"sk-no-key-needed"})  # placeholders, safe to log
 CONTEXT_TEMPLATE = (
     "This model's maximum context length is {limit} tokens. However, you requested {asked} tokens. "
     "Please reduce the length of the messages."
@@ -80,6 +82,12 @@ def deepseek_rule_violation(messages: list[dict[str, Any]]) -> str | None:
     if messages and messages[-1].get("role") == "assistant":
         return LAST_ASSISTANT_MESSAGE
     return None
+
+
+def logged_authorization(header: str | None) -> str | None:
+    if header is None:
+        return None
+    return header if header.removeprefix("Bearer ") in PUBLIC_KEYS else "(a key)"
 
 
 def estimate_tokens(text: str) -> int:
@@ -208,7 +216,7 @@ class Handler(BaseHTTPRequestHandler):
             "messages": messages,
             "temperature_sent": "temperature" in request,
             "temperature": request.get("temperature"),
-            "authorization": self.headers.get("Authorization"),
+            "authorization": logged_authorization(self.headers.get("Authorization")),
             "prompt_tokens": prompt_estimate(request),
             "fault": None,
             "status": None,

@@ -570,3 +570,13 @@ def test_a_history_fitted_ahead_of_time_goes_through_first_time(fake_provider: S
     trim = fit(msgs, m.count_tokens, limit)
     assert m.count_tokens(apply_trim(msgs, trim)) <= limit
     assert m.complete(apply_trim(msgs, trim)).content == "fits"
+
+
+def test_a_real_key_never_reaches_the_fake_providers_log(
+    fake_provider: StartFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    fake = fake_provider(["ok"])
+    LiteLLMModel(UNKNOWN_OPENAI, api_base=fake.url, **FAST).complete(history("go"))
+    (req,) = fake.requests()
+    assert req["authorization"] == "(a key)" and KEY not in fake.log_path.read_text()
