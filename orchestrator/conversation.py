@@ -9,15 +9,21 @@ to let a call go out with a history that breaks the rules. The rules, for every 
 - no empty messages; assistant `reasoning_content` is never sent back.
 
 Nothing here mutates its input: every function returns new lists of frozen messages.
+
+Trimming for the context window (`fit`, `tighten`, `apply_trim`) never touches the system message, the first user
+message (the task) or the last user message (the pending prompt). It first elides the file dumps ("## Current
+files" and the like) of older user messages, oldest first, then drops the oldest exchanges (a reply and the
+prompt that answered it), oldest first. A `Trim` names messages by their index in the full history, so a trim made
+earlier stays meaningful as the history grows.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, field_validator, model_validator
 
 from orchestrator.errors import OrchestratorError
 
@@ -267,12 +273,224 @@ def validate(messages: Sequence[Message], profile: Profile) -> None:
         )
 
 
-def to_wire(messages: Sequence[Message], profile: Profile) -> list[dict[str, str]]:
-    """Normalise, validate, and return the dicts exactly as sent (roles mapped, no reasoning_content)."""
+def to_wire(messages: Sequence[Message], profile: Profile, *, check: bool = True) -> list[dict[str, str]]:
+    """Normalise, validate, and return the dicts exactly as sent (roles mapped, no reasoning_content).
+
+    `check=False` skips validation (for counting tokens of a history that is not ready to be sent)."""
     normalised = normalise(messages, profile)
-    validate(normalised, profile)
+    if check:
+        validate(normalised, profile)
     wire: list[dict[str, str]] = []
     for m in normalised:
         role = "developer" if (m.role == "system" and profile.system == "developer") else m.role
         wire.append({"role": role, "content": m.content})
     return wire
+
+
+# --------------------------------------------------------------------------------------------------- trimming
+
+# The headings under which prompts show files (prompts/*.md): "## Current files", "## Current plot.py", ...
+FILES_HEADING_PREFIX = "## Current "
+ELIDED_FILES_NOTE = "(files as they were then: omitted to fit the context window)"
+DEFAULT_TIGHTEN_KEEP = 0.75  # `tighten` cuts the history's text to at most this share of what it was
+_FENCE_OPEN = re.compile(r"^(`{3,})[A-Za-z0-9_+.\-]*$")
+
+
+class Trim(BaseModel):
+    """What to leave out of a history to fit a context window: indices into the full, untrimmed history.
+
+    `elided`: user messages whose file dumps are replaced by ELIDED_FILES_NOTE; `dropped`: messages left out.
+    Indices are sorted and unique, and a dropped message is not also listed as elided."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    elided: tuple[NonNegativeInt, ...] = ()
+    dropped: tuple[NonNegativeInt, ...] = ()
+
+    @field_validator("elided", "dropped", mode="after")
+    @classmethod
+    def _sorted_unique(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted(set(value)))
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Trim:
+        if set(self.elided) & set(self.dropped):
+            gone = set(self.dropped)
+            object.__setattr__(self, "elided", tuple(i for i in self.elided if i not in gone))
+        return self
+
+
+def _dump_end(lines: list[str], start: int) -> int | None:
+    """Index just past the files block (as `prompts.files_block` writes it) opening at lines[start]; None if none.
+
+    A block is one or more of: the path alone on a line, an opening fence (three or more backticks and maybe a
+    language), the text, the same fence alone on a line; files are separated by one blank line."""
+    end: int | None = None
+    i = start
+    while i + 1 < len(lines):
+        opening = _FENCE_OPEN.match(lines[i + 1])
+        if not lines[i].strip() or lines[i].startswith("`") or opening is None:
+            break
+        fence = opening.group(1)
+        close = next((k for k in range(i + 2, len(lines)) if lines[k] == fence), None)
+        if close is None:
+            break
+        end = close + 1
+        if end + 1 < len(lines) and lines[end] == "":
+            i = end + 1
+            continue
+        break
+    return end
+
+
+def elide_files(text: str) -> str | None:
+    """The text with each file dump under a "## Current ..." heading replaced by ELIDED_FILES_NOTE (the heading
+    and everything around the dump are kept); None when the text holds no dump, or eliding would not shorten it."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    changed = False
+    while i < len(lines):
+        out.append(lines[i])
+        if lines[i].startswith(FILES_HEADING_PREFIX):
+            end = _dump_end(lines, i + 1)
+            if end is not None:
+                out.append(ELIDED_FILES_NOTE)
+                changed = True
+                i = end
+                continue
+        i += 1
+    if not changed:
+        return None
+    short = "\n".join(out)
+    return short if len(short) < len(text) else None
+
+
+def _kept(messages: Sequence[Message]) -> set[int]:
+    """Indices trimming never touches: system messages, the first and the last user message, and anything before
+    the first or after the last user message."""
+    users = [i for i, m in enumerate(messages) if m.role == "user" and m.content.strip()]
+    if not users:
+        return set(range(len(messages)))
+    first, last = users[0], users[-1]
+    kept = {i for i, m in enumerate(messages) if m.role == "system"}
+    kept.update(range(first + 1))
+    kept.update(range(last, len(messages)))
+    return kept
+
+
+_Step = tuple[Literal["elide", "drop"], tuple[int, ...]]
+
+
+def _steps(messages: Sequence[Message]) -> list[_Step]:
+    """Every trimming step in policy order: elide each older dump (oldest first), then drop each complete
+    exchange (oldest first). An exchange is a run of assistant messages and the user messages that follow them;
+    the last one (the reply the pending prompt answers) is never complete, so it is never dropped."""
+    kept = _kept(messages)
+    middle = [i for i in range(len(messages)) if i not in kept]
+    elide: list[_Step] = [
+        ("elide", (i,))
+        for i in middle
+        if messages[i].role == "user" and elide_files(messages[i].content) is not None
+    ]
+    groups: list[list[int]] = []
+    for i in middle:
+        starts = messages[i].role == "assistant" and (not groups or messages[groups[-1][-1]].role == "user")
+        if starts or not groups:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    drop: list[_Step] = [("drop", tuple(g)) for g in groups if messages[g[-1]].role == "user"]
+    return elide + drop
+
+
+def _covered(trim: Trim, step: _Step) -> bool:
+    kind, indices = step
+    gone = set(trim.dropped)
+    if kind == "drop":
+        return all(i in gone for i in indices)
+    return all(i in gone or i in trim.elided for i in indices)
+
+
+def _with(trim: Trim, step: _Step) -> Trim:
+    kind, indices = step
+    if kind == "drop":
+        return Trim(elided=trim.elided, dropped=(*trim.dropped, *indices))
+    return Trim(elided=(*trim.elided, *indices), dropped=trim.dropped)
+
+
+def _pending(messages: Sequence[Message], trim: Trim) -> list[_Step]:
+    return [step for step in _steps(messages) if not _covered(trim, step)]
+
+
+def apply_trim(messages: Sequence[Message], trim: Trim) -> list[Message]:
+    """The history with the trim's messages elided or dropped. Indices past the end are ignored, and the messages
+    trimming never touches (system, first and last user message) are kept whatever the trim says."""
+    kept = _kept(messages)
+    gone, elided = set(trim.dropped), set(trim.elided)
+    out: list[Message] = []
+    for i, m in enumerate(messages):
+        if i not in kept:
+            if i in gone:
+                continue
+            if i in elided and m.role == "user":
+                short = elide_files(m.content)
+                if short is not None:
+                    m = Message(role=m.role, content=short, reasoning_content=m.reasoning_content)
+        out.append(m)
+    return out
+
+
+def fit(
+    messages: Sequence[Message],
+    count_tokens: Callable[[Sequence[Message]], int],
+    limit: int,
+    start: Trim | None = None,
+) -> Trim:
+    """The least trimming (at least `start`) after which `count_tokens` of the trimmed history is <= `limit`.
+
+    Steps are taken in policy order (older file dumps elided, oldest first; then the oldest exchanges dropped);
+    a binary search over how many steps keeps the number of counts logarithmic. When even every step is not
+    enough, the most trimmed history is returned: the caller may check `count_tokens(apply_trim(...))`, or send
+    it and let the provider decide. `limit` should leave room for the reply."""
+    trim = start or Trim()
+    if count_tokens(apply_trim(messages, trim)) <= limit:
+        return trim
+    trims: list[Trim] = []
+    for step in _pending(messages, trim):
+        trim = _with(trim, step)
+        trims.append(trim)
+    if not trims:
+        return trim
+    lo, hi = 0, len(trims) - 1  # find the first trim that fits; trims[hi] is the answer if none does
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count_tokens(apply_trim(messages, trims[mid])) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return trims[lo]
+
+
+def _size(messages: Sequence[Message]) -> int:
+    return sum(len(m.content) for m in messages)
+
+
+def tighten(
+    messages: Sequence[Message], trim: Trim | None, *, keep: float = DEFAULT_TIGHTEN_KEEP
+) -> Trim | None:
+    """A trim strictly more aggressive than `trim`, for a history the provider said is too long; None when nothing
+    more can be elided or dropped.
+
+    Steps are taken in policy order until the trimmed text is at most `keep` of what `trim` left (or the steps run
+    out), so a handful of refusals reach any size a provider accepts."""
+    current = trim or Trim()
+    steps = _pending(messages, current)
+    if not steps:
+        return None
+    target = keep * _size(apply_trim(messages, current))
+    for step in steps:
+        current = _with(current, step)
+        if _size(apply_trim(messages, current)) <= target:
+            break
+    return current

@@ -4,7 +4,11 @@
 mutates what it is given, and returns a `Reply` with usage, cached tokens and cost. Transient failures (rate
 limits, 5xx, timeouts, dropped connections) are retried here with exponential backoff and full jitter, honouring
 Retry-After; the caller's history is not touched, so a retry re-sends exactly the same messages. Everything that
-leaves this module (errors, replies, log lines, retry events) is passed through `secrets.redact`.
+leaves this module (errors, replies, log lines, retry events) is passed through `secrets.redact`, and is safe to
+write as UTF-8 (unpaired surrogates a provider may send become U+FFFD).
+
+For the context window and the budget, every model also says `context_limit()` (input tokens, None when unknown),
+`count_tokens(messages)` (what the history would cost as input) and `price_known()`.
 
 litellm is imported lazily: importing this module costs nothing.
 """
@@ -13,16 +17,20 @@ from __future__ import annotations
 
 import copy
 import email.utils
+import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.conversation import STRICTEST_PROFILE, Message, Profile, profile_for, to_wire
 from orchestrator.errors import OrchestratorError
@@ -33,8 +41,23 @@ log = logging.getLogger(__name__)
 SCRIPTED_PREFIX = "scripted:"
 MAX_RETRY_AFTER_S = 600.0  # a provider asking for a longer pause than this is treated as if it asked for this
 MAX_ERROR_CHARS = 600
+# Sent as the key to an OpenAI-compatible server on this machine when no key is set: such servers usually check
+# none, but the openai client refuses to send a request without one.
+LOCAL_PLACEHOLDER_KEY = "sk-no-key-needed"
+# Tokenizers litellm would download from the Hugging Face hub (slowly failing offline): counted with tiktoken.
+_DOWNLOADED_TOKENIZERS = frozenset({"cohere", "llama2", "llama3"})
 
 ErrorKind = Literal["rate_limit", "server_error", "timeout", "connection"]
+
+
+def utf8_safe(text: str) -> str:
+    """The text with unpaired surrogates (which cannot be written as UTF-8) replaced by U+FFFD; surrogate pairs
+    that stand for one character become that character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
 
 
 class Reply(BaseModel):
@@ -51,7 +74,12 @@ class Reply(BaseModel):
     latency_s: float = 0.0  # the successful request only
     model: str
     attempts: int = 1
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop"; "length" when cut at max_tokens (the reply may be incomplete)
+
+    @field_validator("content", "reasoning", "model", "finish_reason", mode="after")
+    @classmethod
+    def _writable(cls, value: str | None) -> str | None:
+        return utf8_safe(value) if value is not None else None
 
 
 class RetryEvent(BaseModel):
@@ -76,10 +104,13 @@ class MissingAPIKeyError(ModelError):
     def __init__(self, model: str, env_vars: Sequence[str]) -> None:
         self.model = model
         self.env_vars = list(env_vars)
-        names = " or ".join(self.env_vars) or "the provider's API key variable"
-        super().__init__(
-            f"model {model!r} needs an API key: set {names} in the environment (or pass --api-key)"
-        )
+        if self.env_vars:
+            first, *others = self.env_vars
+            also = f" (or set {' or '.join(others)})" if others else ""
+            how = f"set the environment variable {first}{also}, e.g. export {first}=<your key>"
+        else:
+            how = "set the provider's API key environment variable (litellm's provider docs name it)"
+        super().__init__(f"model {model!r} needs an API key: {how}")
 
 
 class ContextWindowError(ModelError):
@@ -125,6 +156,12 @@ class Model(Protocol):
     profile: Profile
 
     def complete(self, messages: Sequence[Message]) -> Reply: ...
+
+    def context_limit(self) -> int | None: ...
+
+    def count_tokens(self, messages: Sequence[Message]) -> int: ...
+
+    def price_known(self) -> bool: ...
 
 
 # --------------------------------------------------------------------------------------------------- litellm
@@ -191,8 +228,30 @@ def _header(headers: Any, name: str) -> str | None:
     return None
 
 
+def _finite_seconds(value: float) -> float | None:
+    return max(0.0, value) if math.isfinite(value) else None
+
+
+def _retry_after_value(value: str) -> float | None:
+    """A Retry-After value: seconds (decimals allowed) or an HTTP date; None when it is neither."""
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        return _finite_seconds(float(text))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None  # "1.5s", "soon", ...: as if the provider had not said
+    if when.tzinfo is None:  # HTTP dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return _finite_seconds(when.timestamp() - time.time())
+
+
 def retry_after_s(exc: BaseException) -> float | None:
-    """Seconds the provider asked us to wait (Retry-After / retry-after-ms), if it said."""
+    """Seconds the provider asked us to wait (Retry-After / retry-after-ms), if it said in a form we can read."""
     sources = [getattr(exc, "litellm_response_headers", None)]
     response = getattr(exc, "response", None)
     sources.append(getattr(response, "headers", None))
@@ -200,19 +259,35 @@ def retry_after_s(exc: BaseException) -> float | None:
         ms = _header(headers, "retry-after-ms")
         if ms is not None:
             try:
-                return max(0.0, float(ms) / 1000.0)
+                seconds = _finite_seconds(float(ms) / 1000.0)
             except ValueError:
-                pass
+                seconds = None
+            if seconds is not None:
+                return seconds
         value = _header(headers, "retry-after")
-        if value is None:
-            continue
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            when = email.utils.parsedate_to_datetime(value) if value else None
-            if when is not None:
-                return max(0.0, when.timestamp() - time.time())
+        if value is not None:
+            seconds = _retry_after_value(value)
+            if seconds is not None:
+                return seconds
     return None
+
+
+def is_local_api_base(api_base: str | None) -> bool:
+    """Whether a base URL points at this machine (localhost, 127.x.x.x, ::1)."""
+    if not api_base:
+        return False
+    try:
+        host = urllib.parse.urlsplit(api_base if "//" in api_base else f"//{api_base}").hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def provider_text(exc: BaseException) -> str:
@@ -324,11 +399,14 @@ class LiteLLMModel:
         max_tokens: int | None = None,
         profile: str | None = None,
         on_retry: Callable[[RetryEvent], None] | None = None,
+        context_tokens: int | None = None,
     ) -> None:
         if not name.strip():
             raise ModelError("no model name given")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if context_tokens is not None and context_tokens < 1:
+            raise ValueError("context_tokens must be at least 1")
         self.name = name
         self.api_base = api_base
         self._api_key = api_key
@@ -340,7 +418,10 @@ class LiteLLMModel:
         self.max_tokens = max_tokens
         self.on_retry = on_retry
         self.profile: Profile = profile_for(name, profile)
+        self.context_tokens = context_tokens  # overrides litellm's map (a local model it does not know)
         self._credentials_checked = False
+        self._info: dict[str, Any] | None = None
+        self._info_looked_up = False
 
     def __repr__(self) -> str:  # never shows the key
         return f"LiteLLMModel(name={self.name!r}, api_base={self.api_base!r}, profile={self.profile.name!r})"
@@ -351,7 +432,54 @@ class LiteLLMModel:
         env: Mapping[str, str] = os.environ
         if self._api_key:
             env = {**os.environ, "ORCHESTRATOR_EXPLICIT_API_KEY": self._api_key}
-        return redact(text, env)
+        return utf8_safe(redact(text, env))
+
+    def _needs_no_key(self) -> bool:
+        """An openai/ model served on this machine: local OpenAI-compatible servers check no key."""
+        base = self.api_base or os.environ.get("OPENAI_API_BASE") or os.environ.get("OPENAI_BASE_URL")
+        return self.name.startswith("openai/") and is_local_api_base(base)
+
+    def _model_info(self) -> dict[str, Any] | None:
+        """litellm's (bundled, offline) entry for the model; None when it has none."""
+        if not self._info_looked_up:
+            litellm = _litellm()
+            try:
+                self._info = dict(litellm.get_model_info(self.name))
+            except Exception:  # an unmapped model
+                self._info = None
+            self._info_looked_up = True
+        return self._info
+
+    # ---------------------------------------------------------------------------------------------- sizes
+
+    def context_limit(self) -> int | None:
+        """Input tokens the model accepts: `context_tokens` when given, else litellm's map; None when unknown."""
+        if self.context_tokens is not None:
+            return self.context_tokens
+        value = (self._model_info() or {}).get("max_input_tokens")
+        return value if isinstance(value, int) and value > 0 else None
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        """Input tokens of the history as it would be sent (normalised for the profile; not validated)."""
+        wire = to_wire(messages, self.profile, check=False)
+        litellm = _litellm()
+        counting_name = self.name
+        try:
+            from litellm.utils import huggingface_tokenizer_kind
+
+            if huggingface_tokenizer_kind(self.name) in _DOWNLOADED_TOKENIZERS:
+                counting_name = ""  # tiktoken's default encoding: never a download
+        except Exception:  # pragma: no cover - litellm's internals moved: count with the model's name
+            pass
+        try:
+            return int(litellm.token_counter(model=counting_name, messages=wire))
+        except Exception:  # a tokenizer that cannot load: an estimate is better than no answer
+            return _estimate_tokens("".join(m["content"] for m in wire))
+
+    def price_known(self) -> bool:
+        """Whether litellm's local price map knows both the input and the output price of the model."""
+        info = self._model_info() or {}
+        return info.get("input_cost_per_token") is not None and info.get("output_cost_per_token") is not None
 
     def _error_text(self, exc: BaseException) -> str:
         return self._redact(_one_line(f"{type(exc).__name__}: {provider_text(exc)}"))
@@ -366,7 +494,7 @@ class LiteLLMModel:
 
     def check_credentials(self) -> None:
         """Raise MissingAPIKeyError (without any network) when the provider's key is not available."""
-        if self._api_key or self._credentials_checked:
+        if self._api_key or self._credentials_checked or self._needs_no_key():
             return
         litellm = _litellm()
         # litellm counts a variable set to "" as present; for us an empty key is a missing key.
@@ -397,6 +525,8 @@ class LiteLLMModel:
             kwargs["api_base"] = self.api_base
         if self._api_key:
             kwargs["api_key"] = self._api_key
+        elif self._needs_no_key() and not os.environ.get("OPENAI_API_KEY", "").strip():
+            kwargs["api_key"] = LOCAL_PLACEHOLDER_KEY
         if self.temperature is not None and self.profile.temperature:
             kwargs["temperature"] = self.temperature
         if self.max_tokens is not None:
@@ -426,7 +556,7 @@ class LiteLLMModel:
             latency_s=latency_s,
             model=self.name,
             attempts=attempts,
-            finish_reason=getattr(choice, "finish_reason", None),
+            finish_reason=str(choice.finish_reason) if getattr(choice, "finish_reason", None) else None,
         )
 
     # ---------------------------------------------------------------------------------------------- call
@@ -490,8 +620,8 @@ class LiteLLMModel:
             found = [k for k in report.get("missing_keys", []) if is_secret_env_name(k)]
         except Exception:
             found = []
-        if not found and self.name.startswith("openai/"):
-            found = ["OPENAI_API_KEY"]
+        if not found and "/" in self.name:
+            found = [self.name.split("/", 1)[0].upper().replace("-", "_") + "_API_KEY"]
         return found
 
 
@@ -509,6 +639,7 @@ class ScriptedReply(BaseModel):
     completion_tokens: int | None = Field(default=None, ge=0)
     cached_tokens: int | None = Field(default=None, ge=0)
     cost_usd: float | None = Field(default=None, ge=0)
+    finish_reason: str = "stop"  # "length" simulates a reply cut at max_tokens
 
 
 def _estimate_tokens(text: str) -> int:
@@ -516,9 +647,17 @@ def _estimate_tokens(text: str) -> int:
 
 
 def load_script(path: Path) -> list[ScriptedReply]:
-    """Read a scripted model's replies: YAML/JSON (a list) or JSONL (one item per line)."""
+    """Read a scripted model's replies: YAML/JSON (a list) or JSONL (one item per line); at least one."""
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScriptFormatError(f"scripted model: cannot read {path}: it does not exist") from None
+    except IsADirectoryError:
+        raise ScriptFormatError(f"scripted model: cannot read {path}: it is a folder, not a file") from None
+    except UnicodeDecodeError as exc:
+        raise ScriptFormatError(
+            f"scripted model: cannot read {path}: it is not UTF-8 text (byte {exc.start})"
+        ) from None
     except OSError as exc:
         raise ScriptFormatError(f"scripted model: cannot read {path}: {exc.strerror or exc}") from None
     where: list[str] = []
@@ -544,6 +683,8 @@ def load_script(path: Path) -> list[ScriptedReply]:
             raise ScriptFormatError(
                 f"scripted model: {path} is not valid YAML/JSON: {_one_line(str(exc))}"
             ) from None
+        if loaded is None:
+            loaded = []
         if not isinstance(loaded, list):
             raise ScriptFormatError(f"scripted model: {path} must hold a list of replies")
         items = loaded
@@ -558,19 +699,27 @@ def load_script(path: Path) -> list[ScriptedReply]:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"]) or "item"
             raise ScriptFormatError(f"scripted model: {path} {place}: {loc}: {first['msg']}") from None
+    if not replies:
+        raise ScriptFormatError(f"scripted model: {path} has no replies")
     return replies
 
 
 class ScriptedModel:
-    """Replies from a file, in order, for the offline demo and tests. Validates with the strictest profile."""
+    """Replies from a file, in order, for the offline demo and tests. Validates with the strictest profile.
 
-    def __init__(self, path: Path, *, start_at: int = 0) -> None:
+    It costs nothing (its price is known: zero). Its context window is unlimited unless `context_tokens` is given;
+    then a history whose estimated tokens exceed it is refused with ContextWindowError, as a provider would."""
+
+    def __init__(self, path: Path, *, start_at: int = 0, context_tokens: int | None = None) -> None:
         self.path = Path(path)
         self.name = f"{SCRIPTED_PREFIX}{self.path}"
         self.profile: Profile = STRICTEST_PROFILE
         self.replies = load_script(self.path)
         if start_at < 0:
             raise ValueError("start_at must be >= 0")
+        if context_tokens is not None and context_tokens < 1:
+            raise ValueError("context_tokens must be at least 1")
+        self.context_tokens = context_tokens
         self.used = start_at
         self.calls: list[list[dict[str, str]]] = []  # what each call would have sent, for tests and debugging
 
@@ -581,8 +730,24 @@ class ScriptedModel:
     def remaining(self) -> int:
         return max(0, len(self.replies) - self.used)
 
+    def context_limit(self) -> int | None:
+        return self.context_tokens
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        """The same estimate as the prompt_tokens of its replies (a quarter of the characters)."""
+        return _estimate_tokens("".join(m["content"] for m in to_wire(messages, self.profile, check=False)))
+
+    def price_known(self) -> bool:
+        return True  # it costs nothing
+
     def complete(self, messages: Sequence[Message]) -> Reply:
         wire = to_wire(messages, self.profile)
+        prompt_tokens = _estimate_tokens("".join(m["content"] for m in wire))
+        if self.context_tokens is not None and prompt_tokens > self.context_tokens:
+            raise ContextWindowError(
+                f"scripted model: context window exceeded: the history is about {prompt_tokens} tokens, "
+                f"the limit {self.context_tokens}"
+            )
         if self.used >= len(self.replies):
             n = len(self.replies)
             raise ScriptExhaustedError(
@@ -591,14 +756,11 @@ class ScriptedModel:
         item = self.replies[self.used]
         self.used += 1
         self.calls.append(wire)
-        prompt_text = "".join(m["content"] for m in wire)
         completion_text = item.content + (item.reasoning or "")
         return Reply(
             content=redact(item.content),
             reasoning=redact(item.reasoning) if item.reasoning else None,
-            prompt_tokens=item.prompt_tokens
-            if item.prompt_tokens is not None
-            else _estimate_tokens(prompt_text),
+            prompt_tokens=item.prompt_tokens if item.prompt_tokens is not None else prompt_tokens,
             completion_tokens=(
                 item.completion_tokens
                 if item.completion_tokens is not None
@@ -609,7 +771,7 @@ class ScriptedModel:
             latency_s=0.0,
             model=self.name,
             attempts=1,
-            finish_reason="stop",
+            finish_reason=item.finish_reason,
         )
 
 
@@ -626,12 +788,23 @@ def make_model(
     on_retry: Callable[[RetryEvent], None] | None = None,
     **kw: Any,
 ) -> Model:
-    """`scripted:PATH` -> ScriptedModel (kw: start_at); anything else -> LiteLLMModel (kw: its other options)."""
+    """`scripted:PATH` -> ScriptedModel (kw: start_at, context_tokens); anything else -> LiteLLMModel (kw: its other
+    options). Either is checked as it is made: an unusable script, or an unknown profile, is one clear error."""
     if name.startswith(SCRIPTED_PREFIX):
+        if profile:
+            profile_for(
+                name, profile
+            )  # the scripted model always uses the strictest, but a bogus name is an error
         path = name[len(SCRIPTED_PREFIX) :]
-        if not path:
+        if not path.strip():
             raise ScriptFormatError("scripted model: give a file, as scripted:PATH")
-        return ScriptedModel(Path(path).expanduser(), start_at=int(kw.get("start_at", 0)))
+        try:
+            where = Path(path).expanduser()
+        except RuntimeError:  # "~someone/..." for a user this machine does not know
+            raise ScriptFormatError(f"scripted model: cannot read {path}: it does not exist") from None
+        return ScriptedModel(
+            where, start_at=int(kw.get("start_at", 0)), context_tokens=kw.get("context_tokens")
+        )
     kw.pop("start_at", None)
     return LiteLLMModel(
         name,

@@ -10,21 +10,26 @@ PLAN.json::
 
     {"replies": [<reply>, ...],              # consumed in order by successful answers
      "faults": {"<request number>": <fault>}, # 1-based, counting every request received
-     "rules": "deepseek" | "none"}            # default "deepseek"
+     "rules": "deepseek" | "none",            # default "deepseek"
+     "context_limit": <tokens>}               # optional: longer prompts get the provider's context-length 400
 
 A reply is a string (the content) or {content, reasoning?, prompt_tokens?, completion_tokens?, cached_tokens?,
-usage_fields?} where usage_fields is "both" (default), "openai" (prompt_tokens_details.cached_tokens only) or
-"deepseek" (prompt_cache_hit_tokens / prompt_cache_miss_tokens only).
+usage_fields?, finish_reason?} where usage_fields is "both" (default), "openai" (prompt_tokens_details.cached_tokens
+only) or "deepseek" (prompt_cache_hit_tokens / prompt_cache_miss_tokens only), and finish_reason defaults to "stop"
+("length" simulates a reply cut at max_tokens).
 A fault is one of {"status": 429, "retry_after": 1} | {"status": 500} | {"status": 400, "message": "..."} |
 {"hang_s": 5} (no answer until the client gives up) | {"drop": true} (connection closed without an answer).
 
 Checks made before anything else, in this order: the bearer key (when --api-key is given) -> 401; DeepSeek
 reasoner's message rules (successive user/assistant messages, reasoning_content sent back, an assistant message
-last) -> 400 with DeepSeek's error shape. When the replies run out the answer is a 400 "fake provider: no replies
+last) -> 400 with DeepSeek's error shape; the context limit (when the plan sets one: the prompt's estimated tokens,
+len/4 as for usage, above it) -> 400 with OpenAI's "maximum context length" wording. When the replies run out the answer is a 400 "fake provider: no replies
 left", so a test that asks for more than it planned fails loudly.
 
 Every request is appended to the requests log (one JSON object per line, flushed): index, ts, path, model,
-messages, temperature_sent, temperature, fault, status.
+messages, temperature_sent, temperature, authorization (null when none was sent; the header itself only when it
+carries a key in PUBLIC_KEYS, else "(a key)": real keys never reach the log), prompt_tokens (the estimate), fault,
+status.
 """
 
 from __future__ import annotations
@@ -53,6 +58,11 @@ REASONING_SENT_TEMPLATE = (
     "remove reasoning_content from the assistant messages you send back."
 )
 NO_REPLIES_LEFT = "fake provider: no replies left"
+PUBLIC_KEYS = frozenset({"sk-no-key-needed"})  # placeholders, safe to log
+CONTEXT_TEMPLATE = (
+    "This model's maximum context length is {limit} tokens. However, you requested {asked} tokens. "
+    "Please reduce the length of the messages."
+)
 
 
 def error_body(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
@@ -74,6 +84,12 @@ def deepseek_rule_violation(messages: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def logged_authorization(header: str | None) -> str | None:
+    if header is None:
+        return None
+    return header if header.removeprefix("Bearer ") in PUBLIC_KEYS else "(a key)"
+
+
 def estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
@@ -85,6 +101,7 @@ class FakeState:
         self.replies: list[Any] = list(plan.get("replies", []))
         self.faults: dict[str, dict[str, Any]] = {str(k): v for k, v in plan.get("faults", {}).items()}
         self.rules: str = plan.get("rules", "deepseek")
+        self.context_limit: int | None = plan.get("context_limit")
         self.api_key = api_key
         self.log_path = log_path
         self.lock = threading.Lock()
@@ -111,12 +128,15 @@ class FakeState:
             f.flush()
 
 
+def prompt_estimate(request: dict[str, Any]) -> int:
+    return estimate_tokens("".join(str(m.get("content") or "") for m in request.get("messages", [])))
+
+
 def completion_body(reply: Any, request: dict[str, Any]) -> dict[str, Any]:
     item = {"content": reply} if isinstance(reply, str) else dict(reply)
     content = str(item.get("content", ""))
     reasoning = item.get("reasoning")
-    prompt_text = "".join(str(m.get("content") or "") for m in request.get("messages", []))
-    prompt_tokens = int(item.get("prompt_tokens", estimate_tokens(prompt_text)))
+    prompt_tokens = int(item.get("prompt_tokens", prompt_estimate(request)))
     completion_tokens = int(item.get("completion_tokens", estimate_tokens(content + (reasoning or ""))))
     cached = int(item.get("cached_tokens", 0))
     message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -140,7 +160,14 @@ def completion_body(reply: Any, request: dict[str, Any]) -> dict[str, Any]:
         "created": int(time.time()),
         "model": request.get("model", "fake"),
         "system_fingerprint": "fake_provider",
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": item.get("finish_reason", "stop"),
+            }
+        ],
         "usage": usage,
     }
 
@@ -189,6 +216,8 @@ class Handler(BaseHTTPRequestHandler):
             "messages": messages,
             "temperature_sent": "temperature" in request,
             "temperature": request.get("temperature"),
+            "authorization": logged_authorization(self.headers.get("Authorization")),
+            "prompt_tokens": prompt_estimate(request),
             "fault": None,
             "status": None,
         }
@@ -209,6 +238,10 @@ class Handler(BaseHTTPRequestHandler):
             if violation is not None:
                 answer(400, error_body(violation))
                 return
+        if state.context_limit is not None and entry["prompt_tokens"] > state.context_limit:
+            message = CONTEXT_TEMPLATE.format(limit=state.context_limit, asked=entry["prompt_tokens"])
+            answer(400, error_body(message, "invalid_request_error"))
+            return
 
         fault = state.faults.get(str(index))
         if fault is not None:

@@ -4,15 +4,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orchestrator import prompts
 from orchestrator.conversation import (
+    ELIDED_FILES_NOTE,
     MERGE_SEPARATOR,
     PROFILES,
+    STRICTEST_PROFILE,
     ConversationError,
     Message,
+    Trim,
     UnknownProfileError,
     append,
+    apply_trim,
+    elide_files,
+    fit,
     normalise,
     profile_for,
+    tighten,
     to_wire,
     validate,
 )
@@ -200,3 +208,262 @@ def test_any_appended_history_normalises_to_a_valid_one_for_every_profile(
         assert _contains_in_order("\x00".join(m.content for m in out), texts)
         assert all(m.reasoning_content is None for m in out)
     assert history == snapshot
+
+
+# --------------------------------------------------------------------------------------------------- trimming
+
+
+def code(version: int, lines: int = 120) -> str:
+    body = "".join(f"def layer_{version}_{i}(x):\n    return x * {i} + {version}\n\n" for i in range(lines))
+    return f"LR = 0.{version}\n\n{body}"
+
+
+def files(version: int) -> dict[str, str]:
+    # README holds a fence, so files_block fences it with four backticks.
+    return {
+        "experiment.py": code(version),
+        "README.md": f"Notes v{version}\n```\npython experiment.py\n```\n",
+    }
+
+
+def edit(version: int) -> str:
+    return (
+        f"Run {version}: try LR 0.{version}\n\nexperiment.py\n```python\n<<<<<<< SEARCH\nLR = 0.{version - 1}\n"
+        f"=======\nLR = 0.{version}\n>>>>>>> REPLACE\n```"
+    )
+
+
+def first_turn() -> str:
+    return prompts.render(
+        "first_turn",
+        {
+            "title": "LR sweep",
+            "experiment": "Try learning rates.",
+            "plan": "one LR per run",
+            "task_description": "A toy experiment.",
+            "baseline": "loss 1.0",
+            "max_runs": 10,
+            "edit_format": prompts.render(
+                "edit_format", {"editable": "experiment.py", "protected": "(none)"}
+            ),
+            "files": prompts.files_block(files(0)),
+        },
+    )
+
+
+def run_ok(run: int) -> str:
+    return prompts.render(
+        "run_ok",
+        {
+            "run": run,
+            "duration": "3.0 s",
+            "results": f"loss {1 - run / 10}",
+            "best_line": "",
+            "runs_left": 10 - run,
+            "next_run": run + 1,
+        },
+    )
+
+
+def edits_failed(run: int) -> str:
+    block = prompts.files_block(files(run))
+    return prompts.render(
+        "edits_failed",
+        {
+            "run": run,
+            "feedback": "SEARCH did not match",
+            "retries_left": 2,
+            "files_part": f"\n## Current files\n{block}",
+        },
+    )
+
+
+def restored(run: int) -> str:
+    return prompts.render(
+        "restored",
+        {
+            "run": run,
+            "attempts": 3,
+            "message": "CUDA OOM",
+            "restored_to": "run_1",
+            "runs_left": 10 - run,
+            "files": prompts.files_block(files(run)),
+        },
+    )
+
+
+def long_history(rounds: int = 8) -> list[Message]:
+    """system, the task (with the files), then rounds of (reply, feedback); every other feedback shows the files."""
+    msgs = append([], "system", "You are a careful ML research engineer.")
+    msgs = append(msgs, "user", first_turn())
+    for run in range(1, rounds + 1):
+        msgs = append(msgs, "assistant", edit(run), reasoning=f"thinking about run {run}")
+        kind = run % 3
+        msgs = append(
+            msgs, "user", run_ok(run) if kind == 0 else edits_failed(run) if kind == 1 else restored(run)
+        )
+    return msgs
+
+
+def chars(messages: list[Message]) -> int:
+    return sum(len(m.content) for m in messages) // 4
+
+
+def dump_indices(msgs: list[Message]) -> list[int]:
+    """Messages between the task and the last prompt that show files."""
+    return [i for i, m in enumerate(msgs[:-1]) if i > 1 and "## Current files" in m.content]
+
+
+def assert_kept_and_valid(msgs: list[Message], trimmed: list[Message]) -> None:
+    assert trimmed[0] == msgs[0] and trimmed[1] == msgs[1] and trimmed[-1] == msgs[-1]
+    for profile in PROFILES.values():
+        validate(normalise(trimmed, profile), profile)
+    to_wire(trimmed, STRICTEST_PROFILE)
+
+
+@pytest.mark.parametrize("render", [edits_failed, restored])
+def test_elide_files_replaces_the_dump_with_one_line_and_keeps_the_rest(render: object) -> None:
+    text = render(4)  # type: ignore[operator]
+    short = elide_files(text)
+    assert short is not None and len(short) < len(text) / 5
+    assert "def layer_" not in short and "Notes v4" not in short
+    assert short.endswith("## Current files\n" + ELIDED_FILES_NOTE)
+    assert short.split("## Current files")[0] == text.split("## Current files")[0]  # the feedback is kept
+
+
+def test_elide_files_keeps_what_follows_the_dump() -> None:
+    text = first_turn()
+    short = elide_files(text)
+    assert short is not None and "def layer_" not in short and ELIDED_FILES_NOTE in short
+    assert (
+        short.split(ELIDED_FILES_NOTE)[1] == text.split("Notes v0\n```\npython experiment.py\n```\n````")[1]
+    )
+
+
+def test_elide_files_leaves_prompts_without_a_dump_alone() -> None:
+    assert elide_files(run_ok(3)) is None
+    assert elide_files("## Current files\n(no editable files)") is None
+    assert elide_files("## Current files\nnot a fenced block at all") is None
+
+
+def test_a_history_that_fits_is_left_alone() -> None:
+    msgs = long_history()
+    trim = fit(msgs, chars, chars(msgs))
+    assert trim == Trim() and apply_trim(msgs, trim) == msgs
+
+
+def test_old_file_dumps_are_elided_oldest_first_before_anything_is_dropped() -> None:
+    msgs = long_history()
+    dumps = dump_indices(msgs)
+    assert len(dumps) >= 4
+    saved_by_one = chars(msgs) - chars(apply_trim(msgs, Trim(elided=(dumps[0],))))
+    trim = fit(msgs, chars, chars(msgs) - saved_by_one - 10)  # one dump is not enough, two are
+    assert trim == Trim(elided=tuple(dumps[:2]))
+    trimmed = apply_trim(msgs, trim)
+    assert len(trimmed) == len(msgs) and chars(trimmed) <= chars(msgs) - saved_by_one - 10
+    assert ELIDED_FILES_NOTE in trimmed[dumps[0]].content and ELIDED_FILES_NOTE in trimmed[dumps[1]].content
+    assert trimmed[dumps[2]] == msgs[dumps[2]]
+    assert "def layer_" in trimmed[1].content and "def layer_" in trimmed[-1].content  # task and last prompt
+    assert_kept_and_valid(msgs, trimmed)
+
+
+def test_exchanges_are_dropped_oldest_first_in_pairs_once_every_dump_is_elided() -> None:
+    msgs = long_history()
+    elided_all = chars(apply_trim(msgs, Trim(elided=tuple(dump_indices(msgs)))))
+    limit = elided_all - 300
+    trim = fit(msgs, chars, limit)
+    trimmed = apply_trim(msgs, trim)
+    assert chars(trimmed) <= limit
+    assert trim.dropped and trim.dropped[0] == 2  # the oldest exchange: the first reply and its feedback
+    assert len(trim.dropped) % 2 == 0
+    for a, u in zip(trim.dropped[::2], trim.dropped[1::2], strict=True):
+        assert (msgs[a].role, msgs[u].role, u) == ("assistant", "user", a + 1)
+    assert set(dump_indices(msgs)) <= set(trim.elided) | set(trim.dropped)
+    assert_kept_and_valid(msgs, trimmed)
+
+
+def test_an_impossible_limit_keeps_the_system_the_task_and_the_last_exchange() -> None:
+    msgs = long_history()
+    trimmed = apply_trim(msgs, fit(msgs, chars, 1))
+    assert [m.role for m in trimmed] == ["system", "user", "assistant", "user"]
+    assert trimmed[2] == msgs[-2]
+    assert_kept_and_valid(msgs, trimmed)
+
+
+def test_a_trim_stays_meaningful_on_the_longer_history_that_follows() -> None:
+    msgs = long_history(10)
+    shorter = msgs[:16]  # the history as it was six messages ago (it ended with a prompt too)
+    trim = fit(shorter, chars, chars(apply_trim(shorter, Trim(elided=tuple(dump_indices(shorter))))) - 10)
+    assert trim.dropped == (2, 3) and trim.elided  # every dump elided, then one exchange dropped
+    later = apply_trim(msgs, trim)
+    assert later[-6:] == msgs[-6:]  # what came later is untouched
+    before = apply_trim(shorter, trim)
+    assert later[: len(before)] == before  # the same trimmed prefix: what was sent before is sent again
+    assert_kept_and_valid(msgs, later)
+
+
+def test_apply_trim_ignores_indices_past_the_end_and_never_touches_the_kept_messages() -> None:
+    msgs = long_history(2)  # system, task, reply, prompt, reply, prompt
+    last = len(msgs) - 1
+    assert apply_trim(msgs, Trim(elided=(100,), dropped=(101, 102))) == msgs
+    assert apply_trim(msgs, Trim(elided=(0, 1, last), dropped=(0, 1, last))) == msgs
+
+
+def test_trim_indices_are_sorted_and_unique() -> None:
+    assert Trim(elided=[5, 3, 3], dropped=(9, 2)) == Trim(elided=(3, 5), dropped=(2, 9))
+    with pytest.raises(ValueError):
+        Trim(dropped=(-1,))
+    assert Trim.model_validate_json(Trim(elided=(3,), dropped=(4, 5)).model_dump_json()) == Trim(
+        elided=(3,), dropped=(4, 5)
+    )
+
+
+def test_tighten_is_strictly_more_aggressive_until_nothing_is_left() -> None:
+    msgs = long_history()
+    trim: Trim | None = Trim()
+    sizes = [chars(msgs)]
+    seen: list[Trim] = []
+    while trim is not None:
+        seen.append(trim)
+        trim = tighten(msgs, trim)
+        if trim is not None:
+            previous = seen[-1]
+            assert set(previous.dropped) <= set(trim.dropped)
+            assert set(previous.elided) | set(previous.dropped) < set(trim.elided) | set(trim.dropped)
+            trimmed = apply_trim(msgs, trim)
+            if tighten(msgs, trim) is not None:  # each step but the last cuts at least a quarter
+                assert chars(trimmed) <= 0.75 * sizes[-1]
+            sizes.append(chars(trimmed))
+            assert_kept_and_valid(msgs, trimmed)
+    assert len(seen) <= 10  # geometric: a handful of provider refusals at most
+    assert [m.role for m in apply_trim(msgs, seen[-1])] == ["system", "user", "assistant", "user"]
+    assert tighten(msgs, None) == tighten(msgs, Trim())
+
+
+def test_nothing_to_tighten_in_a_short_history() -> None:
+    msgs = append(append(append([], "system", "s"), "user", first_turn()), "assistant", "a")
+    msgs = append(msgs, "user", edits_failed(1))
+    assert tighten(msgs, Trim()) is None  # the task and the last prompt are never touched
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["user", "assistant", "system"]), st.sampled_from(["text", "dump", "blank"])
+        ),
+        max_size=20,
+    ),
+    limit=st.integers(min_value=0, max_value=20_000),
+)
+def test_any_fitted_history_keeps_its_ends_and_stays_valid(steps: list[tuple[str, str]], limit: int) -> None:
+    history = append([], "system", "rules")
+    history = append(history, "user", first_turn())
+    for i, (role, kind) in enumerate(steps):
+        text = {"text": f"message {i}", "dump": edits_failed(i), "blank": " "}[kind]
+        history = append(history, role, text)  # type: ignore[arg-type]
+    history = append(history, "user", "the pending prompt")
+    trimmed = apply_trim(history, fit(history, chars, limit))
+    assert trimmed[0] == history[0] and trimmed[1] == history[1] and trimmed[-1] == history[-1]
+    for profile in PROFILES.values():
+        validate(normalise(trimmed, profile), profile)

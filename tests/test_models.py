@@ -323,8 +323,8 @@ def test_an_invalid_history_is_refused_before_anything_is_sent(fake_provider: St
 
 
 @pytest.mark.parametrize(
-    ("name", "var"), [(DEEPSEEK, "DEEPSEEK_API_KEY"), (UNKNOWN_OPENAI, "OPENAI_API_KEY")]
-)
+    ("name", "var"), [(DEEPSEEK, "DEEPSEEK_API_KEY")]
+)  # openai/: see the local tests below
 def test_missing_api_key_names_the_variable_and_sends_nothing(
     fake_provider: StartFake, monkeypatch: pytest.MonkeyPatch, name: str, var: str
 ) -> None:
@@ -384,3 +384,199 @@ def test_the_key_never_appears_in_anything_the_model_layer_writes(
     assert events and "[REDACTED]" in events[0].message
     for text in written:
         assert secret not in text
+
+
+# --------------------------------------------------------------------------------------------------- hardening
+
+
+def test_a_retry_after_that_is_not_a_number_falls_back_to_backoff(fake_provider: StartFake) -> None:
+    fake = fake_provider(
+        {"replies": ["ok"], "faults": {"1": {"status": 429, "retry_after": "1.5s"}}}, api_key=KEY
+    )
+    events: list[RetryEvent] = []
+    reply = model(DEEPSEEK, fake, on_retry=events.append).complete(history("go"))
+    assert reply.content == "ok" and reply.attempts == 2
+    assert [e.kind for e in events] == ["rate_limit"]
+    assert events[0].wait_s <= FAST["backoff_max_s"]  # the unreadable header is ignored, backoff decides
+
+
+class _Asked(Exception):
+    """An error carrying response headers, as litellm's exceptions do (litellm_response_headers)."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        super().__init__("429")
+        self.litellm_response_headers = headers
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "1.5"}, 1.5),
+        ({"retry-after": "2"}, 2.0),
+        ({"Retry-After": "-3"}, 0.0),
+        ({"retry-after-ms": "250"}, 0.25),
+        ({"retry-after-ms": "soon", "Retry-After": "4"}, 4.0),
+        ({"Retry-After": "1.5s"}, None),
+        ({"Retry-After": "soon"}, None),
+        ({"Retry-After": ""}, None),
+        ({"Retry-After": "nan"}, None),
+        ({"Retry-After": "inf"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_header_values(headers: dict[str, str], expected: float | None) -> None:
+    from orchestrator.models import retry_after_s
+
+    assert retry_after_s(_Asked(headers)) == (None if expected is None else pytest.approx(expected))
+
+
+def test_retry_after_as_an_http_date() -> None:
+    import email.utils
+    import time as _time
+
+    from orchestrator.models import retry_after_s
+
+    when = email.utils.formatdate(_time.time() + 30, usegmt=True)
+    assert 25 <= (retry_after_s(_Asked({"Retry-After": when})) or 0) <= 31
+    naive = when.removesuffix(" GMT")  # no zone: HTTP dates are GMT, whatever the machine's zone
+    assert 25 <= (retry_after_s(_Asked({"Retry-After": naive})) or 0) <= 31
+    past = email.utils.formatdate(_time.time() - 30, usegmt=True)
+    assert retry_after_s(_Asked({"Retry-After": past})) == 0.0
+
+
+def test_a_reply_with_unpaired_surrogates_is_safe_to_write(fake_provider: StartFake, tmp_path: Any) -> None:
+    fake = fake_provider([{"content": "bad \ud800 byte", "reasoning": "half \udfff pair"}], api_key=KEY)
+    reply = model(UNKNOWN_OPENAI, fake).complete(history("go"))
+    assert reply.content == "bad \ufffd byte"
+    assert reply.reasoning == "half \ufffd pair"
+    (tmp_path / "journal.jsonl").write_text(reply.model_dump_json() + "\n", encoding="utf-8")
+    assert "\ufffd" in (tmp_path / "journal.jsonl").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", ROUTES)
+def test_a_reply_cut_at_max_tokens_says_so(fake_provider: StartFake, name: str) -> None:
+    fake = fake_provider([{"content": "half a plan", "finish_reason": "length"}, "whole"], api_key=KEY)
+    m = model(name, fake, max_tokens=5)
+    assert m.complete(history("go")).finish_reason == "length"
+    assert m.complete(history("go")).finish_reason == "stop"
+
+
+def test_the_missing_key_message_says_which_variable_to_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
+    with pytest.raises(MissingAPIKeyError) as excinfo:
+        LiteLLMModel(DEEPSEEK).check_credentials()
+    text = str(excinfo.value)
+    assert "--api-key" not in text  # no such flag
+    assert "export DEEPSEEK_API_KEY=" in text and "\n" not in text
+
+
+def test_a_hosted_openai_route_still_needs_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    m = LiteLLMModel(UNKNOWN_OPENAI, api_base="https://llm.example.invalid/v1", **FAST)
+    with pytest.raises(MissingAPIKeyError, match="export OPENAI_API_KEY="):
+        m.check_credentials()
+    with pytest.raises(MissingAPIKeyError):
+        m.complete(history("go"))  # refused before any network
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_local_openai_compatible_server_needs_no_key(
+    fake_provider: StartFake, monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    fake = fake_provider(["ok"])  # checks no key
+    m = LiteLLMModel(UNKNOWN_OPENAI, api_base=fake.url.replace("127.0.0.1", host), **FAST)
+    m.check_credentials()
+    assert m.complete(history("go")).content == "ok"
+    (req,) = fake.requests()
+    assert req["authorization"] == "Bearer sk-no-key-needed"  # a placeholder, never a real key
+
+
+def test_a_local_server_gets_the_real_key_when_there_is_one(
+    fake_provider: StartFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    fake = fake_provider(["ok"], api_key=KEY)
+    assert LiteLLMModel(UNKNOWN_OPENAI, api_base=fake.url, **FAST).complete(history("go")).content == "ok"
+
+
+def test_a_local_deepseek_route_still_needs_its_key(
+    fake_provider: StartFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
+    fake = fake_provider(["ok"])
+    with pytest.raises(MissingAPIKeyError, match="DEEPSEEK_API_KEY"):
+        LiteLLMModel(DEEPSEEK, api_base=fake.url, **FAST).check_credentials()
+
+
+def test_price_is_known_for_mapped_models_only() -> None:
+    assert LiteLLMModel("deepseek/deepseek-chat").price_known()
+    assert not LiteLLMModel("openai/my-local-model").price_known()
+
+
+def test_context_limit_comes_from_litellms_map_or_the_caller() -> None:
+    import litellm
+
+    expected = litellm.get_model_info("deepseek/deepseek-chat")["max_input_tokens"]
+    assert expected and LiteLLMModel("deepseek/deepseek-chat").context_limit() == expected
+    assert LiteLLMModel("openai/my-local-model").context_limit() is None
+    assert LiteLLMModel("openai/my-local-model", context_tokens=32_000).context_limit() == 32_000
+
+
+@pytest.mark.parametrize("name", ["deepseek/deepseek-chat", UNKNOWN_OPENAI, "ollama/llama-3-8b"])
+def test_count_tokens_counts_what_would_be_sent(name: str) -> None:
+    m = LiteLLMModel(name)
+    short = m.count_tokens(history("go"))
+    long = m.count_tokens(history("go " * 2000))
+    assert 0 < short < long
+    assert 1500 <= long - short <= 2500  # about one token per "go "
+    assert m.count_tokens(history("go", "an answer")) > short  # counting never validates
+
+
+def test_a_history_too_long_for_the_provider_is_tightened_until_it_fits(fake_provider: StartFake) -> None:
+    from orchestrator.conversation import apply_trim, tighten
+    from tests.test_conversation import long_history
+
+    msgs = long_history()
+    full = sum(len(m.content) for m in msgs) // 4
+    fake = fake_provider({"replies": ["fits"], "context_limit": full // 3}, api_key=KEY)
+    m = model(UNKNOWN_OPENAI, fake)
+    trim = None
+    for _ in range(12):
+        try:
+            reply = m.complete(apply_trim(msgs, trim) if trim else msgs)
+            break
+        except ContextWindowError:
+            trim = tighten(msgs, trim)
+            assert trim is not None
+    else:
+        pytest.fail("never fitted")
+    assert reply.content == "fits"
+    reqs = fake.requests()
+    assert [r["status"] for r in reqs][-1] == 200 and len(reqs) <= 6
+    sent = reqs[-1]["messages"]
+    assert sent[0]["content"] == msgs[0].content and sent[1]["content"] == msgs[1].content
+    assert sent[-1]["content"] == msgs[-1].content
+
+
+def test_a_history_fitted_ahead_of_time_goes_through_first_time(fake_provider: StartFake) -> None:
+    from orchestrator.conversation import apply_trim, fit
+    from tests.test_conversation import long_history
+
+    msgs = long_history()
+    m = model(UNKNOWN_OPENAI, fake_provider({"replies": ["fits"], "rules": "none"}, api_key=KEY))
+    full = m.count_tokens(msgs)
+    limit = full // 2
+    trim = fit(msgs, m.count_tokens, limit)
+    assert m.count_tokens(apply_trim(msgs, trim)) <= limit
+    assert m.complete(apply_trim(msgs, trim)).content == "fits"
+
+
+def test_a_real_key_never_reaches_the_fake_providers_log(
+    fake_provider: StartFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    fake = fake_provider(["ok"])
+    LiteLLMModel(UNKNOWN_OPENAI, api_base=fake.url, **FAST).complete(history("go"))
+    (req,) = fake.requests()
+    assert req["authorization"] == "(a key)" and KEY not in fake.log_path.read_text()
