@@ -177,7 +177,7 @@ def _drive(session: Path, settings: Any, reopen: bool = False) -> int:
 def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, cli: dict[str, Any],
             config: Path | None) -> int:
     from orchestrator.config import check_python, load_settings
-    from orchestrator.loop import create_session
+    from orchestrator.loop import check_budget_enforceable, create_session
     from orchestrator.spec import load_idea
     from orchestrator.template import find_template
 
@@ -189,7 +189,9 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
 
     check_env_set(dict(settings.env))
     check_python(settings.python)
-    _make_model(settings, 0, None).check_credentials()
+    model = _make_model(settings, 0, None)
+    model.check_credentials()
+    check_budget_enforceable(settings, model)
     session = create_session(idea, template, settings, max_runs)
     print(session, flush=True)
     return _drive(session, settings)
@@ -259,7 +261,7 @@ def resume(
     def run() -> int:
         from orchestrator.config import check_python
         from orchestrator.journal import FINAL_STATUSES, load_state
-        from orchestrator.loop import resume_settings
+        from orchestrator.loop import check_budget_enforceable, resume_settings
 
         state = load_state(session)
         status = state.session.status
@@ -284,7 +286,9 @@ def resume(
 
         check_env_set(dict(settings.env))
         check_python(settings.python)
-        _make_model(settings, 0, None).check_credentials()
+        llm = _make_model(settings, 0, None)
+        llm.check_credentials()
+        check_budget_enforceable(settings, llm)
         return _drive(session, settings, reopen=extended)
 
     _guard(run)

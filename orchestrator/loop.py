@@ -159,6 +159,14 @@ def create_session(idea: IdeaSpec, template: Template, settings: Settings, max_r
     return session
 
 
+def check_budget_enforceable(settings: Settings, model: Model) -> None:
+    """A dollar budget needs prices: refuse it for a model whose price litellm does not know, unless a token
+    budget bounds the session too (its calls would count as $0 and the budget would never stop anything)."""
+    if settings.budget_usd is not None and settings.max_tokens_total is None and not model.price_known():
+        raise ConfigError(f"--budget-usd cannot be enforced: litellm does not know the price of {settings.model!r}; "
+                          "add --max-tokens-total N to bound the session")
+
+
 def resume_settings(session: Path, overrides: dict[str, Any]) -> Settings:
     """The settings a session was launched with, under ORCH_* variables and the flags given to `resume` (the
     result is saved again). A saved `api_base` whose credentials were masked is never used as a URL."""
@@ -292,6 +300,9 @@ class Driver:
         self.history: list[conversation.Message] = [
             conversation.Message(role="system", content=started.data["system_prompt"])
         ]
+        trimmed = self.journal.find("context_trimmed")
+        self.trim = conversation.Trim() if trimmed is None else conversation.Trim(
+            elided=tuple(trimmed.data["elided"]), dropped=tuple(trimmed.data["dropped"]))
 
     # ---------------------------------------------------------------------------------------------- entry point
 
@@ -467,18 +478,33 @@ class Driver:
         return content
 
     def _call_model(self) -> tuple[Reply, list[dict[str, str]]]:
-        messages = list(self.history)
-        for _ in range(4):
+        """One reply for the history as it stands, trimmed to fit the model's context window: ahead of time from
+        the model's known limit, and further each time the provider says the context is exceeded. A trim that
+        changes is journaled first, so every later call (and a resumed session) starts from it."""
+        trim = self.trim
+        limit = self.model.context_limit()
+        if limit is not None:
+            room = limit - min(8192, limit // 4)  # leave room for the reply
+            trim = conversation.fit(self.history, self.model.count_tokens, room, start=trim)
+        for _ in range(8):
+            self._use_trim(trim)
+            messages = conversation.apply_trim(self.history, trim)
             try:
                 reply = self.model.complete(messages)
             except ContextWindowError:
-                shorter = _shorten(messages)
-                if len(shorter) == len(messages):
+                tighter = conversation.tighten(self.history, trim)
+                if tighter is None:
                     raise
-                messages = shorter
+                trim = tighter
                 continue
             return reply, conversation.to_wire(messages, self.model.profile)
         raise ContextWindowError("the conversation does not fit the model's context window even when shortened")
+
+    def _use_trim(self, trim: conversation.Trim) -> None:
+        if trim != self.trim:
+            self._record("context_trimmed", elided=list(trim.elided), dropped=list(trim.dropped),
+                         messages=len(self.history))
+            self.trim = trim
 
     # ---------------------------------------------------------------------------------------------- editing
 
@@ -873,14 +899,6 @@ def is_completed(reply: str) -> bool:
 
 def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-def _shorten(messages: list[conversation.Message]) -> list[conversation.Message]:
-    """Drop the oldest exchange after the first user message (keeps the system prompt and the task)."""
-    head = 2 if messages and messages[0].role == "system" else 1
-    if len(messages) <= head + 3:
-        return messages
-    return messages[:head] + messages[head + 2:]
 
 
 _FIGURE = re.compile(r"\.(png|jpg|jpeg|svg|pdf)$", re.IGNORECASE)

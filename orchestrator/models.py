@@ -588,7 +588,7 @@ class LiteLLMModel:
                         f"model {self.name!r} rejected the request (status {verdict.status}): {text}",
                         status=verdict.status,
                     ) from None
-                kind: ErrorKind = verdict.kind  # type: ignore[assignment]
+                kind: ErrorKind = verdict.kind
                 if attempt >= self.max_attempts:
                     raise TransientError(
                         f"model {self.name!r}: gave up after {attempt} attempts; last error ({kind}): {text}",
