@@ -19,10 +19,11 @@ import resource
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +52,7 @@ _GPUS = re.compile(r"[A-Za-z0-9,:_\-]*\Z")
 OOM_MARKERS = ("MemoryError", "CUDA out of memory", "OutOfMemoryError", "out of memory", "Cannot allocate memory")
 HEAD_LINES, TAIL_LINES, EXCERPT_CHARS = 30, 60, 4000
 LIVE_CAP_FACTOR = 4  # a log is compacted while the run goes on once it is this many times over its cap
+RESULTS_MAX_BYTES = 32 * 2**20  # a results file larger than this is not read
 _WAIT_STEP_S = 0.05
 
 
@@ -144,50 +146,113 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def read_metrics(path: Path) -> dict[str, Metric]:
-    """Metrics from a results file: every finite numeric leaf of the JSON object, named by its dotted path.
-    A group shaped {"means": {...}, "stderrs": {...}} (AI-Scientist) gives "group.name" with mean and stderr and
-    nothing else from that group. Lists, strings, booleans, null, NaN and infinities are not metrics."""
+def _finite(v: Any) -> float | None:
+    """`v` as a float if it is a number a float can hold and is finite; None otherwise (NaN, infinities, and
+    integers too big for a float, such as 10**400)."""
+    if not _is_number(v):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _shown(name: str) -> str:
+    """A metric name as it may appear in a one-line message."""
+    return name.encode("unicode_escape", errors="backslashreplace").decode("ascii")
+
+
+def _read_results(path: Path) -> bytes:
+    """The bytes of a results file: a regular file within `RESULTS_MAX_BYTES`, else ResultsError."""
     name = path.name
     try:
-        raw = path.read_bytes()
+        st = path.stat()
     except FileNotFoundError:
         raise ResultsError(f"{name} was not written") from None
     except OSError as err:
         raise ResultsError(f"{name} cannot be read: {err.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read forever, a device never end
+        raise ResultsError(f"{name} is not a regular file")
+    limit = f"{RESULTS_MAX_BYTES / 2**20:g} MiB"
+    if st.st_size > RESULTS_MAX_BYTES:
+        raise ResultsError(f"{name} is {st.st_size / 2**20:.1f} MiB, over the {limit} limit for a results file")
     try:
-        data = json.loads(raw.decode("utf-8", errors="replace"))
+        with open(path, "rb") as fh:
+            raw = fh.read(RESULTS_MAX_BYTES + 1)
+    except OSError as err:
+        raise ResultsError(f"{name} cannot be read: {err.strerror}") from None
+    if len(raw) > RESULTS_MAX_BYTES:  # it grew after the size was checked
+        raise ResultsError(f"{name} is over the {limit} limit for a results file")
+    return raw
+
+
+def _parse_results(name: str, raw: bytes) -> Any:
+    """The JSON value in a results file's bytes (UTF-8, as JSON requires), else ResultsError."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ResultsError(f"{name} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise ResultsError(f"{name} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except RecursionError:
+        raise ResultsError(f"{name} is nested too deeply to read") from None
+    except ValueError:  # an integer literal longer than Python converts (sys.get_int_max_str_digits)
+        raise ResultsError(f"{name} holds a number too long to read") from None
+
+
+def _entries(prefix: str, obj: dict[str, Any]) -> Iterator[tuple[str, Any, Any, dict[str, Any] | None]]:
+    """(dotted name, value, stderr, None) for each numeric entry of `obj`, and (name + ".", None, None, child)
+    for each object in it to walk next; a {"means": ..., "stderrs": ...} group gives its means only."""
+    means = obj.get("means")
+    if isinstance(means, dict):
+        stderrs = obj.get("stderrs") if isinstance(obj.get("stderrs"), dict) else {}
+        for k, v in means.items():
+            if _is_number(v):
+                yield f"{prefix}{k}", v, stderrs.get(k), None
+        return
+    for k, v in obj.items():
+        if _is_number(v):
+            yield f"{prefix}{k}", v, None, None
+        elif isinstance(v, dict):
+            yield f"{prefix}{k}.", None, None, v
+
+
+def read_metrics(path: Path) -> dict[str, Metric]:
+    """Metrics from a results file: every finite numeric leaf of the JSON object, named by its dotted path.
+    A group shaped {"means": {...}, "stderrs": {...}} (AI-Scientist) gives "group.name" with mean and stderr and
+    nothing else from that group. Lists, strings, booleans, null, NaN, infinities and integers too big for a
+    float are not metrics.
+
+    Whatever the file holds, the only error is ResultsError with a one-line message: a file that is missing,
+    not a regular file, over `RESULTS_MAX_BYTES`, not UTF-8, not JSON, nested too deeply for the JSON parser,
+    not an object, or without a single metric. Objects are walked without recursion, so depth never matters
+    once the file parsed."""
+    name = path.name
+    data = _parse_results(name, _read_results(path))
     if not isinstance(data, dict):
         raise ResultsError(f"{name} must hold a JSON object, not {type(data).__name__}")
     metrics: dict[str, Metric] = {}
     skipped: list[str] = []
-
-    def add(key: str, value: Any, stderr: Any = None) -> None:
-        if not math.isfinite(float(value)):
+    stack = [_entries("", data)]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        key, value, stderr, child = entry
+        if child is not None:
+            stack.append(_entries(key, child))
+            continue
+        mean = _finite(value)
+        if mean is None:
             skipped.append(key)
-            return
-        err = float(stderr) if _is_number(stderr) and math.isfinite(float(stderr)) else None
-        metrics[key] = Metric(mean=float(value), stderr=err)
-
-    def walk(prefix: str, obj: dict[str, Any]) -> None:
-        means = obj.get("means")
-        if isinstance(means, dict):
-            stderrs = obj.get("stderrs") if isinstance(obj.get("stderrs"), dict) else {}
-            for k, v in means.items():
-                if _is_number(v):
-                    add(f"{prefix}{k}", v, stderrs.get(k))
-            return
-        for k, v in obj.items():
-            if _is_number(v):
-                add(f"{prefix}{k}", v)
-            elif isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-
-    walk("", data)
+            continue
+        metrics[key] = Metric(mean=mean, stderr=_finite(stderr))
     if not metrics:
-        detail = f" (not finite: {', '.join(skipped[:5])})" if skipped else ""
+        detail = f" (not finite: {', '.join(_shown(k) for k in skipped[:5])})" if skipped else ""
         raise ResultsError(f"{name} holds no numeric values{detail}")
     return metrics
 

@@ -427,3 +427,64 @@ def test_handle_exposes_identity_before_waiting(tmp_path: Path) -> None:
     assert handle.pgid == handle.pid == os.getpgid(handle.pid)
     assert handle.proc_start_ticks == proc_start_ticks(handle.pid)
     assert handle.wait().outcome == "ok"
+
+
+def test_a_run_whose_results_cannot_be_read_is_no_results_not_a_crash(tmp_path: Path) -> None:
+    cwd = write(tmp_path, """
+        import os, sys
+        os.makedirs(sys.argv[1], exist_ok=True)
+        open(os.path.join(sys.argv[1], "final_info.json"), "w").write('{"loss": 1' + "0" * 400 + '}')
+    """)
+    result = run(request(cwd, args=["run_1"]))
+    assert result.outcome == "no_results"
+    assert result.message == "exit 0 but run_1/final_info.json holds no numeric values (not finite: loss)"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"loss": 1' + b"0" * 400 + b"}", "holds no numeric values (not finite: loss)"),
+    (b'{"loss": 1' + b"0" * 5000 + b"}", "holds a number too long to read"),
+    (b"[" * 100_000, "is nested too deeply to read"),
+    (b'{"a": ' * 100_000, "is nested too deeply to read"),
+    (b'{"loss": 1.0, "note": "caf\xe9"}', "is not UTF-8 text (byte 0xe9 at offset 26)"),
+    (b'\xff\xfe{\x00}\x00', "is not UTF-8 text (byte 0xff at offset 0)"),
+])
+def test_read_metrics_odd_contents_are_one_line_results_errors(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "final_info.json"
+    path.write_bytes(content)
+    with pytest.raises(ResultsError) as err:
+        read_metrics(path)
+    assert str(err.value) == f"final_info.json {message}"
+
+
+def test_read_metrics_takes_huge_numbers_as_not_finite_and_keeps_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "final_info.json"
+    path.write_text('{"loss": 1' + "0" * 400 + ', "acc": 0.5, "g": {"means": {"x": 1.0}, "stderrs": {"x": 1' +
+                    "0" * 400 + "}}}")
+    assert read_metrics(path) == {"acc": Metric(mean=0.5), "g.x": Metric(mean=1.0)}
+
+
+def test_read_metrics_of_deep_objects_that_parse_does_not_overflow_the_stack(tmp_path: Path) -> None:
+    path = tmp_path / "final_info.json"
+    depth = 300
+    path.write_text('{"a": ' * depth + '{"loss": 2.0}' + "}" * depth)
+    assert read_metrics(path) == {"a." * depth + "loss": Metric(mean=2.0)}
+
+
+def test_read_metrics_refuses_a_huge_file_without_reading_it(tmp_path: Path) -> None:
+    path = tmp_path / "final_info.json"
+    with open(path, "wb") as fh:
+        fh.truncate(33 * 1024 * 1024)  # sparse: no disk used
+    with pytest.raises(ResultsError) as err:
+        read_metrics(path)
+    assert str(err.value) == "final_info.json is 33.0 MiB, over the 32 MiB limit for a results file"
+
+
+def test_read_metrics_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "final_info.json"
+    os.mkfifo(fifo)  # opening it to read would wait for a writer forever
+    with pytest.raises(ResultsError) as err:
+        read_metrics(fifo)
+    assert str(err.value) == "final_info.json is not a regular file"
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ResultsError, match="^run is not a regular file$"):
+        read_metrics(tmp_path / "run")
