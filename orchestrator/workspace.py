@@ -13,8 +13,11 @@ have written into the folder:
   `--` and, except for `diff`, as literal paths (no glob or pathspec magic).
 
 Files over `MAX_FILE_BYTES` are never committed: they are listed in the repository's `info/exclude` (inside a
-block this module owns), so they stay on disk untracked and are neither reported as changes nor removed by
-`reset_hard`. A file that later shrinks below the limit leaves the block and is committed again.
+block this module owns), so they stay on disk untracked and are not reported as changes. A file that later
+shrinks below the limit leaves the block and is committed again.
+
+Nothing here deletes or overwrites data that is not in the history: `reset_hard` and `restore` leave untracked
+files (caches and outputs the experiment wrote, files over the size limit) as they are.
 """
 
 from __future__ import annotations
@@ -381,6 +384,15 @@ class Workspace:
         prefix = Path(run_dir).as_posix().rstrip("/") + "/"
         return sha, [p for p in self.large_files() if p.startswith(prefix)]
 
+    def _tree_files(self, ref: str | None, under: str | None = None) -> list[str]:
+        """Files (and links) tracked at commit `ref`, or in the index when `ref` is None, optionally under a folder."""
+        where = ["--", *_literal([under])] if under else []
+        if ref is None:
+            out = self._git("ls-files", "-z", *where).stdout
+        else:
+            out = self._git("ls-tree", "-r", "-z", "--name-only", ref, *where).stdout
+        return [p for p in out.split("\0") if p]
+
     def _commit(self, message: str, paths: Sequence[str] | None) -> tuple[str, list[str]]:
         if not message.strip():
             message = "checkpoint"
@@ -420,21 +432,80 @@ class Workspace:
             args += ["-a", "--cleanup=verbatim", "-F", "-"]
         self._git(*args, "--", name, target, input=message if message else None)
 
-    def reset_hard(self, ref: str) -> None:
-        """Put tracked files back as they are at `ref` and delete untracked files, except run folders
-        (`run_*/`), ignored paths and files over the size limit. Tracked files of run folders do follow `ref`."""
+    def reset_hard(self, ref: str) -> list[str]:
+        """Make `ref` the current checkpoint and put its files back in the worktree, like `git reset --hard`, but
+        without deleting or overwriting anything that is not in the history: untracked files (caches and outputs
+        the experiment wrote, run folders, new files of a half-applied edit, files over the size limit) stay as
+        they are, even where `ref` has a file of the same path, and so does any file over the size limit.
+        Those paths of `ref` are left as they are on disk and returned (sorted); the next commit takes them as
+        changes (a file over the limit leaves the repository, as any file that grew). Files tracked at the old
+        checkpoint and absent at `ref` are removed (they stay in the history), with folders they leave empty."""
         target = self._commit_of(ref)
-        untracked = self._git("ls-files", "-z", "--others", "--exclude-standard").stdout.split("\0")
-        large = [p for p in untracked if p and (self._size(p) or 0) > self.MAX_FILE_BYTES]
-        if large:  # never delete big outputs (datasets, checkpoints) written since the last commit
+        self._git("reset", "-q")  # the index holds HEAD: files staged but never committed count as untracked
+        tracked = set(self._tree_files(None))
+        at_target = set(self._tree_files(target))
+        kept = sorted(p for p in tracked | at_target if self._in_the_way(p, tracked))
+        large = [p for p in kept if (self._size(p) or 0) > self.MAX_FILE_BYTES]
+        if large:
             self._exclude_large(large)
-        self._git("reset", "-q", "--hard", target)
-        self._git("clean", "-q", "-f", "-d", "-e", "/run_*")
+        self._git("reset", "-q", target)  # HEAD and index move; the worktree is untouched so far
+        restore = sorted(at_target - set(kept))
+        if restore:
+            self._git("checkout", "-q", target, "--pathspec-from-file=-", "--pathspec-file-nul",
+                      input="\0".join(_literal(restore)))
+        for rel in sorted(tracked - at_target - set(kept)):
+            self._remove(rel)
+        return kept
 
-    def restore(self, ref: str, paths: Sequence[str]) -> None:
-        """Write the given files as they are at `ref` into the worktree (and the index)."""
-        if not paths:
+    def _in_the_way(self, rel: str, tracked: set[str]) -> bool:
+        """Whether writing or removing `rel` would destroy data that is not in the history: something untracked
+        at that path or in place of one of its folders, or a file over the size limit."""
+        parent = self.root
+        for part in Path(rel).parts[:-1]:
+            parent = parent / part
+            if os.path.lexists(parent) and (parent.is_symlink() or not parent.is_dir()):
+                return True
+        path = self.root / rel
+        if not os.path.lexists(path):
+            return False
+        if rel not in tracked or (path.is_dir() and not path.is_symlink()):
+            return True
+        return (self._size(rel) or 0) > self.MAX_FILE_BYTES
+
+    def _remove(self, rel: str) -> None:
+        """Delete a worktree file and the folders it leaves empty (never the session folder itself)."""
+        path = self.root / rel
+        if not (path.is_symlink() or path.is_file()):  # gone already, or a folder: nothing of the history's
             return
+        path.unlink()
+        for folder in path.parents:
+            if folder == self.root or not folder.is_relative_to(self.root):
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or already gone
+                break
+
+    def restore(self, ref: str, paths: Sequence[str], remove_absent: bool = False) -> list[str]:
+        """Write the given files as they are at `ref` into the worktree (and the index). With `remove_absent`,
+        given files that `ref` does not have are deleted, tracked or not (the new files of a half-applied edit),
+        with folders they leave empty; without it such a path is a GitError. A file over the size limit on disk
+        is never overwritten or deleted: those paths are left as they are and returned (sorted)."""
+        if not paths:
+            return []
         target = self._commit_of(ref)
-        self._git("checkout", "-q", target, "--pathspec-from-file=-", "--pathspec-file-nul",
-                  input="\0".join(_literal(paths)))
+        kept = sorted(p for p in paths if (self._size(p) or 0) > self.MAX_FILE_BYTES)
+        todo = [p for p in paths if p not in set(kept)]
+        if remove_absent:
+            at_target = set(self._tree_files(target))
+            absent = [p for p in todo if Path(p).as_posix() not in at_target]
+            todo = [p for p in todo if p not in set(absent)]
+            if absent:
+                self._git("rm", "-q", "--cached", "--ignore-unmatch", "--pathspec-from-file=-",
+                          "--pathspec-file-nul", input="\0".join(_literal(absent)))
+                for p in absent:
+                    self._remove(p)
+        if todo:
+            self._git("checkout", "-q", target, "--pathspec-from-file=-", "--pathspec-file-nul",
+                      input="\0".join(_literal(todo)))
+        return kept

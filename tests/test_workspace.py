@@ -265,12 +265,78 @@ def test_reset_hard_restores_a_crashed_half_edit_and_keeps_run_folders(tmp_path:
     ws.reset_hard(head)
     assert (ws.root / "experiment.py").read_text() == "lr = 0.1\nprint(lr)\n"
     assert (ws.root / "notes.txt").read_text() == "notes\n"
-    assert not (ws.root / "helper.py").exists()
+    assert (ws.root / "helper.py").exists()  # untracked: never deleted (the loop removes editable files itself)
     assert (ws.root / "run_1" / "stdout.log").exists()  # run folders are the loop's business
     assert (ws.root / ".orchestrator" / "journal.jsonl").read_text() == '{"kind": "x"}\n'
     assert (ws.root / "data" / "train.bin").stat().st_size == BIG
     assert ws.head() == head
     assert not ws.is_dirty(["experiment.py", "notes.txt", "data"])
+
+
+def test_reset_hard_never_deletes_or_overwrites_untracked_files(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    first = ws.head()
+    (ws.root / "notes.txt").write_bytes(b"n" * BIG)  # an editable file over the size limit
+    (ws.root / "experiment.py").write_text("lr = 0.2\n")
+    second = ws.commit("attempt 1: lr 0.2 and long notes")
+    assert ws.large_files() == ["notes.txt"]
+    (ws.root / "cache").mkdir()
+    (ws.root / "cache" / "tokens.pkl").write_bytes(b"cached by the experiment")  # written since the last commit
+    (ws.root / "experiment.py").write_text("lr = 0.2\nprint(l")  # a crashed half edit
+    kept = ws.reset_hard(second)
+    assert (ws.root / "experiment.py").read_text() == "lr = 0.2\n"
+    assert (ws.root / "cache" / "tokens.pkl").read_bytes() == b"cached by the experiment"
+    assert (ws.root / "notes.txt").stat().st_size == BIG
+    assert kept == []
+    # back to a checkpoint where notes.txt was small and tracked: the long notes still are not overwritten
+    kept = ws.reset_hard(first)
+    assert kept == ["notes.txt"]
+    assert (ws.root / "notes.txt").stat().st_size == BIG
+    assert (ws.root / "experiment.py").read_text() == "lr = 0.1\nprint(lr)\n"
+    assert (ws.root / "cache" / "tokens.pkl").exists()
+    assert ws.head() == first
+    assert ws.large_files() == ["notes.txt"] and ws.commit("after reset") != first
+    assert ws.show("HEAD", "notes.txt") is None  # committing again leaves it out, as for any file that grew
+
+
+def test_reset_hard_removes_files_tracked_only_at_the_old_checkpoint(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    first = ws.head()
+    (ws.root / "lib").mkdir()
+    (ws.root / "lib" / "helper.py").write_text("x = 1\n")
+    ws.commit("attempt 1: add a helper")
+    assert ws.reset_hard(first) == []
+    assert not (ws.root / "lib").exists()  # it is in the history, nothing is lost
+    assert not ws.is_dirty()
+
+
+def test_restore_leaves_a_file_over_the_size_limit_alone(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    first = ws.head()
+    (ws.root / "notes.txt").write_bytes(b"n" * BIG)
+    (ws.root / "experiment.py").write_text("broken(\n")
+    assert ws.restore(first, ["experiment.py", "notes.txt"]) == ["notes.txt"]
+    assert (ws.root / "experiment.py").read_text() == "lr = 0.1\nprint(lr)\n"
+    assert (ws.root / "notes.txt").stat().st_size == BIG
+
+
+def test_restore_with_remove_absent_removes_new_files_but_never_large_ones(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    first = ws.head()
+    (ws.root / "notes.txt").write_bytes(b"n" * BIG)
+    ws.commit("notes grew")  # notes.txt leaves the repository: absent at HEAD, still on disk
+    (ws.root / "lib").mkdir()
+    (ws.root / "lib" / "helper.py").write_text("new file of a half-applied edit\n")
+    (ws.root / "experiment.py").write_text("broken(\n")
+    paths = ["experiment.py", "lib/helper.py", "notes.txt"]
+    with pytest.raises(GitError):
+        ws.restore("HEAD", paths)  # without remove_absent, a file absent at the ref is an error
+    assert ws.restore("HEAD", paths, remove_absent=True) == ["notes.txt"]
+    assert (ws.root / "experiment.py").read_text() == "lr = 0.1\nprint(lr)\n"
+    assert not (ws.root / "lib").exists()
+    assert (ws.root / "notes.txt").stat().st_size == BIG
+    assert ws.restore(first, ["notes.txt"]) == ["notes.txt"]
+    assert (ws.root / "notes.txt").stat().st_size == BIG
 
 
 def test_restore_puts_files_back_from_an_earlier_checkpoint(tmp_path: Path) -> None:
