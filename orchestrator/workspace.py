@@ -17,15 +17,19 @@ block this module owns), so they stay on disk untracked and are not reported as 
 shrinks below the limit leaves the block and is committed again.
 
 Nothing here deletes or overwrites data that is not in the history: `reset_hard` and `restore` leave untracked
-files (caches and outputs the experiment wrote, files over the size limit) as they are.
+files (caches and outputs the experiment wrote, files over the size limit) as they are. `.env` files are never
+committed (`IGNORED`), not even from a run folder, whose other files are committed even when the template's
+.gitignore ignores them.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel
 
@@ -35,7 +39,8 @@ from orchestrator.errors import OrchestratorError
 IDENTITY_NAME = "orchestrator"
 IDENTITY_EMAIL = "orchestrator@localhost"
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # sha1 of the empty tree
-IGNORED = (".orchestrator/", ".act_cache/", "__pycache__/")
+# The session's own ignore rules, written into its .gitignore; they hold even where a run folder is force-added.
+IGNORED = (".orchestrator/", ".act_cache/", "__pycache__/", ".env", ".env.*")
 START_MESSAGE = "session start: template files"
 GIT_TIMEOUT_S = 300.0
 
@@ -66,6 +71,14 @@ _EXCLUDE_END = "# <<< orchestrator"
 
 class GitError(OrchestratorError, RuntimeError):
     """A git operation failed, or the folder is not a session repository. The message is one line."""
+
+
+class RunCommit(NamedTuple):
+    """What `commit_run` did."""
+
+    sha: str  # the checkpoint holding the run folder (the current one when nothing in it changed)
+    untracked: list[str]  # the run folder's files left out because they are over the size limit
+    problem: str = ""  # one line when the checkpoint does not hold the run folder's files, saying why; else ""
 
 
 class CommitInfo(BaseModel):
@@ -102,6 +115,18 @@ def _one_line(text: str) -> str:
 
 def _literal(paths: Iterable[str]) -> list[str]:
     return [":(literal)" + os.fspath(p) for p in paths]
+
+
+def _own_rules_ignore(rel: str) -> bool:
+    """Whether the session's own rules (IGNORED) keep `rel` out of the repository, whatever .gitignore says."""
+    parts = rel.split("/")
+    for pattern in IGNORED:
+        if pattern.endswith("/"):
+            if pattern[:-1] in parts[:-1]:
+                return True
+        elif any(fnmatch.fnmatchcase(part, pattern) for part in parts):
+            return True
+    return False
 
 
 def _escape_ignore(path: str) -> str | None:
@@ -377,12 +402,52 @@ class Workspace:
         sha, _ = self._commit(message, paths)
         return sha
 
-    def commit_run(self, run_dir: str, message: str) -> tuple[str, list[str]]:
-        """Checkpoint a run folder (results, logs, and files under the size limit). Returns the commit sha and
-        the run folder's files left untracked because they are too large."""
-        sha, _ = self._commit(message, [run_dir])
-        prefix = Path(run_dir).as_posix().rstrip("/") + "/"
-        return sha, [p for p in self.large_files() if p.startswith(prefix)]
+    def commit_run(self, run_dir: str, message: str) -> RunCommit:
+        """Checkpoint a run folder: its results, logs and every other file under the size limit, even files the
+        template's .gitignore ignores (they are added with force; only the session's own rules, IGNORED, still
+        apply). Files over the size limit are left untracked and listed. When the checkpoint does not hold the
+        folder's files (the folder is missing or empty, all of it is too large, or git did not take some file),
+        `problem` says so in one line: a run is never silently left out."""
+        rel = Path(run_dir).as_posix().strip("/")
+        sha, _ = self._commit(message, [rel], force=True)
+        prefix = rel + "/"
+        untracked = [p for p in self.large_files() if p.startswith(prefix)]
+        return RunCommit(sha, untracked, self._run_problem(rel, sha, untracked))
+
+    def _run_problem(self, rel: str, sha: str, untracked: list[str]) -> str:
+        """Why checkpoint `sha` does not hold the files of run folder `rel`, or "" when it does."""
+        if not (self.root / rel).is_dir():
+            return f"{rel} does not exist"
+        files, nested = self._files_under(rel)
+        files = [p for p in files if not _own_rules_ignore(p)]
+        if not files and not nested:
+            return f"{rel} is empty"
+        problems = []
+        if nested:
+            more = f" (and {len(nested) - 1} more)" if len(nested) > 1 else ""
+            problems.append(f"{nested[0]} is a nested git repository{more}: its files are not committed")
+        committed = set(self._tree_files(sha, rel))
+        missing = sorted(set(files) - committed - set(untracked))
+        if missing:
+            problems.append(f"{len(missing)} file(s) are not in the checkpoint, e.g. {missing[0]}")
+        elif files and not committed:
+            problems.append(f"{rel} holds no file under the size limit to commit")
+        return "; ".join(problems)
+
+    def _files_under(self, rel: str) -> tuple[list[str], list[str]]:
+        """(files and symbolic links under folder `rel` of the worktree, nested git repositories there). Links
+        to folders are not followed; nothing inside a nested repository is listed."""
+        files: list[str] = []
+        nested: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.root / rel):
+            here = Path(dirpath)
+            if ".git" in dirnames or ".git" in filenames:
+                nested.append(here.relative_to(self.root).as_posix())
+                dirnames[:] = []
+                continue
+            names = filenames + [d for d in dirnames if (here / d).is_symlink()]
+            files += [(here / n).relative_to(self.root).as_posix() for n in names]
+        return files, sorted(nested)
 
     def _tree_files(self, ref: str | None, under: str | None = None) -> list[str]:
         """Files (and links) tracked at commit `ref`, or in the index when `ref` is None, optionally under a folder."""
@@ -393,7 +458,7 @@ class Workspace:
             out = self._git("ls-tree", "-r", "-z", "--name-only", ref, *where).stdout
         return [p for p in out.split("\0") if p]
 
-    def _commit(self, message: str, paths: Sequence[str] | None) -> tuple[str, list[str]]:
+    def _commit(self, message: str, paths: Sequence[str] | None, force: bool = False) -> tuple[str, list[str]]:
         if not message.strip():
             message = "checkpoint"
         head = self.resolve("HEAD")
@@ -402,8 +467,13 @@ class Workspace:
             self._git("reset", "-q")
         self._refresh_large()
         candidates = self._status_paths(paths)
+        if force and paths is not None:  # files .gitignore ignores too, except under the session's own rules
+            ignored = self._git("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--",
+                                *_literal(paths)).stdout.split("\0")
+            candidates += [p for p in ignored if p and not _own_rules_ignore(p)]
         large = [p for p in candidates if (self._size(p) or 0) > self.MAX_FILE_BYTES]
-        stage = [p for p in candidates if p not in set(large)]
+        # a nested repository shows as "folder/": git would store it as a bare commit id, or fail to add it
+        stage = [p for p in candidates if p not in set(large) and not p.endswith("/")]
         if large:
             self._exclude_large(large)
             tracked = self._git("ls-files", "-z", "--", *_literal(large)).stdout.split("\0")
@@ -412,7 +482,8 @@ class Workspace:
                 self._git("rm", "-q", "--cached", "--pathspec-from-file=-", "--pathspec-file-nul",
                           input="\0".join(_literal(tracked)))
         if stage:
-            self._git("add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul", input="\0".join(_literal(stage)))
+            self._git("add", "-A", *(["--force"] if force else []), "--pathspec-from-file=-",
+                      "--pathspec-file-nul", input="\0".join(_literal(stage)))
         if head is not None and self._git("diff", "--cached", "--quiet", ok_codes=(0, 1)).returncode == 0:
             return head, large
         self._git("commit", "-q", "--no-verify", "--allow-empty", "--cleanup=verbatim", "-F", "-", input=message)

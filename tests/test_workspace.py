@@ -117,8 +117,8 @@ def test_large_file_in_a_run_is_reported_never_committed_and_not_dirty(tmp_path:
     (run / "final_info.json").write_text('{"loss": 0.5}\n')
     (run / "stdout.log").write_text("step 1\n")
     (run / "model.pt").write_bytes(b"\0" * BIG)
-    sha, untracked = ws.commit_run("run_1", "run 1: results (ok)")
-    assert untracked == ["run_1/model.pt"]
+    sha, untracked, problem = ws.commit_run("run_1", "run 1: results (ok)")
+    assert untracked == ["run_1/model.pt"] and problem == ""
     assert sorted(git(ws.root, "ls-tree", "-r", "--name-only", sha, "run_1").split()) == [
         "run_1/final_info.json",
         "run_1/stdout.log",
@@ -127,7 +127,7 @@ def test_large_file_in_a_run_is_reported_never_committed_and_not_dirty(tmp_path:
     assert (run / "model.pt").exists()
     # committing everything later still leaves it out, and says so again
     assert ws.commit("all") == sha
-    assert ws.commit_run("run_1", "again") == (sha, ["run_1/model.pt"])
+    assert ws.commit_run("run_1", "again") == (sha, ["run_1/model.pt"], "")
     assert "model.pt" not in git(ws.root, "log", "--all", "--name-only", "--format=")
     # a reset keeps it on disk
     ws.reset_hard(sha)
@@ -141,7 +141,7 @@ def test_a_file_that_shrinks_below_the_limit_is_committed_again(tmp_path: Path) 
     ws.commit_run("run_1", "run 1")
     (ws.root / "run_1" / "out.npy").write_bytes(b"small")
     assert ws.is_dirty()
-    sha, untracked = ws.commit_run("run_1", "run 1 again")
+    sha, untracked, _ = ws.commit_run("run_1", "run 1 again")
     assert untracked == []
     assert ws.show(sha, "run_1/out.npy") == "small"
 
@@ -337,6 +337,68 @@ def test_restore_with_remove_absent_removes_new_files_but_never_large_ones(tmp_p
     assert (ws.root / "notes.txt").stat().st_size == BIG
     assert ws.restore(first, ["notes.txt"]) == ["notes.txt"]
     assert (ws.root / "notes.txt").stat().st_size == BIG
+
+
+def test_commit_run_leaves_out_a_nested_repository_and_says_so(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    run = ws.root / "run_1"
+    (run / "src").mkdir(parents=True)
+    (run / "final_info.json").write_text('{"loss": 0.5}\n')
+    git(run / "src", "init", "-q")  # cloned by the experiment, never committed in it
+    (run / "src" / "data.txt").write_text("d\n")
+    result = ws.commit_run("run_1", "run 1: results (ok)")
+    assert git(ws.root, "ls-tree", "-r", "--name-only", result.sha, "run_1").split() == ["run_1/final_info.json"]
+    assert result.problem == "run_1/src is a nested git repository: its files are not committed"
+    assert ws.commit("everything else") == result.sha  # a plain commit leaves it out too, and does not fail
+
+
+def test_commit_run_commits_a_run_folder_the_template_ignores(tmp_path: Path) -> None:
+    root = session(tmp_path)
+    (root / ".gitignore").write_text("run_*/\n*.log\n")
+    ws = Workspace.init(root)
+    run = ws.root / "run_1"
+    run.mkdir()
+    (run / "final_info.json").write_text('{"loss": 0.5}\n')
+    (run / "stdout.log").write_text("step 1\n")
+    (run / "stderr.log").write_text("")
+    (run / "model.pt").write_bytes(b"\0" * BIG)
+    (run / "__pycache__").mkdir()
+    (run / "__pycache__" / "m.pyc").write_bytes(b"\0")
+    result = ws.commit_run("run_1", "run 1: results (ok)")
+    assert result.sha != ws.log()[-1].sha and result.sha == ws.head()
+    assert sorted(git(ws.root, "ls-tree", "-r", "--name-only", result.sha, "run_1").split()) == [
+        "run_1/final_info.json", "run_1/stderr.log", "run_1/stdout.log"]
+    assert result.untracked == ["run_1/model.pt"]
+    assert result.problem == ""
+    (run / "stdout.log").write_text("step 1\nstep 2\n")  # tracked now: later changes are seen
+    again = ws.commit_run("run_1", "run 1 again")
+    assert ws.show(again.sha, "run_1/stdout.log") == "step 1\nstep 2\n"
+
+
+def test_commit_run_says_why_nothing_was_committed(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    head = ws.head()
+    result = ws.commit_run("run_7", "run 7: results (error)")
+    assert result.sha == head and result.untracked == []
+    assert result.problem == "run_7 does not exist"
+    (ws.root / "run_7").mkdir()
+    (ws.root / "run_7" / "weights.bin").write_bytes(b"\1" * BIG)
+    result = ws.commit_run("run_7", "run 7: results (error)")
+    assert result.sha == head and result.untracked == ["run_7/weights.bin"]
+    assert result.problem == "run_7 holds no file under the size limit to commit"
+
+
+def test_env_files_written_into_the_session_are_never_committed(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    (ws.root / ".env").write_text("OPENAI_API_KEY=sk-fake-never-committed\n")
+    (ws.root / "run_1").mkdir()
+    (ws.root / "run_1" / ".env.run").write_text("HF_TOKEN=sk-fake-never-committed\n")
+    (ws.root / "run_1" / "final_info.json").write_text('{"loss": 1.0}\n')
+    (ws.root / "experiment.py").write_text("lr = 0.3\n")
+    ws.commit("everything")
+    ws.commit_run("run_1", "run 1")
+    assert "sk-fake-never-committed" not in git(ws.root, "log", "-p", "--all")
+    assert "run_1/final_info.json" in git(ws.root, "ls-files")
 
 
 def test_restore_puts_files_back_from_an_earlier_checkpoint(tmp_path: Path) -> None:
