@@ -382,8 +382,8 @@ def _cut_note(cut: int) -> bytes:
 
 
 class CappedLog:
-    """One output stream of a run, held in memory within `cap` bytes: all of it while it fits; past that, its
-    first bytes (a quarter of the cap) and a ring of its latest ones.
+    """One output stream of a run, held in memory (at most about twice `cap` bytes): all of it while it fits in
+    `cap`; past that, its first bytes (a quarter of the cap) and a ring of its latest ones.
 
     `render` is the log file's content: everything, or the head, the note `_cut_note(n)` and the tail, where the
     head ends and the tail starts on a line break when one is near and n is exactly the number of the stream's
@@ -393,9 +393,10 @@ class CappedLog:
     def __init__(self, cap: int) -> None:
         self.cap = max(int(cap), 0)
         self.head_room = self.cap // 4
-        self.tail_room = max(self.cap - self.head_room - MARKER_ROOM, 0)
+        self.ring_room = self.cap - self.head_room
+        self.tail_room = max(self.ring_room - MARKER_ROOM, 0)
         self.head = bytearray()
-        self.ring = bytearray()  # the latest bytes after the head, at most cap - head_room of them
+        self.ring = bytearray()  # the latest bytes after the head: at least ring_room of them once there are
         self.total = 0
 
     def feed(self, data: bytes) -> None:
@@ -405,9 +406,8 @@ class CappedLog:
             self.head += data[:room]
             data = data[room:]
         self.ring += data
-        excess = len(self.ring) - (self.cap - self.head_room)
-        if excess > 0:
-            del self.ring[:excess]
+        if len(self.ring) > 2 * self.ring_room:  # trimmed in bulk, so a stream of small reads costs no copy each
+            del self.ring[: len(self.ring) - self.ring_room]
 
     def render(self) -> bytes:
         if self.total <= self.cap:
