@@ -1,11 +1,18 @@
 """One experiment run: `python experiment.py --out_dir=run_i` in the session folder, and what came of it.
 
 The child runs in its own session and process group, with an environment built from an allowlist (API keys and
-tokens never reach it), stdout and stderr going straight to files in the run folder (capped, head and tail kept),
-and no core dumps. A timeout sends SIGTERM to the whole group, then SIGKILL after a grace period; when the child
-exits on its own, anything it left running in its group is stopped the same way. The pid, process group and
-kernel start time are exposed before waiting, so a journal can record them and a resumed session can stop an
-orphan with `stop_orphan` without ever signalling an unrelated process that reused the pid.
+tokens never reach it) and no core dumps. Its stdout and stderr come to this process through pipes and are kept
+within a cap (head and tail, with a line stating exactly how many bytes were cut between them) in `stdout.log`
+and `stderr.log` of the run folder, rewritten whole and atomically while it runs; the child never writes those
+files itself, so nothing it writes is lost without a note. (If this process dies, the child's next write fails
+with a broken pipe, so an orphaned run soon ends; a resumed session stops it with `stop_orphan` anyway.)
+
+A timeout sends SIGTERM to the whole group, then SIGKILL after a grace period; when the child exits on its own,
+anything it left running in its group is stopped the same way, and the logs end there (a process that left the
+group and still holds the pipes is not waited for). The pid, process group and kernel start time are exposed
+before waiting, so a journal can record them and a resumed session can stop an orphan with `stop_orphan`
+without ever signalling an unrelated process that reused the pid. `with start(req) as handle:` stops the run
+if the block ends without `handle.wait()` having finished it (for instance because journaling it failed).
 """
 
 from __future__ import annotations
@@ -17,12 +24,16 @@ import os
 import re
 import resource
 import select
+import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,7 +61,11 @@ _GPUS = re.compile(r"[A-Za-z0-9,:_\-]*\Z")
 
 OOM_MARKERS = ("MemoryError", "CUDA out of memory", "OutOfMemoryError", "out of memory", "Cannot allocate memory")
 HEAD_LINES, TAIL_LINES, EXCERPT_CHARS = 30, 60, 4000
-LIVE_CAP_FACTOR = 4  # a log is compacted while the run goes on once it is this many times over its cap
+MARKER_ROOM = 120  # bytes of a capped log left for the line saying how much was cut
+FLUSH_S = 0.5  # while output comes, the log files on disk are at most this old
+READ_CHUNK = 1 << 16
+DRAIN_READS = 256  # reads of what is left in a pipe once the run's group is gone
+RESULTS_MAX_BYTES = 32 * 2**20  # a results file larger than this is not read
 _WAIT_STEP_S = 0.05
 
 
@@ -144,50 +159,115 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def read_metrics(path: Path) -> dict[str, Metric]:
-    """Metrics from a results file: every finite numeric leaf of the JSON object, named by its dotted path.
-    A group shaped {"means": {...}, "stderrs": {...}} (AI-Scientist) gives "group.name" with mean and stderr and
-    nothing else from that group. Lists, strings, booleans, null, NaN and infinities are not metrics."""
+def _finite(v: Any) -> float | None:
+    """`v` as a float if it is a number a float can hold and is finite; None otherwise (NaN, infinities, and
+    integers too big for a float, such as 10**400)."""
+    if not _is_number(v):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _shown(name: str) -> str:
+    """A metric name as it may appear in a one-line message."""
+    return name.encode("unicode_escape", errors="backslashreplace").decode("ascii")
+
+
+def _read_results(path: Path) -> bytes:
+    """The bytes of a results file: a regular file within `RESULTS_MAX_BYTES`, else ResultsError."""
     name = path.name
     try:
-        raw = path.read_bytes()
+        st = path.stat()
     except FileNotFoundError:
         raise ResultsError(f"{name} was not written") from None
     except OSError as err:
         raise ResultsError(f"{name} cannot be read: {err.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read forever, a device never end
+        raise ResultsError(f"{name} is not a regular file")
+    limit = f"{RESULTS_MAX_BYTES / 2**20:g} MiB"
+    if st.st_size > RESULTS_MAX_BYTES:
+        raise ResultsError(f"{name} is {st.st_size / 2**20:.1f} MiB, over the {limit} limit for a results file")
     try:
-        data = json.loads(raw.decode("utf-8", errors="replace"))
+        with open(path, "rb") as fh:
+            raw = fh.read(RESULTS_MAX_BYTES + 1)
+    except OSError as err:
+        raise ResultsError(f"{name} cannot be read: {err.strerror}") from None
+    if len(raw) > RESULTS_MAX_BYTES:  # it grew after the size was checked
+        raise ResultsError(f"{name} is over the {limit} limit for a results file")
+    return raw
+
+
+def _parse_results(name: str, raw: bytes) -> Any:
+    """The JSON value in a results file's bytes (UTF-8, as JSON requires), else ResultsError."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ResultsError(f"{name} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise ResultsError(f"{name} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except RecursionError:
+        raise ResultsError(f"{name} is nested too deeply to read") from None
+    except ValueError:  # an integer literal longer than Python converts (sys.get_int_max_str_digits)
+        raise ResultsError(f"{name} holds a number too long to read") from None
+
+
+def _entries(prefix: str, obj: dict[str, Any]) -> Iterator[tuple[str, Any, Any, dict[str, Any] | None]]:
+    """(dotted name, value, stderr, None) for each numeric entry of `obj`, and (name + ".", None, None, child)
+    for each object in it to walk next; a {"means": ..., "stderrs": ...} group gives its means only."""
+    means = obj.get("means")
+    if isinstance(means, dict):
+        stderrs = obj.get("stderrs")
+        if not isinstance(stderrs, dict):
+            stderrs = {}
+        for k, v in means.items():
+            if _is_number(v):
+                yield f"{prefix}{k}", v, stderrs.get(k), None
+        return
+    for k, v in obj.items():
+        if _is_number(v):
+            yield f"{prefix}{k}", v, None, None
+        elif isinstance(v, dict):
+            yield f"{prefix}{k}.", None, None, v
+
+
+def read_metrics(path: Path) -> dict[str, Metric]:
+    """Metrics from a results file: every finite numeric leaf of the JSON object, named by its dotted path.
+    A group shaped {"means": {...}, "stderrs": {...}} (AI-Scientist) gives "group.name" with mean and stderr and
+    nothing else from that group. Lists, strings, booleans, null, NaN, infinities and integers too big for a
+    float are not metrics.
+
+    Whatever the file holds, the only error is ResultsError with a one-line message: a file that is missing,
+    not a regular file, over `RESULTS_MAX_BYTES`, not UTF-8, not JSON, nested too deeply for the JSON parser,
+    not an object, or without a single metric. Objects are walked without recursion, so depth never matters
+    once the file parsed."""
+    name = path.name
+    data = _parse_results(name, _read_results(path))
     if not isinstance(data, dict):
         raise ResultsError(f"{name} must hold a JSON object, not {type(data).__name__}")
     metrics: dict[str, Metric] = {}
     skipped: list[str] = []
-
-    def add(key: str, value: Any, stderr: Any = None) -> None:
-        if not math.isfinite(float(value)):
+    stack = [_entries("", data)]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        key, value, stderr, child = entry
+        if child is not None:
+            stack.append(_entries(key, child))
+            continue
+        mean = _finite(value)
+        if mean is None:
             skipped.append(key)
-            return
-        err = float(stderr) if _is_number(stderr) and math.isfinite(float(stderr)) else None
-        metrics[key] = Metric(mean=float(value), stderr=err)
-
-    def walk(prefix: str, obj: dict[str, Any]) -> None:
-        means = obj.get("means")
-        if isinstance(means, dict):
-            stderrs = obj.get("stderrs") if isinstance(obj.get("stderrs"), dict) else {}
-            for k, v in means.items():
-                if _is_number(v):
-                    add(f"{prefix}{k}", v, stderrs.get(k))
-            return
-        for k, v in obj.items():
-            if _is_number(v):
-                add(f"{prefix}{k}", v)
-            elif isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-
-    walk("", data)
+            continue
+        metrics[key] = Metric(mean=mean, stderr=_finite(stderr))
     if not metrics:
-        detail = f" (not finite: {', '.join(skipped[:5])})" if skipped else ""
+        detail = f" (not finite: {', '.join(_shown(k) for k in skipped[:5])})" if skipped else ""
         raise ResultsError(f"{name} holds no numeric values{detail}")
     return metrics
 
@@ -297,35 +377,154 @@ def _stop_group_of_one(pid: int, grace_s: float) -> bool:
 # --------------------------------------------------------------------------------------------------- logs
 
 
-def cap_log(path: Path, cap: int, cut_before: int = 0, marker_before: int = 0) -> tuple[int, int]:
-    """Keep a log within about `cap` bytes: its head (a quarter) and tail, with a line saying how much was cut.
-    An earlier call cut `cut_before` bytes and wrote a marker line of `marker_before` bytes (now in the part being
-    cut, so not counted as log). Returns (bytes of log cut in all, length of the marker written)."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return cut_before, marker_before
-    if size <= cap:
-        return cut_before, marker_before
-    head_n = max(cap // 4, 0)
-    marker_room = 120
-    tail_n = max(cap - head_n - marker_room, 0)
-    with open(path, "r+b") as fh:
-        head = fh.read(head_n)
+def _cut_note(cut: int) -> bytes:
+    return f"\n[... {cut} bytes of this log cut by the orchestrator ...]\n".encode()
+
+
+class CappedLog:
+    """One output stream of a run, held in memory (at most about twice `cap` bytes): all of it while it fits in
+    `cap`; past that, its first bytes (a quarter of the cap) and a ring of its latest ones.
+
+    `render` is the log file's content: everything, or the head, the note `_cut_note(n)` and the tail, where the
+    head ends and the tail starts on a line break when one is near and n is exactly the number of the stream's
+    bytes left out between them (so head + n + tail is every byte the stream carried). The file stays within
+    `cap` bytes when the cap leaves room for the note."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(int(cap), 0)
+        self.head_room = self.cap // 4
+        self.ring_room = self.cap - self.head_room
+        self.tail_room = max(self.ring_room - MARKER_ROOM, 0)
+        self.head = bytearray()
+        self.ring = bytearray()  # the latest bytes after the head: at least ring_room of them once there are
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.head_room - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        self.ring += data
+        if len(self.ring) > 2 * self.ring_room:  # trimmed in bulk, so a stream of small reads costs no copy each
+            del self.ring[: len(self.ring) - self.ring_room]
+
+    def render(self) -> bytes:
+        if self.total <= self.cap:
+            return bytes(self.head + self.ring)
+        head = bytes(self.head)
         nl = head.rfind(b"\n")
-        if nl >= head_n // 2:
+        if nl >= len(head) // 2:
             head = head[: nl + 1]
-        fh.seek(max(size - tail_n, 0))
-        tail = fh.read(tail_n)
+        tail = bytes(self.ring[len(self.ring) - self.tail_room:]) if self.tail_room else b""
         nl = tail.find(b"\n")
         if 0 <= nl < len(tail) // 2:
             tail = tail[nl + 1:]
-        cut = size - len(head) - len(tail) - marker_before + cut_before
-        marker = f"\n[... {cut} bytes of this log cut by the orchestrator ...]\n".encode()
-        fh.seek(len(head))
-        fh.write(marker + tail)
-        fh.truncate()
-    return cut, len(marker)
+        return head + _cut_note(self.total - len(head) - len(tail)) + tail
+
+
+def _write_log(path: Path, data: bytes, durable: bool) -> None:
+    """Replace `path` with `data` atomically: a temp file beside it renamed over it (fsynced first when
+    `durable`), with the mode of the file it replaces. A run folder the experiment removed is made again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Pump:
+    """Reads a run's stdout and stderr pipes in a thread into their `CappedLog`s and keeps the log files on disk:
+    each is rewritten whole (atomically) at most every FLUSH_S while output comes, and once more, durably, at
+    the end. Reading ends when both pipes are closed, or, after `finish`, once what the pipes hold then is read:
+    a process that left the run's group and still holds a pipe cannot keep the run from ending. A log that
+    cannot be written never stops the reading (the child would block on a full pipe); `write_error` says so."""
+
+    def __init__(self, streams: list[tuple[int, Path, CappedLog]]) -> None:
+        self.streams = {fd: (path, log) for fd, path, log in streams}
+        self.write_error = ""
+        self._dirty: set[int] = set()
+        self._wake_r, self._wake_w = os.pipe()
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, name="run-logs", daemon=True)
+        self._thread.start()
+
+    def finish(self) -> None:
+        """End the reading (see the class docstring), wait for the logs to be written. Safe to call again."""
+        if self._finished:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._thread.join()
+        self._finished = True
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        open_fds = set(self.streams)
+        try:
+            for fd in open_fds:
+                selector.register(fd, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            finishing = False
+            last_flush = time.monotonic()
+            while open_fds and not finishing:
+                timeout = max(last_flush + FLUSH_S - time.monotonic(), 0) if self._dirty else None
+                for key, _ in selector.select(timeout):
+                    if key.fd == self._wake_r:
+                        finishing = True
+                    elif not self._read(key.fd):
+                        selector.unregister(key.fd)
+                        open_fds.discard(key.fd)
+                if self._dirty and time.monotonic() - last_flush >= FLUSH_S:
+                    self._flush(list(self._dirty), durable=False)
+                    last_flush = time.monotonic()
+            for fd in open_fds:  # what the pipe holds now, not what a process outside the group writes later
+                os.set_blocking(fd, False)
+                for _ in range(DRAIN_READS):
+                    if not self._read(fd):
+                        break
+        finally:
+            selector.close()
+            for fd in self.streams:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._flush(list(self.streams), durable=True)
+
+    def _read(self, fd: int) -> bool:
+        """Read one chunk into its log; False at the end of the stream (or, non-blocking, when it is empty)."""
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except OSError:  # BlockingIOError when draining; anything else ends the stream too
+            return False
+        if not data:
+            return False
+        self.streams[fd][1].feed(data)
+        self._dirty.add(fd)
+        return True
+
+    def _flush(self, fds: list[int], durable: bool) -> None:
+        self._dirty.difference_update(fds)
+        for fd in fds:
+            path, log = self.streams[fd]
+            try:
+                _write_log(path, log.render(), durable)
+            except OSError as err:
+                self.write_error = f"{path.name} could not be written: {err.strerror or err}"
 
 
 def _excerpt_lines(text: str, n_lines: int, n_chars: int, from_end: bool) -> str:
@@ -335,13 +534,6 @@ def _excerpt_lines(text: str, n_lines: int, n_chars: int, from_end: bool) -> str
     if len(out) > n_chars:
         out = ("..." + out[-n_chars:]) if from_end else (out[:n_chars] + "...")
     return out
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
 
 
 def _summary_line(stderr: str) -> str:
@@ -371,9 +563,13 @@ def _run_dir(req: RunRequest) -> Path:
 
 
 class RunHandle:
-    """A started run. Journal `pid`, `pgid`, `started_at` and `proc_start_ticks` before calling `wait`."""
+    """A started run. Journal `pid`, `pgid`, `started_at` and `proc_start_ticks` before calling `wait`.
 
-    def __init__(self, req: RunRequest, proc: subprocess.Popen[bytes], started_at: float, t0: float) -> None:
+    Use it as a context (`with start(req) as handle:`): leaving the block before `wait` has finished the run,
+    by an exception or not, stops the whole process group and reaps the child, so a run is never left behind."""
+
+    def __init__(self, req: RunRequest, proc: subprocess.Popen[bytes], started_at: float, t0: float,
+                 logs: _Pump) -> None:
         self.req = req
         self.proc = proc
         self.pid = proc.pid
@@ -382,23 +578,23 @@ class RunHandle:
         self.proc_start_ticks = proc_start_ticks(proc.pid)
         self.run_dir = _run_dir(req)
         self._t0 = t0
+        self._logs = logs
         self._killed = False
-        self._cut: dict[str, tuple[int, int]] = {}
         self._result: RunResult | None = None
         self._pidfd: int | None = None  # opened on first wait; -1 where pidfds are unavailable
 
-    def _logs(self) -> tuple[Path, Path]:
-        return self.run_dir / "stdout.log", self.run_dir / "stderr.log"
+    def __enter__(self) -> RunHandle:
+        return self
 
-    def _compact_logs(self, cap: int, over: int) -> None:
-        """Cut each log down to `cap` once it is over `over` bytes."""
-        for log in self._logs():
-            with contextlib.suppress(OSError):
-                if log.stat().st_size > over:
-                    self._cut[log.name] = cap_log(log, cap, *self._cut.get(log.name, (0, 0)))
+    def __exit__(self, *exc_info: object) -> None:
+        if self._result is None:
+            self.kill()
+            self._finish()
 
     def _exited(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the child to exit, without reaping it (its pid keeps the group)."""
+        if self.proc.returncode is not None:  # reaped already: its pid may belong to another process now
+            return True
         try:
             res = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
@@ -423,23 +619,26 @@ class RunHandle:
             return True
 
     def kill(self) -> None:
-        """Stop the run: SIGTERM to its whole process group, then SIGKILL after the grace period."""
+        """Stop the run: SIGTERM to its whole process group, then SIGKILL after the grace period. `wait` then
+        reads its outcome ("error", stopped by the orchestrator). Nothing is signalled once the run has ended."""
+        if self._result is not None or self.proc.returncode is not None:
+            return
         self._killed = True
         self._stop()
 
     def _stop(self) -> None:
-        _stop_group(self.pgid, self.req.kill_grace_s)
+        _stop_group(self.pgid, self.req.kill_grace_s, min_ticks=self.proc_start_ticks)
         if not self._exited(0):  # not in its group any more (it moved itself): the leader is killed directly
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
     def wait(self, on_tick: Callable[[float], None] | None = None, tick_s: float = 0.5) -> RunResult:
-        """Wait for the run to end (or time out), stop anything it left in its group, and read its outcome."""
+        """Wait for the run to end (or time out), stop anything it left in its group, finish its logs and read
+        its outcome. An exception while waiting (Ctrl-C, an `on_tick` failure) stops the run first."""
         if self._result is not None:
             return self._result
         req = self.req
         timed_out = False
-        live_cap = req.log_cap_bytes * LIVE_CAP_FACTOR
         try:
             while True:
                 elapsed = time.monotonic() - self._t0
@@ -451,23 +650,27 @@ class RunHandle:
                     timed_out = True
                     self._stop()
                     break
-                self._compact_logs(req.log_cap_bytes, live_cap)
                 if on_tick is not None:
                     on_tick(elapsed)
             # the child is gone (or a zombie still holding the group id): stop whatever it left behind
-            if _group_members(self.pgid):
-                _stop_group(self.pgid, req.kill_grace_s)
+            if self.proc.returncode is None and _group_members(self.pgid, self.proc_start_ticks):
+                _stop_group(self.pgid, req.kill_grace_s, min_ticks=self.proc_start_ticks)
+            self._logs.finish()
         except BaseException:
             self.kill()
-            self.proc.wait()
-            self._close()
+            self._finish()
             raise
         returncode = self.proc.wait()
         duration = time.monotonic() - self._t0
         self._close()
-        self._compact_logs(req.log_cap_bytes, req.log_cap_bytes)
         self._result = self._outcome(returncode, duration, timed_out)
         return self._result
+
+    def _finish(self) -> None:
+        """Logs written, child reaped, pidfd closed (after the group was stopped). Safe to call again."""
+        self._logs.finish()
+        self.proc.wait()
+        self._close()
 
     def _close(self) -> None:
         fd = self._pidfd
@@ -477,13 +680,13 @@ class RunHandle:
 
     def _outcome(self, returncode: int, duration: float, timed_out: bool) -> RunResult:
         req = self.req
-        out_path, err_path = self._logs()
-        stdout, stderr = _read_text(out_path), _read_text(err_path)
+        stdout, stderr = (log.render().decode("utf-8", errors="replace") for _, log in self._logs.streams.values())
         tail = _excerpt_lines(stderr, TAIL_LINES, EXCERPT_CHARS, from_end=True)
         head = "" if tail == stderr.rstrip("\n") else _excerpt_lines(stderr, HEAD_LINES, EXCERPT_CHARS, False)
-        base = dict(returncode=returncode, duration_s=round(duration, 3), pid=self.pid, started_at=self.started_at,
-                    stdout_tail=_excerpt_lines(stdout, TAIL_LINES, EXCERPT_CHARS, from_end=True),
-                    stderr_head=head, stderr_tail=tail)
+        base: dict[str, Any] = dict(
+            returncode=returncode, duration_s=round(duration, 3), pid=self.pid, started_at=self.started_at,
+            stdout_tail=_excerpt_lines(stdout, TAIL_LINES, EXCERPT_CHARS, from_end=True),
+            stderr_head=head, stderr_tail=tail)
         last = _summary_line(stderr)
         metrics: dict[str, Metric] = {}
         if timed_out:
@@ -514,11 +717,14 @@ class RunHandle:
             else:
                 how = f"exit {returncode}"
             outcome, message = "error", how + (f": {last}" if last else "")
+        if self._logs.write_error:
+            message += f" ({self._logs.write_error})"
         return RunResult(outcome=outcome, metrics=metrics, message=message.replace("\n", " "), **base)
 
 
 def start(req: RunRequest) -> RunHandle:
-    """Start a run from a clean run folder (anything left there by an earlier attempt is removed)."""
+    """Start a run from a clean run folder (anything left there by an earlier attempt is removed), with its
+    stdout and stderr read through pipes into `stdout.log` and `stderr.log` there (see `CappedLog`)."""
     build_env(req)  # refuse bad --env before touching the folder
     run_dir = _run_dir(req)
     cwd = Path(req.cwd)
@@ -530,25 +736,39 @@ def start(req: RunRequest) -> RunHandle:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     env = build_env(req)
-    with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "ab") as err:
+    logs = [run_dir / "stdout.log", run_dir / "stderr.log"]
+    for path in logs:
+        path.touch()
+    (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+    try:
         started_at = time.time()
         t0 = time.monotonic()
-        try:
-            proc = subprocess.Popen(req.command(), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=err, start_new_session=True, preexec_fn=_child_setup, close_fds=True)
-        except OSError as exc:
+        proc = subprocess.Popen(req.command(), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_w,
+                                stderr=err_w, start_new_session=True, preexec_fn=_child_setup, close_fds=True)
+    except BaseException as exc:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        if isinstance(exc, OSError):
             raise RunStartError(f"cannot start {req.python}: {exc.strerror or exc}") from None
-    return RunHandle(req, proc, started_at, t0)
+        raise
+    finally:
+        for fd in (out_w, err_w):  # the child holds them now; reading ends when every holder is gone
+            os.close(fd)
+    streams = [(out_r, logs[0], CappedLog(req.log_cap_bytes)), (err_r, logs[1], CappedLog(req.log_cap_bytes))]
+    try:
+        pump = _Pump(streams)
+    except BaseException:
+        _stop_group(proc.pid, 0)
+        proc.wait()
+        for fd in (out_r, err_r):
+            os.close(fd)
+        raise
+    return RunHandle(req, proc, started_at, t0, pump)
 
 
 def run(req: RunRequest, on_start: Callable[[RunHandle], None] | None = None) -> RunResult:
     """start + on_start (e.g. journal the pid) + wait. If on_start fails, the run is stopped."""
-    handle = start(req)
-    if on_start is not None:
-        try:
+    with start(req) as handle:
+        if on_start is not None:
             on_start(handle)
-        except BaseException:
-            handle.kill()
-            handle.proc.wait()
-            raise
-    return handle.wait()
+        return handle.wait()

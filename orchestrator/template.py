@@ -32,8 +32,9 @@ BASELINE_DIR = "run_0"
 RESULTS_FILE = "final_info.json"
 BASELINE_HASH_FILE = "experiment.sha256"
 IDEA_SUFFIXES = (".json", ".toml", ".yaml", ".yml")
-# Never copied into a session folder, whatever the template says.
-ALWAYS_SKIPPED = (".git", "__pycache__", "*.pyc", ".act_cache", ".orchestrator")
+# Never copied into a session folder, whatever the template says; .env files hold keys that must not reach a
+# session, its git history or a run.
+ALWAYS_SKIPPED = (".git", "__pycache__", "*.pyc", ".act_cache", ".orchestrator", ".env", ".env.*")
 
 Direction = Literal["higher", "lower"]
 
@@ -50,7 +51,7 @@ class TemplateToml(BaseModel):
     description: str = ""
     editable: list[str] = Field(default_factory=lambda: [EXPERIMENT_FILE, PLOT_FILE, "notes.txt"])
     protected: list[str] = Field(default_factory=list)
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0)
     env: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     key_metrics: list[str] = Field(default_factory=list)
@@ -302,8 +303,9 @@ def _skipped(name: str, rel: str, patterns: Sequence[str]) -> bool:
 def copy_template(t: Template, dest: Path) -> None:
     """Copy the template's files into `dest`, which must not exist or be empty.
 
-    Skips .git, __pycache__, *.pyc, .act_cache, .orchestrator, the template's `exclude` entries (names or
-    relative globs) and top-level run_* folders except run_0 (the baseline candidate). Symbolic links stay
+    Skips .git, __pycache__, *.pyc, .act_cache, .orchestrator, `.env` and `.env.*` files anywhere (API keys
+    never enter a session folder or its history), the template's `exclude` entries (names or relative globs)
+    and top-level run_* folders except run_0 (the baseline candidate). Symbolic links stay
     links; a relative link that points outside the template is made absolute so it still resolves. The copy is
     made beside `dest` and moved into place, so a failure leaves no half-copied session folder.
     """

@@ -13,16 +13,23 @@ have written into the folder:
   `--` and, except for `diff`, as literal paths (no glob or pathspec magic).
 
 Files over `MAX_FILE_BYTES` are never committed: they are listed in the repository's `info/exclude` (inside a
-block this module owns), so they stay on disk untracked and are neither reported as changes nor removed by
-`reset_hard`. A file that later shrinks below the limit leaves the block and is committed again.
+block this module owns), so they stay on disk untracked and are not reported as changes. A file that later
+shrinks below the limit leaves the block and is committed again.
+
+Nothing here deletes or overwrites data that is not in the history: `reset_hard` and `restore` leave untracked
+files (caches and outputs the experiment wrote, files over the size limit) as they are. `.env` files are never
+committed (`IGNORED`), not even from a run folder, whose other files are committed even when the template's
+.gitignore ignores them.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel
 
@@ -32,7 +39,8 @@ from orchestrator.errors import OrchestratorError
 IDENTITY_NAME = "orchestrator"
 IDENTITY_EMAIL = "orchestrator@localhost"
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # sha1 of the empty tree
-IGNORED = (".orchestrator/", ".act_cache/", "__pycache__/")
+# The session's own ignore rules, written into its .gitignore; they hold even where a run folder is force-added.
+IGNORED = (".orchestrator/", ".act_cache/", "__pycache__/", ".env", ".env.*")
 START_MESSAGE = "session start: template files"
 GIT_TIMEOUT_S = 300.0
 
@@ -63,6 +71,14 @@ _EXCLUDE_END = "# <<< orchestrator"
 
 class GitError(OrchestratorError, RuntimeError):
     """A git operation failed, or the folder is not a session repository. The message is one line."""
+
+
+class RunCommit(NamedTuple):
+    """What `commit_run` did."""
+
+    sha: str  # the checkpoint holding the run folder (the current one when nothing in it changed)
+    untracked: list[str]  # the run folder's files left out because they are over the size limit
+    problem: str = ""  # one line when the checkpoint does not hold the run folder's files, saying why; else ""
 
 
 class CommitInfo(BaseModel):
@@ -99,6 +115,18 @@ def _one_line(text: str) -> str:
 
 def _literal(paths: Iterable[str]) -> list[str]:
     return [":(literal)" + os.fspath(p) for p in paths]
+
+
+def _own_rules_ignore(rel: str) -> bool:
+    """Whether the session's own rules (IGNORED) keep `rel` out of the repository, whatever .gitignore says."""
+    parts = rel.split("/")
+    for pattern in IGNORED:
+        if pattern.endswith("/"):
+            if pattern[:-1] in parts[:-1]:
+                return True
+        elif any(fnmatch.fnmatchcase(part, pattern) for part in parts):
+            return True
+    return False
 
 
 def _escape_ignore(path: str) -> str | None:
@@ -381,14 +409,63 @@ class Workspace:
         sha, _ = self._commit(message, paths)
         return sha
 
-    def commit_run(self, run_dir: str, message: str) -> tuple[str, list[str]]:
-        """Checkpoint a run folder (results, logs, and files under the size limit). Returns the commit sha and
-        the run folder's files left untracked because they are too large."""
-        sha, _ = self._commit(message, [run_dir])
-        prefix = Path(run_dir).as_posix().rstrip("/") + "/"
-        return sha, [p for p in self.large_files() if p.startswith(prefix)]
+    def commit_run(self, run_dir: str, message: str) -> RunCommit:
+        """Checkpoint a run folder: its results, logs and every other file under the size limit, even files the
+        template's .gitignore ignores (they are added with force; only the session's own rules, IGNORED, still
+        apply). Files over the size limit are left untracked and listed. When the checkpoint does not hold the
+        folder's files (the folder is missing or empty, all of it is too large, or git did not take some file),
+        `problem` says so in one line: a run is never silently left out."""
+        rel = Path(run_dir).as_posix().strip("/")
+        sha, _ = self._commit(message, [rel], force=True)
+        prefix = rel + "/"
+        untracked = [p for p in self.large_files() if p.startswith(prefix)]
+        return RunCommit(sha, untracked, self._run_problem(rel, sha, untracked))
 
-    def _commit(self, message: str, paths: Sequence[str] | None) -> tuple[str, list[str]]:
+    def _run_problem(self, rel: str, sha: str, untracked: list[str]) -> str:
+        """Why checkpoint `sha` does not hold the files of run folder `rel`, or "" when it does."""
+        if not (self.root / rel).is_dir():
+            return f"{rel} does not exist"
+        files, nested = self._files_under(rel)
+        files = [p for p in files if not _own_rules_ignore(p)]
+        if not files and not nested:
+            return f"{rel} is empty"
+        problems = []
+        if nested:
+            more = f" (and {len(nested) - 1} more)" if len(nested) > 1 else ""
+            problems.append(f"{nested[0]} is a nested git repository{more}: its files are not committed")
+        committed = set(self._tree_files(sha, rel))
+        missing = sorted(set(files) - committed - set(untracked))
+        if missing:
+            problems.append(f"{len(missing)} file(s) are not in the checkpoint, e.g. {missing[0]}")
+        elif files and not committed:
+            problems.append(f"{rel} holds no file under the size limit to commit")
+        return "; ".join(problems)
+
+    def _files_under(self, rel: str) -> tuple[list[str], list[str]]:
+        """(files and symbolic links under folder `rel` of the worktree, nested git repositories there). Links
+        to folders are not followed; nothing inside a nested repository is listed."""
+        files: list[str] = []
+        nested: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.root / rel):
+            here = Path(dirpath)
+            if ".git" in dirnames or ".git" in filenames:
+                nested.append(here.relative_to(self.root).as_posix())
+                dirnames[:] = []
+                continue
+            names = filenames + [d for d in dirnames if (here / d).is_symlink()]
+            files += [(here / n).relative_to(self.root).as_posix() for n in names]
+        return files, sorted(nested)
+
+    def _tree_files(self, ref: str | None, under: str | None = None) -> list[str]:
+        """Files (and links) tracked at commit `ref`, or in the index when `ref` is None, optionally under a folder."""
+        where = ["--", *_literal([under])] if under else []
+        if ref is None:
+            out = self._git("ls-files", "-z", *where).stdout
+        else:
+            out = self._git("ls-tree", "-r", "-z", "--name-only", ref, *where).stdout
+        return [p for p in out.split("\0") if p]
+
+    def _commit(self, message: str, paths: Sequence[str] | None, force: bool = False) -> tuple[str, list[str]]:
         if not message.strip():
             message = "checkpoint"
         head = self.resolve("HEAD")
@@ -397,8 +474,13 @@ class Workspace:
             self._git("reset", "-q")
         self._refresh_large()
         candidates = self._status_paths(paths)
+        if force and paths is not None:  # files .gitignore ignores too, except under the session's own rules
+            ignored = self._git("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--",
+                                *_literal(paths)).stdout.split("\0")
+            candidates += [p for p in ignored if p and not _own_rules_ignore(p)]
         large = [p for p in candidates if (self._size(p) or 0) > self.MAX_FILE_BYTES]
-        stage = [p for p in candidates if p not in set(large)]
+        # a nested repository shows as "folder/": git would store it as a bare commit id, or fail to add it
+        stage = [p for p in candidates if p not in set(large) and not p.endswith("/")]
         if large:
             self._exclude_large(large)
             tracked = self._git("ls-files", "-z", "--", *_literal(large)).stdout.split("\0")
@@ -407,7 +489,8 @@ class Workspace:
                 self._git("rm", "-q", "--cached", "--pathspec-from-file=-", "--pathspec-file-nul",
                           input="\0".join(_literal(tracked)))
         if stage:
-            self._git("add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul", input="\0".join(_literal(stage)))
+            self._git("add", "-A", *(["--force"] if force else []), "--pathspec-from-file=-",
+                      "--pathspec-file-nul", input="\0".join(_literal(stage)))
         if head is not None and self._git("diff", "--cached", "--quiet", ok_codes=(0, 1)).returncode == 0:
             return head, large
         self._git("commit", "-q", "--no-verify", "--allow-empty", "--cleanup=verbatim", "-F", "-", input=message)
@@ -427,21 +510,80 @@ class Workspace:
             args += ["-a", "--cleanup=verbatim", "-F", "-"]
         self._git(*args, "--", name, target, input=message if message else None)
 
-    def reset_hard(self, ref: str) -> None:
-        """Put tracked files back as they are at `ref` and delete untracked files, except run folders
-        (`run_*/`), ignored paths and files over the size limit. Tracked files of run folders do follow `ref`."""
+    def reset_hard(self, ref: str) -> list[str]:
+        """Make `ref` the current checkpoint and put its files back in the worktree, like `git reset --hard`, but
+        without deleting or overwriting anything that is not in the history: untracked files (caches and outputs
+        the experiment wrote, run folders, new files of a half-applied edit, files over the size limit) stay as
+        they are, even where `ref` has a file of the same path, and so does any file over the size limit.
+        Those paths of `ref` are left as they are on disk and returned (sorted); the next commit takes them as
+        changes (a file over the limit leaves the repository, as any file that grew). Files tracked at the old
+        checkpoint and absent at `ref` are removed (they stay in the history), with folders they leave empty."""
         target = self._commit_of(ref)
-        untracked = self._git("ls-files", "-z", "--others", "--exclude-standard").stdout.split("\0")
-        large = [p for p in untracked if p and (self._size(p) or 0) > self.MAX_FILE_BYTES]
-        if large:  # never delete big outputs (datasets, checkpoints) written since the last commit
+        self._git("reset", "-q")  # the index holds HEAD: files staged but never committed count as untracked
+        tracked = set(self._tree_files(None))
+        at_target = set(self._tree_files(target))
+        kept = sorted(p for p in tracked | at_target if self._in_the_way(p, tracked))
+        large = [p for p in kept if (self._size(p) or 0) > self.MAX_FILE_BYTES]
+        if large:
             self._exclude_large(large)
-        self._git("reset", "-q", "--hard", target)
-        self._git("clean", "-q", "-f", "-d", "-e", "/run_*")
+        self._git("reset", "-q", target)  # HEAD and index move; the worktree is untouched so far
+        restore = sorted(at_target - set(kept))
+        if restore:
+            self._git("checkout", "-q", target, "--pathspec-from-file=-", "--pathspec-file-nul",
+                      input="\0".join(_literal(restore)))
+        for rel in sorted(tracked - at_target - set(kept)):
+            self._remove(rel)
+        return kept
 
-    def restore(self, ref: str, paths: Sequence[str]) -> None:
-        """Write the given files as they are at `ref` into the worktree (and the index)."""
-        if not paths:
+    def _in_the_way(self, rel: str, tracked: set[str]) -> bool:
+        """Whether writing or removing `rel` would destroy data that is not in the history: something untracked
+        at that path or in place of one of its folders, or a file over the size limit."""
+        parent = self.root
+        for part in Path(rel).parts[:-1]:
+            parent = parent / part
+            if os.path.lexists(parent) and (parent.is_symlink() or not parent.is_dir()):
+                return True
+        path = self.root / rel
+        if not os.path.lexists(path):
+            return False
+        if rel not in tracked or (path.is_dir() and not path.is_symlink()):
+            return True
+        return (self._size(rel) or 0) > self.MAX_FILE_BYTES
+
+    def _remove(self, rel: str) -> None:
+        """Delete a worktree file and the folders it leaves empty (never the session folder itself)."""
+        path = self.root / rel
+        if not (path.is_symlink() or path.is_file()):  # gone already, or a folder: nothing of the history's
             return
+        path.unlink()
+        for folder in path.parents:
+            if folder == self.root or not folder.is_relative_to(self.root):
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or already gone
+                break
+
+    def restore(self, ref: str, paths: Sequence[str], remove_absent: bool = False) -> list[str]:
+        """Write the given files as they are at `ref` into the worktree (and the index). With `remove_absent`,
+        given files that `ref` does not have are deleted, tracked or not (the new files of a half-applied edit),
+        with folders they leave empty; without it such a path is a GitError. A file over the size limit on disk
+        is never overwritten or deleted: those paths are left as they are and returned (sorted)."""
+        if not paths:
+            return []
         target = self._commit_of(ref)
-        self._git("checkout", "-q", target, "--pathspec-from-file=-", "--pathspec-file-nul",
-                  input="\0".join(_literal(paths)))
+        kept = sorted(p for p in paths if (self._size(p) or 0) > self.MAX_FILE_BYTES)
+        todo = [p for p in paths if p not in set(kept)]
+        if remove_absent:
+            at_target = set(self._tree_files(target))
+            absent = [p for p in todo if Path(p).as_posix() not in at_target]
+            todo = [p for p in todo if p not in set(absent)]
+            if absent:
+                self._git("rm", "-q", "--cached", "--ignore-unmatch", "--pathspec-from-file=-",
+                          "--pathspec-file-nul", input="\0".join(_literal(absent)))
+                for p in absent:
+                    self._remove(p)
+        if todo:
+            self._git("checkout", "-q", target, "--pathspec-from-file=-", "--pathspec-file-nul",
+                      input="\0".join(_literal(todo)))
+        return kept

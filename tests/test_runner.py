@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.runner import (
+    CappedLog,
     EnvRefused,
     Metric,
     ResultsError,
@@ -427,3 +428,163 @@ def test_handle_exposes_identity_before_waiting(tmp_path: Path) -> None:
     assert handle.pgid == handle.pid == os.getpgid(handle.pid)
     assert handle.proc_start_ticks == proc_start_ticks(handle.pid)
     assert handle.wait().outcome == "ok"
+
+
+# A child that writes numbered lines to stdout and stderr as fast as it can, one write per line.
+FAST_NUMBERED_LINES = """
+    import sys
+    n = int(sys.argv[1])
+    for i in range(n):
+        sys.stdout.write(f"out {i:07d}\\n")
+        sys.stderr.write(f"err {i:07d}\\n")
+"""
+
+
+def _check_cut_log(data: bytes, prefix: str, n: int) -> None:
+    """The log holds lines 0..h-1, the cut marker, then lines t..n-1, and the marker counts every byte between."""
+    line = len(f"{prefix} 0000000\n")
+    marker = re.search(rb"\[\.\.\. (\d+) bytes of this log cut by the orchestrator \.\.\.\]\n", data)
+    assert marker is not None, data[:200]
+    head, tail = data[:marker.start()], data[marker.end():]
+    if head.endswith(b"\n\n"):  # the marker's own line break, when the head ends on a whole line
+        head = head[:-1]
+    head_lines, tail_lines = head.decode().splitlines(), tail.decode().splitlines()
+    assert head_lines == [f"{prefix} {i:07d}" for i in range(len(head_lines))]
+    first = n - len(tail_lines)
+    assert tail_lines == [f"{prefix} {i:07d}" for i in range(first, n)]
+    assert len(head) + int(marker.group(1)) + len(tail) == n * line
+
+
+def test_a_fast_writer_loses_no_line_silently_and_the_cut_is_counted_exactly(tmp_path: Path) -> None:
+    n, cap = 200_000, 20_000  # 2.4 MB on each stream, the cap is under 1% of it
+    cwd = write(tmp_path, FAST_NUMBERED_LINES)
+    result = start(request(cwd, args=[str(n)], log_cap_bytes=cap, results_file=None)).wait(tick_s=0.01)
+    assert result.outcome == "ok", result.message
+    for name, prefix in (("stdout.log", "out"), ("stderr.log", "err")):
+        data = (cwd / "run_1" / name).read_bytes()
+        assert len(data) <= cap
+        _check_cut_log(data, prefix, n)
+    assert result.stdout_tail.endswith(f"out {n - 1:07d}")
+
+
+@pytest.mark.parametrize("cap", [0, 50, 121, 1000, 5000])
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 10**9])
+def test_capped_log_accounts_for_every_byte_however_the_output_arrives(cap: int, chunk: int) -> None:
+    stream = b"".join(f"line {i}\n".encode() for i in range(500)) + b"no newline at the end"
+    log = CappedLog(cap)
+    for i in range(0, len(stream), chunk):
+        log.feed(stream[i:i + chunk])
+    data = log.render()
+    if len(stream) <= cap:
+        assert data == stream
+        return
+    marker = re.search(rb"\n\[\.\.\. (\d+) bytes of this log cut by the orchestrator \.\.\.\]\n", data)
+    assert marker is not None
+    head, tail = data[:marker.start()], data[marker.end():]
+    assert stream.startswith(head) and stream.endswith(tail)
+    assert len(head) + int(marker.group(1)) + len(tail) == len(stream)
+    if cap > 120:
+        assert len(data) <= cap
+
+
+def test_a_process_that_left_the_group_holding_the_pipes_does_not_hang_the_run(tmp_path: Path) -> None:
+    cwd = write(tmp_path, """
+        import subprocess, sys
+        code = "import time; print('escaped', flush=True); time.sleep(120)"
+        p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)  # inherits stdout and stderr
+        open(sys.argv[1], "w").write(str(p.pid))
+        print("leader done", flush=True)
+    """)
+    pid_file = tmp_path / "escaped_pid"
+    t0 = time.monotonic()
+    try:
+        result = run(request(cwd, args=[str(pid_file)], results_file=None, kill_grace_s=1))
+        assert time.monotonic() - t0 < 60  # the escaped process lives 120 s; the run does not wait for it
+        assert result.outcome == "ok"
+        assert "leader done\n" in (cwd / "run_1" / "stdout.log").read_text()
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_start_as_a_context_stops_the_whole_group_when_the_body_raises(tmp_path: Path) -> None:
+    cwd = write(tmp_path, STUBBORN)
+    pids_file = tmp_path / "pids"
+    with pytest.raises(RuntimeError, match="the journal could not be written"):
+        with start(request(cwd, args=[str(pids_file)], kill_grace_s=0.3)) as handle:
+            assert poll(lambda: pids_file.exists() and len(pids_file.read_text().split()) == 2, timeout=30)
+            raise RuntimeError("the journal could not be written")
+    child, grandchild = map(int, pids_file.read_text().split())
+    assert not alive(child) and not alive(grandchild)  # gone when the block is left, not some time later
+    assert handle.proc.returncode is not None  # reaped
+    assert handle.wait().outcome == "error"  # waiting afterwards tells what happened, it does not hang
+
+
+def test_start_as_a_context_stops_a_run_the_body_did_not_wait_for(tmp_path: Path) -> None:
+    cwd = write(tmp_path, "import time; print('working', flush=True); time.sleep(120)\n")
+    with start(request(cwd, results_file=None, kill_grace_s=0.3)) as handle:
+        assert poll(lambda: (cwd / "run_1" / "stdout.log").read_text() == "working\n", timeout=30)
+    assert not alive(handle.pid)
+    result = handle.wait()
+    assert result.outcome == "error" and result.message.startswith("stopped by the orchestrator")
+
+
+def test_a_run_whose_results_cannot_be_read_is_no_results_not_a_crash(tmp_path: Path) -> None:
+    cwd = write(tmp_path, """
+        import os, sys
+        os.makedirs(sys.argv[1], exist_ok=True)
+        open(os.path.join(sys.argv[1], "final_info.json"), "w").write('{"loss": 1' + "0" * 400 + '}')
+    """)
+    result = run(request(cwd, args=["run_1"]))
+    assert result.outcome == "no_results"
+    assert result.message == "exit 0 but run_1/final_info.json holds no numeric values (not finite: loss)"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"loss": 1' + b"0" * 400 + b"}", "holds no numeric values (not finite: loss)"),
+    (b'{"loss": 1' + b"0" * 5000 + b"}", "holds a number too long to read"),
+    (b"[" * 100_000, "is nested too deeply to read"),
+    (b'{"a": ' * 100_000, "is nested too deeply to read"),
+    (b'{"loss": 1.0, "note": "caf\xe9"}', "is not UTF-8 text (byte 0xe9 at offset 26)"),
+    (b'\xff\xfe{\x00}\x00', "is not UTF-8 text (byte 0xff at offset 0)"),
+])
+def test_read_metrics_odd_contents_are_one_line_results_errors(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "final_info.json"
+    path.write_bytes(content)
+    with pytest.raises(ResultsError) as err:
+        read_metrics(path)
+    assert str(err.value) == f"final_info.json {message}"
+
+
+def test_read_metrics_takes_huge_numbers_as_not_finite_and_keeps_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "final_info.json"
+    path.write_text('{"loss": 1' + "0" * 400 + ', "acc": 0.5, "g": {"means": {"x": 1.0}, "stderrs": {"x": 1' +
+                    "0" * 400 + "}}}")
+    assert read_metrics(path) == {"acc": Metric(mean=0.5), "g.x": Metric(mean=1.0)}
+
+
+def test_read_metrics_of_deep_objects_that_parse_does_not_overflow_the_stack(tmp_path: Path) -> None:
+    path = tmp_path / "final_info.json"
+    depth = 300
+    path.write_text('{"a": ' * depth + '{"loss": 2.0}' + "}" * depth)
+    assert read_metrics(path) == {"a." * depth + "loss": Metric(mean=2.0)}
+
+
+def test_read_metrics_refuses_a_huge_file_without_reading_it(tmp_path: Path) -> None:
+    path = tmp_path / "final_info.json"
+    with open(path, "wb") as fh:
+        fh.truncate(33 * 1024 * 1024)  # sparse: no disk used
+    with pytest.raises(ResultsError) as err:
+        read_metrics(path)
+    assert str(err.value) == "final_info.json is 33.0 MiB, over the 32 MiB limit for a results file"
+
+
+def test_read_metrics_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "final_info.json"
+    os.mkfifo(fifo)  # opening it to read would wait for a writer forever
+    with pytest.raises(ResultsError) as err:
+        read_metrics(fifo)
+    assert str(err.value) == "final_info.json is not a regular file"
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ResultsError, match="^run is not a regular file$"):
+        read_metrics(tmp_path / "run")

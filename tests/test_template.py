@@ -20,6 +20,7 @@ from orchestrator.template import (
     load_template,
     record_baseline_hash,
 )
+from orchestrator.workspace import Workspace
 
 EXPERIMENT = """\
 import argparse, json, os
@@ -287,6 +288,25 @@ def test_copy_keeps_symlinks_and_makes_outside_ones_absolute(tmp_path: Path) -> 
     copy_template(load_template(src), dest)
     assert (dest / "data.bin").is_symlink() and (dest / "data.bin").read_bytes() == b"\1" * 100
     assert os.readlink(dest / "exp_link.py") == "experiment.py"
+
+
+def test_copy_never_takes_env_files_into_the_session_or_its_history(tmp_path: Path) -> None:
+    key = "sk-FAKE-0123456789abcdef-never-copied"
+    src = make_template(tmp_path / "toy")
+    (src / ".env").write_text(f"OPENAI_API_KEY={key}\n")
+    (src / ".env.local").write_text(f"DEEPSEEK_API_KEY={key}\n")
+    (src / "lib").mkdir()
+    (src / "lib" / ".env").write_text(f"HF_TOKEN={key}\n")
+    (src / ".envrc.example").write_text("not a dotenv file\n")  # only .env and .env.* are skipped
+    dest = tmp_path / "session"
+    copy_template(load_template(src), dest)
+    copied = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*"))
+    assert copied == [".envrc.example", "experiment.py", "lib"]
+    Workspace.init(dest)
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
+    history = subprocess.run(["git", "-C", str(dest), "log", "-p", "--all"], capture_output=True, text=True,
+                             check=True, env=env).stdout
+    assert "experiment.py" in history and key not in history
 
 
 # ------------------------------------------------------------------------------------------------ baseline

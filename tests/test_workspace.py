@@ -117,8 +117,8 @@ def test_large_file_in_a_run_is_reported_never_committed_and_not_dirty(tmp_path:
     (run / "final_info.json").write_text('{"loss": 0.5}\n')
     (run / "stdout.log").write_text("step 1\n")
     (run / "model.pt").write_bytes(b"\0" * BIG)
-    sha, untracked = ws.commit_run("run_1", "run 1: results (ok)")
-    assert untracked == ["run_1/model.pt"]
+    sha, untracked, problem = ws.commit_run("run_1", "run 1: results (ok)")
+    assert untracked == ["run_1/model.pt"] and problem == ""
     assert sorted(git(ws.root, "ls-tree", "-r", "--name-only", sha, "run_1").split()) == [
         "run_1/final_info.json",
         "run_1/stdout.log",
@@ -127,7 +127,7 @@ def test_large_file_in_a_run_is_reported_never_committed_and_not_dirty(tmp_path:
     assert (run / "model.pt").exists()
     # committing everything later still leaves it out, and says so again
     assert ws.commit("all") == sha
-    assert ws.commit_run("run_1", "again") == (sha, ["run_1/model.pt"])
+    assert ws.commit_run("run_1", "again") == (sha, ["run_1/model.pt"], "")
     assert "model.pt" not in git(ws.root, "log", "--all", "--name-only", "--format=")
     # a reset keeps it on disk
     ws.reset_hard(sha)
@@ -141,7 +141,7 @@ def test_a_file_that_shrinks_below_the_limit_is_committed_again(tmp_path: Path) 
     ws.commit_run("run_1", "run 1")
     (ws.root / "run_1" / "out.npy").write_bytes(b"small")
     assert ws.is_dirty()
-    sha, untracked = ws.commit_run("run_1", "run 1 again")
+    sha, untracked, _ = ws.commit_run("run_1", "run 1 again")
     assert untracked == []
     assert ws.show(sha, "run_1/out.npy") == "small"
 
@@ -265,12 +265,140 @@ def test_reset_hard_restores_a_crashed_half_edit_and_keeps_run_folders(tmp_path:
     ws.reset_hard(head)
     assert (ws.root / "experiment.py").read_text() == "lr = 0.1\nprint(lr)\n"
     assert (ws.root / "notes.txt").read_text() == "notes\n"
-    assert not (ws.root / "helper.py").exists()
+    assert (ws.root / "helper.py").exists()  # untracked: never deleted (the loop removes editable files itself)
     assert (ws.root / "run_1" / "stdout.log").exists()  # run folders are the loop's business
     assert (ws.root / ".orchestrator" / "journal.jsonl").read_text() == '{"kind": "x"}\n'
     assert (ws.root / "data" / "train.bin").stat().st_size == BIG
     assert ws.head() == head
     assert not ws.is_dirty(["experiment.py", "notes.txt", "data"])
+
+
+def test_reset_hard_never_deletes_or_overwrites_untracked_files(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    first = ws.head()
+    (ws.root / "notes.txt").write_bytes(b"n" * BIG)  # an editable file over the size limit
+    (ws.root / "experiment.py").write_text("lr = 0.2\n")
+    second = ws.commit("attempt 1: lr 0.2 and long notes")
+    assert ws.large_files() == ["notes.txt"]
+    (ws.root / "cache").mkdir()
+    (ws.root / "cache" / "tokens.pkl").write_bytes(b"cached by the experiment")  # written since the last commit
+    (ws.root / "experiment.py").write_text("lr = 0.2\nprint(l")  # a crashed half edit
+    kept = ws.reset_hard(second)
+    assert (ws.root / "experiment.py").read_text() == "lr = 0.2\n"
+    assert (ws.root / "cache" / "tokens.pkl").read_bytes() == b"cached by the experiment"
+    assert (ws.root / "notes.txt").stat().st_size == BIG
+    assert kept == []
+    # back to a checkpoint where notes.txt was small and tracked: the long notes still are not overwritten
+    kept = ws.reset_hard(first)
+    assert kept == ["notes.txt"]
+    assert (ws.root / "notes.txt").stat().st_size == BIG
+    assert (ws.root / "experiment.py").read_text() == "lr = 0.1\nprint(lr)\n"
+    assert (ws.root / "cache" / "tokens.pkl").exists()
+    assert ws.head() == first
+    assert ws.large_files() == ["notes.txt"] and ws.commit("after reset") != first
+    assert ws.show("HEAD", "notes.txt") is None  # committing again leaves it out, as for any file that grew
+
+
+def test_reset_hard_removes_files_tracked_only_at_the_old_checkpoint(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    first = ws.head()
+    (ws.root / "lib").mkdir()
+    (ws.root / "lib" / "helper.py").write_text("x = 1\n")
+    ws.commit("attempt 1: add a helper")
+    assert ws.reset_hard(first) == []
+    assert not (ws.root / "lib").exists()  # it is in the history, nothing is lost
+    assert not ws.is_dirty()
+
+
+def test_restore_leaves_a_file_over_the_size_limit_alone(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    first = ws.head()
+    (ws.root / "notes.txt").write_bytes(b"n" * BIG)
+    (ws.root / "experiment.py").write_text("broken(\n")
+    assert ws.restore(first, ["experiment.py", "notes.txt"]) == ["notes.txt"]
+    assert (ws.root / "experiment.py").read_text() == "lr = 0.1\nprint(lr)\n"
+    assert (ws.root / "notes.txt").stat().st_size == BIG
+
+
+def test_restore_with_remove_absent_removes_new_files_but_never_large_ones(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    first = ws.head()
+    (ws.root / "notes.txt").write_bytes(b"n" * BIG)
+    ws.commit("notes grew")  # notes.txt leaves the repository: absent at HEAD, still on disk
+    (ws.root / "lib").mkdir()
+    (ws.root / "lib" / "helper.py").write_text("new file of a half-applied edit\n")
+    (ws.root / "experiment.py").write_text("broken(\n")
+    paths = ["experiment.py", "lib/helper.py", "notes.txt"]
+    with pytest.raises(GitError):
+        ws.restore("HEAD", paths)  # without remove_absent, a file absent at the ref is an error
+    assert ws.restore("HEAD", paths, remove_absent=True) == ["notes.txt"]
+    assert (ws.root / "experiment.py").read_text() == "lr = 0.1\nprint(lr)\n"
+    assert not (ws.root / "lib").exists()
+    assert (ws.root / "notes.txt").stat().st_size == BIG
+    assert ws.restore(first, ["notes.txt"]) == ["notes.txt"]
+    assert (ws.root / "notes.txt").stat().st_size == BIG
+
+
+def test_commit_run_leaves_out_a_nested_repository_and_says_so(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    run = ws.root / "run_1"
+    (run / "src").mkdir(parents=True)
+    (run / "final_info.json").write_text('{"loss": 0.5}\n')
+    git(run / "src", "init", "-q")  # cloned by the experiment, never committed in it
+    (run / "src" / "data.txt").write_text("d\n")
+    result = ws.commit_run("run_1", "run 1: results (ok)")
+    assert git(ws.root, "ls-tree", "-r", "--name-only", result.sha, "run_1").split() == ["run_1/final_info.json"]
+    assert result.problem == "run_1/src is a nested git repository: its files are not committed"
+    assert ws.commit("everything else") == result.sha  # a plain commit leaves it out too, and does not fail
+
+
+def test_commit_run_commits_a_run_folder_the_template_ignores(tmp_path: Path) -> None:
+    root = session(tmp_path)
+    (root / ".gitignore").write_text("run_*/\n*.log\n")
+    ws = Workspace.init(root)
+    run = ws.root / "run_1"
+    run.mkdir()
+    (run / "final_info.json").write_text('{"loss": 0.5}\n')
+    (run / "stdout.log").write_text("step 1\n")
+    (run / "stderr.log").write_text("")
+    (run / "model.pt").write_bytes(b"\0" * BIG)
+    (run / "__pycache__").mkdir()
+    (run / "__pycache__" / "m.pyc").write_bytes(b"\0")
+    result = ws.commit_run("run_1", "run 1: results (ok)")
+    assert result.sha != ws.log()[-1].sha and result.sha == ws.head()
+    assert sorted(git(ws.root, "ls-tree", "-r", "--name-only", result.sha, "run_1").split()) == [
+        "run_1/final_info.json", "run_1/stderr.log", "run_1/stdout.log"]
+    assert result.untracked == ["run_1/model.pt"]
+    assert result.problem == ""
+    (run / "stdout.log").write_text("step 1\nstep 2\n")  # tracked now: later changes are seen
+    again = ws.commit_run("run_1", "run 1 again")
+    assert ws.show(again.sha, "run_1/stdout.log") == "step 1\nstep 2\n"
+
+
+def test_commit_run_says_why_nothing_was_committed(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    head = ws.head()
+    result = ws.commit_run("run_7", "run 7: results (error)")
+    assert result.sha == head and result.untracked == []
+    assert result.problem == "run_7 does not exist"
+    (ws.root / "run_7").mkdir()
+    (ws.root / "run_7" / "weights.bin").write_bytes(b"\1" * BIG)
+    result = ws.commit_run("run_7", "run 7: results (error)")
+    assert result.sha == head and result.untracked == ["run_7/weights.bin"]
+    assert result.problem == "run_7 holds no file under the size limit to commit"
+
+
+def test_env_files_written_into_the_session_are_never_committed(tmp_path: Path) -> None:
+    ws = Workspace.init(session(tmp_path))
+    (ws.root / ".env").write_text("OPENAI_API_KEY=sk-fake-never-committed\n")
+    (ws.root / "run_1").mkdir()
+    (ws.root / "run_1" / ".env.run").write_text("HF_TOKEN=sk-fake-never-committed\n")
+    (ws.root / "run_1" / "final_info.json").write_text('{"loss": 1.0}\n')
+    (ws.root / "experiment.py").write_text("lr = 0.3\n")
+    ws.commit("everything")
+    ws.commit_run("run_1", "run 1")
+    assert "sk-fake-never-committed" not in git(ws.root, "log", "-p", "--all")
+    assert "run_1/final_info.json" in git(ws.root, "ls-files")
 
 
 def test_restore_puts_files_back_from_an_earlier_checkpoint(tmp_path: Path) -> None:
