@@ -464,6 +464,8 @@ class StateFold:
             rec.results_commit = d.get("commit")
             rec.tag = d.get("tag")
             rec.untracked = list(d.get("untracked", []))
+            if d.get("message"):  # why part of the run folder could not be committed
+                rec.message = f"{rec.message}; {d['message']}" if rec.message else d["message"]
         elif kind == "baseline_reused":
             rec = self._record(0)
             rec.status = "ok"

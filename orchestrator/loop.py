@@ -45,7 +45,7 @@ from orchestrator.journal import (
     write_snapshot,
 )
 from orchestrator.models import ContextWindowError, Model, ModelError, Reply
-from orchestrator.runner import RunHandle, RunRequest, RunResult, stop_orphan
+from orchestrator.runner import RunRequest, RunResult, stop_orphan
 from orchestrator.runner import start as start_run
 from orchestrator.secrets import redact_obj
 from orchestrator.spec import IdeaSpec
@@ -278,7 +278,6 @@ class Driver:
         self.model = model
         self.settings = settings
         self.hooks = hooks
-        self.active: RunHandle | None = None
         self.last_good_run = 0
 
     def _load(self) -> None:
@@ -333,23 +332,15 @@ class Driver:
             except _SessionFailed as failure:
                 self._record("finished", status="failed", reason=str(failure))
             except ModelError as exc:
-                self._stop_active()
                 self._record("interrupted", reason=f"model error: {exc}")
             except KeyboardInterrupt as exc:
-                self._stop_active()
                 why = f"stopped by {exc.args[0]}" if isinstance(exc, Stopped) else "interrupted by the user"
                 self._record("interrupted", reason=why)
                 raise
             except Exception as exc:  # the catch-all: never leave a session `running` with a traceback
-                self._stop_active()
                 self._record("interrupted", reason=_one_line(f"{type(exc).__name__}: {exc}"),
                              error_type=type(exc).__name__, traceback=traceback.format_exc(limit=30))
         return self.state()
-
-    def _stop_active(self) -> None:
-        if self.active is not None:
-            self.active.kill()
-            self.active = None
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
 
@@ -399,15 +390,10 @@ class Driver:
             self._reset_editable("HEAD")
 
     def _reset_editable(self, ref: str) -> list[str]:
-        """Make the editable files what they are at `ref` and return their paths. Only files git tracks are
-        touched: a tracked file absent at `ref` is removed, untracked files (caches, files over the size limit)
-        always stay."""
+        """Make the editable files what they are at `ref` (files absent there are removed) and return their paths.
+        Nothing else is touched, and files over the size limit (never committed) are left as they are."""
         paths = self._editable_files(tuple(self.template.editable))
-        tracked = set(self.ws.tracked(paths))
-        kept = [p for p in paths if self.ws.show(ref, p) is not None]
-        for p in tracked - set(kept):
-            (self.dir / p).unlink()
-        self.ws.restore(ref, kept)
+        self.ws.restore(ref, paths, remove_absent=True)
         return paths
 
     def _check_limits(self) -> None:
@@ -595,16 +581,12 @@ class Driver:
         cut_by_wall = left is not None and left < request.timeout_s
         if cut_by_wall:
             request = request.model_copy(update={"timeout_s": max(left or 0.0, 0.001)})
-        handle = self.active = start_run(request)
-        try:
+        # leaving the block before wait() returns (a journal that cannot be written, a signal) stops the run
+        with start_run(request) as handle:
             self._record("run_started", **key, pid=handle.pid, pgid=handle.pgid,
                          proc_start_ticks=handle.proc_start_ticks, started_at=handle.started_at,
                          command=request.command(), timeout_s=request.timeout_s)
-        except BaseException:
-            self._stop_active()  # a run the journal does not know about must not go on
-            raise
-        result: RunResult = handle.wait()
-        self.active = None
+            result: RunResult = handle.wait()
         if cut_by_wall and result.outcome == "timeout":
             # not the run's fault: it runs again from a clean folder if the session is resumed with more time
             self._record("run_stopped", **key, message="stopped: the session's wall-clock budget ran out")
@@ -630,9 +612,10 @@ class Driver:
         k = ("experiment", run, None, None)
         if self.journal.find("run_recorded", k) is not None:
             return
-        sha, untracked = self.ws.commit_run(f"run_{run}", f"run {run}: results ({outcome})")
-        self.ws.tag(f"run_{run}", sha, f"run {run}")
-        self._record("run_recorded", stage="experiment", run=run, commit=sha, tag=f"run_{run}", untracked=untracked)
+        committed = self.ws.commit_run(f"run_{run}", f"run {run}: results ({outcome})")
+        self.ws.tag(f"run_{run}", committed.sha, f"run {run}")
+        self._record("run_recorded", stage="experiment", run=run, commit=committed.sha, tag=f"run_{run}",
+                     untracked=committed.untracked, message=committed.problem)
 
     def _baseline(self) -> None:
         if self.journal.find("run_recorded", ("experiment", 0, None, None)) or self.journal.find("baseline_reused"):

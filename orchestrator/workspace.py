@@ -352,13 +352,6 @@ class Workspace:
                         self._commit_of(b), "--").stdout
         return sorted(p for p in out.split("\0") if p)
 
-    def tracked(self, paths: Sequence[str]) -> list[str]:
-        """Those of `paths` that git tracks (in the index)."""
-        if not paths:
-            return []
-        out = self._git("ls-files", "-z", "--", *_literal(paths)).stdout
-        return [p for p in out.split("\0") if p]
-
     def show(self, ref: str, path: str) -> str | None:
         """Text of `path` at commit `ref`, or None if the file is not there. GitError if `ref` is unknown."""
         sha = self._commit_of(ref)
