@@ -22,6 +22,15 @@ Matching rules, tried in order; a rule that finds one place wins, a rule that fi
 No similarity-based replacement: ``difflib`` only ever produces *suggestions* in the feedback text.
 Every block is applied to an in-memory copy first; files are written (atomically) only when every block
 succeeded, so a failed reply leaves the folder exactly as it was.
+
+Shapes of real replies (measured on model replies written in AI-Scientist sessions) read the way a person
+reading the reply would, each narrow enough that a block still applies at exactly one place or not at all:
+
+- A divider line at the end of REPLACE, right before ``>>>>>>> REPLACE``, is a terminator, not content: written
+  into the file it is a syntax error the model did not mean. A REPLACE holding nothing but it is refused.
+- A block with no ``>>>>>>> REPLACE`` whose second ``=======`` is followed only by a closing fence, the next
+  block or the end of the reply ends at that divider (any text after it leaves the block malformed, as before).
+- A file's missing final newline stays missing (aider adds one; a tie, kept for the smallest change).
 """
 
 from __future__ import annotations
@@ -169,26 +178,73 @@ def _parse(reply: str) -> _Parsed:
                 f"{where}: expected a '{DIVIDER_MARK}' line after the SEARCH lines, the reply ended first",
                 block=number,
             )
-        replace: list[str] = []
-        k = j + 1
-        while k < len(lines) and not _REPLACE_RE.match(lines[k]):
-            if _SEARCH_RE.match(lines[k]):
-                raise EditParseError(
-                    f"{where}: expected a '{REPLACE_MARK}' line after the REPLACE lines, "
-                    f"found {lines[k].strip()!r} at reply line {k + 1}",
-                    block=number,
-                )
-            replace.append(lines[k])
-            k += 1
-        if k >= len(lines):
-            raise EditParseError(
-                f"{where}: expected a '{REPLACE_MARK}' line after the REPLACE lines, the reply ended first",
-                block=number,
-            )
+        replace, k = _read_replace(lines, j + 1, where, number)
         edits.append(Edit(path=path, search=_join(search), replace=_join(replace), block=number))
         prev_path, prev_end = path, k
         i = k + 1
     return _Parsed(edits=edits, first_header=first_header)
+
+
+def _read_replace(lines: list[str], start: int, where: str, number: int) -> tuple[list[str], int]:
+    """The REPLACE lines from `start`, and the reply line that ends the block (its REPLACE marker or divider).
+
+    Two shapes of real replies are read as their writers meant them:
+    - divider lines at the end of REPLACE (blank lines aside) are a terminator, not content (``new lines``,
+      ``=======``, ``>>>>>>> REPLACE``): written into the file they would be a syntax error the model did not
+      intend. A REPLACE that holds nothing else (either way) is refused: deleting the SEARCH lines is a guess;
+    - with no REPLACE marker before the next SEARCH line or the reply's end, a divider line ends the block when
+      only a closing fence, the next block's header or the end of the reply follows it (blank lines aside).
+    """
+    k = start
+    while k < len(lines) and not _REPLACE_RE.match(lines[k]) and not _SEARCH_RE.match(lines[k]):
+        k += 1
+    if k < len(lines) and _REPLACE_RE.match(lines[k]):
+        end = k
+    else:
+        divider = _divider_ending_block(lines, start, k)
+        if divider is None:
+            found = (
+                f"found {lines[k].strip()!r} at reply line {k + 1}"
+                if k < len(lines)
+                else "the reply ended first"
+            )
+            raise EditParseError(
+                f"{where}: expected a '{REPLACE_MARK}' line after the REPLACE lines, {found}", block=number
+            )
+        end = divider
+    replace = lines[start:end]
+    last = next((n for n in range(len(replace) - 1, -1, -1) if replace[n].strip()), None)
+    stray = last is not None and _DIVIDER_RE.match(replace[last]) is not None
+    if stray and last is not None:
+        del replace[last + 1 :]  # blank lines after the stray divider belong to the terminator
+        while replace and _DIVIDER_RE.match(replace[-1]):
+            replace.pop()
+    if (stray or end != k) and not any(line.strip() for line in replace):
+        raise EditParseError(
+            f"{where}: its REPLACE holds nothing but a '{DIVIDER_MARK}' line, so it is unclear what the SEARCH "
+            f"lines should become; to delete them, write '{DIVIDER_MARK}' once and then '{REPLACE_MARK}'",
+            block=number,
+        )
+    return replace, end
+
+
+def _divider_ending_block(lines: list[str], start: int, stop: int) -> int | None:
+    """The first divider line in [start, stop) if it ends the block: after it (and any divider or blank lines
+    right after it) comes a closing fence, the next block's header (its SEARCH line is at `stop`) or the end of
+    the reply. None otherwise, also when a line of text follows the first divider."""
+    first = next((d for d in range(start, stop) if _DIVIDER_RE.match(lines[d])), None)
+    if first is None:
+        return None
+    after = next(
+        (n for n in range(first + 1, stop) if lines[n].strip() and not _DIVIDER_RE.match(lines[n])), stop
+    )
+    if after == stop:
+        return first
+    fence = _FENCE_RE.match(lines[after])
+    if fence is not None and not fence.group(2):
+        return first
+    next_header = _find_path(lines, stop, first)[1] if stop < len(lines) else stop
+    return first if after >= next_header else None
 
 
 def _join(lines: list[str]) -> str:

@@ -579,3 +579,96 @@ def test_dot_slash_path_is_the_same_file(tmp_path):
 def test_plan_line(reply, expected):
     assert plan_line(reply) == expected
     assert len(plan_line(reply)) <= 72
+
+
+# ------------------------------------------------------------------------------------- shapes of real replies
+# Each shape below was seen in replies real models wrote in AI-Scientist sessions (content made up, same shape).
+
+
+def test_a_stray_divider_right_before_the_replace_marker_ends_the_replace_text(tmp_path):
+    write(tmp_path, {"experiment.py": "import os\n\nprint(os.getcwd())\n"})
+    reply = (
+        "experiment.py\n```python\n<<<<<<< SEARCH\nimport os\n=======\nimport os\nimport time\n=======\n"
+        ">>>>>>> REPLACE\n```\n"
+    )
+    result = apply_edits(tmp_path, reply)
+    assert result.ok, result.feedback
+    assert (tmp_path / "experiment.py").read_text() == "import os\nimport time\n\nprint(os.getcwd())\n"
+
+
+@pytest.mark.parametrize(
+    "ending", [pytest.param(">>>>>>> REPLACE\n```\n", id="replace-marker"), pytest.param("```\n", id="fence")]
+)
+def test_a_replace_holding_nothing_but_a_stray_divider_is_refused(tmp_path, ending):
+    write(tmp_path, {"experiment.py": "import os\nimport time\n"})
+    reply = "experiment.py\n```python\n<<<<<<< SEARCH\nimport time\n=======\n=======\n" + ending
+    result = apply_edits(tmp_path, reply)
+    assert (
+        not result.ok and "holds nothing but" in result.feedback and "Nothing was applied" in result.feedback
+    )
+    assert (tmp_path / "experiment.py").read_text() == "import os\nimport time\n"
+
+
+@pytest.mark.parametrize(
+    "between",
+    [
+        pytest.param("```\n\nplot.py\n```python\n", id="fence-close-then-next-block"),
+        pytest.param("\nplot.py\n```python\n", id="next-block-header-right-after"),
+        pytest.param("", id="next-search-marker-right-after"),
+    ],
+)
+def test_a_divider_used_as_the_end_of_a_block_ends_it_when_a_new_block_follows(tmp_path, between):
+    write(tmp_path, {"experiment.py": "lr = 3e-3\n", "plot.py": "title = 'old'\n"})
+    second_path = "plot.py" if "plot.py" in between else "experiment.py"
+    second = (
+        ("title = 'old'\n", "title = 'new'\n") if second_path == "plot.py" else ("lr = 1e-3\n", "lr = 2e-3\n")
+    )
+    reply = (
+        "experiment.py\n```python\n<<<<<<< SEARCH\nlr = 3e-3\n=======\nlr = 1e-3\n=======\n"
+        + between
+        + f"<<<<<<< SEARCH\n{second[0]}=======\n{second[1]}>>>>>>> REPLACE\n```\n"
+    )
+    result = apply_edits(tmp_path, reply)
+    assert result.ok and result.blocks == 2, result.feedback
+    assert [e.path for e in parse_edits(reply)] == ["experiment.py", second_path]
+    expected_lr = "lr = 2e-3\n" if second_path == "experiment.py" else "lr = 1e-3\n"
+    assert (tmp_path / "experiment.py").read_text() == expected_lr
+    expected_title = "title = 'new'\n" if second_path == "plot.py" else "title = 'old'\n"
+    assert (tmp_path / "plot.py").read_text() == expected_title
+
+
+@pytest.mark.parametrize(
+    "tail", [pytest.param("```\n\nRun it.\n", id="fence-close"), pytest.param("\n", id="end-of-reply")]
+)
+def test_a_divider_used_as_the_end_of_the_last_block_ends_it(tmp_path, tail):
+    write(tmp_path, {"experiment.py": "lr = 3e-3\n"})
+    reply = "experiment.py\n```python\n<<<<<<< SEARCH\nlr = 3e-3\n=======\nlr = 1e-3\n=======\n" + tail
+    result = apply_edits(tmp_path, reply)
+    assert result.ok, result.feedback
+    assert (tmp_path / "experiment.py").read_text() == "lr = 1e-3\n"
+
+
+def test_a_second_divider_followed_by_more_text_is_still_a_malformed_block(tmp_path):
+    write(tmp_path, {"experiment.py": "lr = 3e-3\n"})
+    reply = (
+        "experiment.py\n```python\n<<<<<<< SEARCH\nlr = 3e-3\n=======\nlr = 1e-3\n=======\nlr = 2e-3\n```\n"
+    )
+    result = apply_edits(tmp_path, reply)
+    assert not result.ok and "expected a '>>>>>>> REPLACE' line" in result.feedback
+    assert (tmp_path / "experiment.py").read_text() == "lr = 3e-3\n"
+
+
+@pytest.mark.parametrize(
+    "ending, expected",
+    [
+        pytest.param("=======\n\n", "x = 2\n", id="blank-line-after-the-stray-divider"),
+        pytest.param("=======\n=======\n", "x = 2\n", id="two-stray-dividers"),
+        pytest.param("\n=======\n", "x = 2\n\n", id="blank-line-before-the-stray-divider-is-content"),
+    ],
+)
+def test_stray_dividers_at_the_end_of_replace_are_dropped_and_nothing_else(tmp_path, ending, expected):
+    write(tmp_path, {"experiment.py": "x = 1\n"})
+    reply = f"experiment.py\n```\n<<<<<<< SEARCH\nx = 1\n=======\nx = 2\n{ending}>>>>>>> REPLACE\n```\n"
+    result = apply_edits(tmp_path, reply)
+    assert result.ok, result.feedback
+    assert (tmp_path / "experiment.py").read_text() == expected
