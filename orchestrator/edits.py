@@ -30,6 +30,8 @@ reading the reply would, each narrow enough that a block still applies at exactl
   into the file it is a syntax error the model did not mean. A REPLACE holding nothing but it is refused.
 - A block with no ``>>>>>>> REPLACE`` whose second ``=======`` is followed only by a closing fence, the next
   block or the end of the reply ends at that divider (any text after it leaves the block malformed, as before).
+- A path line may name a file with spaces (``my notes.txt``): in backticks or quotes, or bare when it names an
+  existing editable file (a bare line of prose before a fence is not a path).
 - A file's missing final newline stays missing (aider adds one; a tie, kept for the smallest change).
 """
 
@@ -61,8 +63,13 @@ _DIVIDER_RE = re.compile(r"^\s*={5,9}\s*$")
 _REPLACE_RE = re.compile(r"^\s*>{5,9}\s?REPLACE\s*$")
 _FENCE_RE = re.compile(r"^\s*(`{3,}|~{3,})\s*(.*?)\s*$")
 _ELISION_RE = re.compile(r"^\s*\.\.\.\s*$")
-_PATH_CHARS_RE = re.compile(r"[\w\-./\\+@]+")
+_PATH_CHARS_RE = re.compile(r"[\w\-./\\+@]+(?: [\w\-./\\+@]+)*")  # single spaces inside a name
+_QUOTED_PATH_RE = re.compile(
+    r"^(?:(?:file(?:name)?|path)\s*:\s*)?[*_]*([`'\"])[^`'\"]+\1[*_]*:?$", re.IGNORECASE
+)
 _COMMENT_RE = re.compile(r"^(#|//|--|;|<!--)")
+
+_Known = Callable[[str], bool]  # does this path name an existing file the reply may edit?
 
 SUGGEST_MIN_SCORE = 0.6
 FEEDBACK_HEAD_LINES = 3
@@ -131,7 +138,8 @@ def _split_reply(reply: str) -> list[str]:
     return reply.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
-def _parse(reply: str) -> _Parsed:
+def _parse(reply: str, known: _Known | None = None) -> _Parsed:
+    """Blocks of a reply; `known` tells whether a bare path line holding spaces names a file (_clean_path)."""
     lines = _split_reply(reply)
     edits: list[Edit] = []
     prev_path: str | None = None
@@ -150,7 +158,7 @@ def _parse(reply: str) -> _Parsed:
             i += 1
             continue
         number = len(edits) + 1
-        path, header = _find_path(lines, i, prev_end)
+        path, header = _find_path(lines, i, prev_end, known)
         if first_header is None:
             first_header = header
         if path is None:
@@ -178,14 +186,16 @@ def _parse(reply: str) -> _Parsed:
                 f"{where}: expected a '{DIVIDER_MARK}' line after the SEARCH lines, the reply ended first",
                 block=number,
             )
-        replace, k = _read_replace(lines, j + 1, where, number)
+        replace, k = _read_replace(lines, j + 1, where, number, known)
         edits.append(Edit(path=path, search=_join(search), replace=_join(replace), block=number))
         prev_path, prev_end = path, k
         i = k + 1
     return _Parsed(edits=edits, first_header=first_header)
 
 
-def _read_replace(lines: list[str], start: int, where: str, number: int) -> tuple[list[str], int]:
+def _read_replace(
+    lines: list[str], start: int, where: str, number: int, known: _Known | None
+) -> tuple[list[str], int]:
     """The REPLACE lines from `start`, and the reply line that ends the block (its REPLACE marker or divider).
 
     Two shapes of real replies are read as their writers meant them:
@@ -201,7 +211,7 @@ def _read_replace(lines: list[str], start: int, where: str, number: int) -> tupl
     if k < len(lines) and _REPLACE_RE.match(lines[k]):
         end = k
     else:
-        divider = _divider_ending_block(lines, start, k)
+        divider = _divider_ending_block(lines, start, k, known)
         if divider is None:
             found = (
                 f"found {lines[k].strip()!r} at reply line {k + 1}"
@@ -228,7 +238,7 @@ def _read_replace(lines: list[str], start: int, where: str, number: int) -> tupl
     return replace, end
 
 
-def _divider_ending_block(lines: list[str], start: int, stop: int) -> int | None:
+def _divider_ending_block(lines: list[str], start: int, stop: int, known: _Known | None) -> int | None:
     """The first divider line in [start, stop) if it ends the block: after it (and any divider or blank lines
     right after it) comes a closing fence, the next block's header (its SEARCH line is at `stop`) or the end of
     the reply. None otherwise, also when a line of text follows the first divider."""
@@ -243,7 +253,7 @@ def _divider_ending_block(lines: list[str], start: int, stop: int) -> int | None
     fence = _FENCE_RE.match(lines[after])
     if fence is not None and not fence.group(2):
         return first
-    next_header = _find_path(lines, stop, first)[1] if stop < len(lines) else stop
+    next_header = _find_path(lines, stop, first, known)[1] if stop < len(lines) else stop
     return first if after >= next_header else None
 
 
@@ -251,7 +261,9 @@ def _join(lines: list[str]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def _find_path(lines: list[str], marker: int, stop: int) -> tuple[str | None, int]:
+def _find_path(
+    lines: list[str], marker: int, stop: int, known: _Known | None = None
+) -> tuple[str | None, int]:
     """The path written before the SEARCH line at `marker`, and the reply line where the block's header starts.
 
     Walks back from the marker: inside the fence a `# path` comment or a bare path line counts; the fence's
@@ -274,7 +286,7 @@ def _find_path(lines: list[str], marker: int, stop: int) -> tuple[str | None, in
             if info_path:
                 return info_path, header
             continue
-        candidate = _clean_path(raw)
+        candidate = _clean_path(raw, known=known)
         if candidate:
             return candidate, j
         if inside and _COMMENT_RE.match(raw.strip()) and comments_skipped < 2:
@@ -293,11 +305,18 @@ def _path_from_info(info: str) -> str | None:
     return None
 
 
-def _clean_path(text: str, allow_prefix: bool = True) -> str | None:
+def _clean_path(text: str, allow_prefix: bool = True, known: _Known | None = None) -> str | None:
+    """The path a header line names, or None.
+
+    A name holding spaces (``my notes.txt``) counts only when quoted (in backticks or quotes) or, written bare,
+    when `known` says it names an existing editable file: a bare line of prose ("Then change experiment.py:")
+    must not be taken for a path.
+    """
     s = text.strip()
     if allow_prefix:
         s = re.sub(r"^(#+|//|--|;+|>+)\s*", "", s)
         s = re.sub(r"^(?:[-*+]\s+|\d+[.)]\s+)", "", s)  # a list item
+    quoted = allow_prefix and bool(_QUOTED_PATH_RE.match(s))
     for _ in range(3):
         s = s.strip().strip("*_`'\"").strip().rstrip(":").strip()
         if allow_prefix:
@@ -307,6 +326,8 @@ def _clean_path(text: str, allow_prefix: bool = True) -> str | None:
     if not re.search(r"[A-Za-z0-9]", s) or s.endswith("."):
         return None
     if "." not in s and "/" not in s:
+        return None
+    if " " in s and not (quoted or (known is not None and known(s))):
         return None
     return s
 
@@ -819,7 +840,9 @@ def apply_edits(
     editable, protected = tuple(editable), tuple(protected)
     if isinstance(reply_or_edits, str):
         try:
-            edits = parse_edits(reply_or_edits)
+            edits = _parse(
+                reply_or_edits, lambda raw: _names_editable_file(root_path, raw, editable, protected)
+            ).edits
         except EditParseError as exc:
             return EditResult(
                 ok=False,
@@ -901,6 +924,20 @@ def apply_edits(
         outcomes=outcomes,
         already_applied=already,
     )
+
+
+def _try_resolve(
+    root: Path, raw: str, editable: Sequence[str], protected: Sequence[str]
+) -> tuple[str, Path] | _PathError:
+    try:
+        return _resolve(root, raw, editable, protected)
+    except _PathError as exc:
+        return exc
+
+
+def _names_editable_file(root: Path, raw: str, editable: Sequence[str], protected: Sequence[str]) -> bool:
+    where = _try_resolve(root, raw, editable, protected)
+    return not isinstance(where, _PathError) and where[1].is_file()
 
 
 def _write_all(pending: list[tuple[_FileWork, bytes]]) -> None:

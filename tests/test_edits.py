@@ -672,3 +672,33 @@ def test_stray_dividers_at_the_end_of_replace_are_dropped_and_nothing_else(tmp_p
     result = apply_edits(tmp_path, reply)
     assert result.ok, result.feedback
     assert (tmp_path / "experiment.py").read_text() == expected
+
+
+@pytest.mark.parametrize(
+    "name, header",
+    [
+        pytest.param("my notes.txt", "my notes.txt\n", id="bare"),
+        pytest.param("data prep.py", "`data prep.py`\n", id="backticks"),
+        pytest.param("data prep.py", "**`data prep.py`**:\n", id="bold-backticks-colon"),
+        pytest.param("my notes.txt", '"my notes.txt"\n', id="double-quotes"),
+    ],
+)
+def test_a_file_name_with_spaces_resolves_to_that_editable_file(tmp_path, name, header):
+    write(tmp_path, {name: "a = 1\n", "experiment.py": "a = 1\n"})
+    reply = f"{header}```\n<<<<<<< SEARCH\na = 1\n=======\na = 2\n>>>>>>> REPLACE\n```\n"
+    result = apply_edits(tmp_path, reply, editable=("*.py", "*.txt"))
+    assert result.ok and result.changed == [name], result.feedback
+    assert (tmp_path / name).read_text() == "a = 2\n" and (
+        tmp_path / "experiment.py"
+    ).read_text() == "a = 1\n"
+
+
+def test_a_prose_line_with_spaces_before_a_fence_is_not_taken_for_a_path(tmp_path):
+    write(tmp_path, {"experiment.py": "a = 1\nb = 1\n"})
+    reply = (
+        block("experiment.py", "a = 1\n", "a = 2\n")
+        + "\nThen change b in experiment.py:\n"
+        + "```python\n<<<<<<< SEARCH\nb = 1\n=======\nb = 2\n>>>>>>> REPLACE\n```\n"
+    )
+    result = apply_edits(tmp_path, reply, editable=("*.py",))
+    assert result.ok and (tmp_path / "experiment.py").read_text() == "a = 2\nb = 2\n"
