@@ -16,8 +16,13 @@ Matching rules, tried in order; a rule that finds one place wins, a rule that fi
 1. ``exact``: the SEARCH lines, whole and exact;
 2. ``trailing-whitespace``: the same, ignoring trailing whitespace on each line;
 3. ``indent-shift``: the SEARCH lines shifted by one uniform indentation (REPLACE is shifted the same way);
-4. ``blank-lines-trimmed``: rules 1-3 again with leading/trailing blank SEARCH lines dropped;
-5. ``elision``: ``...`` lines split SEARCH and REPLACE into pieces; each piece must be found once, in order.
+4. ``indent-map``: where neither indentation is a suffix of the other (a file indented with tabs, SEARCH with
+   spaces, or the reverse), SEARCH's common leading whitespace stands for one prefix that is identical on every
+   matched non-blank line of the file; REPLACE gets the same mapping, so the file keeps its own indentation
+   (deeper REPLACE lines too, in the file's unit, when SEARCH sits at one level). Like rule 3 it re-indents
+   uniformly and must find exactly one place, so it cannot pick between two places;
+5. ``blank-lines-trimmed``: rules 1-4 again with leading/trailing blank SEARCH lines dropped;
+6. ``elision``: ``...`` lines split SEARCH and REPLACE into pieces; each piece must be found once, in order.
 
 No similarity-based replacement: ``difflib`` only ever produces *suggestions* in the feedback text.
 Every block is applied to an in-memory copy first; files are written (atomically) only when every block
@@ -485,6 +490,7 @@ def _indent(line: str) -> str:
 
 
 def _rule_indent(doc: Lines, search: Lines, replace: Lines) -> list[_Match]:
+    """Rule 3: the window is SEARCH shifted by one indentation `delta`, added to or removed from every line."""
     n = len(search)
     anchor = next((k for k, line in enumerate(search) if line.strip()), None)
     if anchor is None:
@@ -534,7 +540,89 @@ def _reindent(replace: Lines, delta: str, deeper: bool) -> Lines | None:
     return out
 
 
-_LINE_RULES: tuple[_Rule, ...] = (_rule_exact, _rule_trailing, _rule_indent)
+def _rule_indent_map(doc: Lines, search: Lines, replace: Lines) -> list[_Match]:
+    """Rule 4: SEARCH's common leading whitespace stands for one prefix of the file's lines (tabs for spaces).
+
+    Only where rule 3 has no ground (neither indentation of the first non-blank line is a suffix of the other):
+    every non-blank line of the window must be that same file prefix followed by what SEARCH has after its
+    common whitespace; REPLACE lines get the file's prefix in place of SEARCH's common whitespace. When every
+    SEARCH line sits at that common whitespace (so SEARCH shows nothing of how the file nests deeper), REPLACE's
+    deeper lines are written in the file's unit too (see _units): two tabs then four spaces would mix tabs and
+    spaces in one block, which Python refuses (TabError) as soon as the file's own deeper lines follow.
+    """
+    n = len(search)
+    anchor = next((k for k, line in enumerate(search) if line.strip()), None)
+    if anchor is None:
+        return []
+    common = os.path.commonprefix([_indent(line) for line in search if line.strip()])
+    if not common:
+        return []
+    s_ind = _indent(search[anchor])
+    inner = s_ind[len(common) :]
+    s_strip = search[anchor].strip()
+    flat = all(_indent(line) == common for line in search if line.strip())
+    out = []
+    for p in range(len(doc) - n + 1):
+        window = doc[p : p + n]
+        if window[anchor].strip() != s_strip:
+            continue
+        f_ind = _indent(window[anchor])
+        if f_ind.endswith(s_ind) or s_ind.endswith(f_ind) or not f_ind.endswith(inner):
+            continue
+        prefix = f_ind[: len(f_ind) - len(inner)]
+        if _map_fits(window, search, common, prefix):
+            units = _units(common, prefix) if flat else None
+            out.append(_Match(p, p + n, _remap(replace, common, prefix, units), "indent-map"))
+    return out
+
+
+def _map_fits(window: Lines, search: Lines, common: str, prefix: str) -> bool:
+    for f, s in zip(window, search, strict=True):
+        if not s.strip():
+            if f.strip():
+                return False
+        elif f.rstrip() != prefix + s.rstrip()[len(common) :]:
+            return False
+    return True
+
+
+def _units(common: str, prefix: str) -> tuple[str, str] | None:
+    """SEARCH's and the file's indentation unit: ``common`` and ``prefix`` as the same number of repeats of
+    one unit each, the most repeats possible (8 spaces / 2 tabs: 4 spaces / 1 tab); None if there is none."""
+    for n in range(min(len(common), len(prefix)), 0, -1):
+        if len(common) % n or len(prefix) % n:
+            continue
+        s_unit, f_unit = common[: len(common) // n], prefix[: len(prefix) // n]
+        if s_unit * n == common and f_unit * n == prefix:
+            return s_unit, f_unit
+    return None
+
+
+def _remap(replace: Lines, common: str, prefix: str, units: tuple[str, str] | None) -> Lines | None:
+    """REPLACE with SEARCH's common whitespace swapped for the file's prefix; None if a line lacks it.
+
+    With `units`, whitespace after the common part that is whole SEARCH units becomes as many file units; any
+    other whitespace stays as written.
+    """
+    out = []
+    for line in replace:
+        if not line.strip():
+            out.append(line)
+            continue
+        if not line.startswith(common):
+            return None
+        rest = line[len(common) :]
+        deeper = _indent(rest)
+        if units is not None and deeper:
+            s_unit, f_unit = units
+            count = len(deeper) // len(s_unit)
+            if s_unit * count == deeper:
+                rest = f_unit * count + rest[len(deeper) :]
+        out.append(prefix + rest)
+    return out
+
+
+_LINE_RULES: tuple[_Rule, ...] = (_rule_exact, _rule_trailing, _rule_indent, _rule_indent_map)
 
 
 def _trim_blank(search: Lines, replace: Lines) -> tuple[Lines, Lines] | None:
@@ -552,7 +640,7 @@ def _trim_blank(search: Lines, replace: Lines) -> tuple[Lines, Lines] | None:
 
 
 def _locate_lines(doc: Lines, search: Lines, replace: Lines) -> _Found | None:
-    """Rules 1-4: the first rule that finds anything, with everything it found."""
+    """Rules 1-5: the first rule that finds anything, with everything it found."""
     for rule in _LINE_RULES:
         found = rule(doc, search, replace)
         if found:
@@ -629,17 +717,30 @@ def _apply_block(doc: _Doc, edit: Edit, path: str) -> tuple[Status, str, int | N
         raise _ambiguous(found, path)
     m = found.matches[0]
     if m.replace is None:
-        raise _BlockFailure(
-            "reindent",
-            f"SEARCH matches lines {_describe_places([m])} of {path} only when indented less than written, "
-            "and some REPLACE lines are not indented enough to shift them the same way",
-            [m],
-            advice="Write SEARCH and REPLACE with the file's own indentation.",
-        )
+        raise _reindent_failure(m, path)
     if _already_there(doc.lines, m, replace):
         return "already_applied", f"replace-present ({found.rule})", m.start + 1
     doc.splice(m.start, m.end, m.replace)
     return "applied", found.rule, m.start + 1
+
+
+def _reindent_failure(m: _Match, path: str) -> _BlockFailure:
+    if m.rule.endswith("indent-map"):
+        why = (
+            "only when its indentation is written as the file's, and some REPLACE lines do not start with the "
+            "whitespace all SEARCH lines start with"
+        )
+    else:
+        why = (
+            "only when indented less than written, and some REPLACE lines are not indented enough to shift "
+            "them the same way"
+        )
+    return _BlockFailure(
+        "reindent",
+        f"SEARCH matches lines {_describe_places([m])} of {path} {why}",
+        [m],
+        advice="Write SEARCH and REPLACE with the file's own indentation.",
+    )
 
 
 def _lines_of(text: str) -> list[str]:

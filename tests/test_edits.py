@@ -702,3 +702,52 @@ def test_a_prose_line_with_spaces_before_a_fence_is_not_taken_for_a_path(tmp_pat
     )
     result = apply_edits(tmp_path, reply, editable=("*.py",))
     assert result.ok and (tmp_path / "experiment.py").read_text() == "a = 2\nb = 2\n"
+
+
+TABBED = (
+    "class Model:\n\tdef __init__(self):\n\t\tself.lr = 3e-3\n\t\tself.steps = 100\n\n"
+    "\tdef run(self):\n\t\treturn self.lr\n"
+)
+
+
+def test_a_tab_indented_file_edited_with_a_space_indented_search_keeps_its_tabs(tmp_path):
+    write(tmp_path, {"experiment.py": TABBED})
+    reply = block(
+        "experiment.py",
+        "        self.lr = 3e-3\n        self.steps = 100\n",
+        "        self.lr = 1e-3\n        self.steps = 100\n        self.decay = 0.9\n",
+    )
+    result = apply_edits(tmp_path, reply)
+    assert result.ok and result.outcomes[0].rule == "indent-map", result.feedback
+    assert (tmp_path / "experiment.py").read_text() == TABBED.replace(
+        "\t\tself.lr = 3e-3\n\t\tself.steps = 100\n",
+        "\t\tself.lr = 1e-3\n\t\tself.steps = 100\n\t\tself.decay = 0.9\n",
+    )
+
+
+def test_a_space_indented_file_edited_with_a_tab_indented_search_keeps_its_spaces(tmp_path):
+    write(tmp_path, {"experiment.py": PY})
+    result = apply_edits(tmp_path, block("experiment.py", "\t\tself.lr = 3e-3\n", "\t\tself.lr = 1e-3\n"))
+    assert result.ok and result.outcomes[0].rule == "indent-map", result.feedback
+    assert (tmp_path / "experiment.py").read_text() == PY.replace("3e-3", "1e-3")
+
+
+def test_tab_mapping_finding_two_places_is_ambiguous(tmp_path):
+    original = "def a():\n\tx = 1\n\ndef b():\n\tx = 1\n"
+    write(tmp_path, {"experiment.py": original})
+    result = apply_edits(tmp_path, block("experiment.py", "  x = 1\n", "  x = 2\n"))
+    assert not result.ok and "must match exactly one" in result.feedback
+    assert (tmp_path / "experiment.py").read_text() == original
+
+
+def test_a_tab_file_gets_tabs_for_the_deeper_lines_a_space_indented_replace_adds(tmp_path):
+    original = "def f(xs):\n\tfor x in xs:\n\t\tif x:\n\t\t\tshow(x)\n"
+    write(tmp_path, {"experiment.py": original})
+    result = apply_edits(
+        tmp_path,
+        block("experiment.py", "        if x:\n", "        if x > 0:\n            count(x)\n"),
+    )
+    assert result.ok, result.feedback
+    after = (tmp_path / "experiment.py").read_text()
+    assert after == "def f(xs):\n\tfor x in xs:\n\t\tif x > 0:\n\t\t\tcount(x)\n\t\t\tshow(x)\n"
+    compile(after, "experiment.py", "exec")  # no TabError: one kind of indentation in the block
