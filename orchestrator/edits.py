@@ -35,6 +35,9 @@ reading the reply would, each narrow enough that a block still applies at exactl
   into the file it is a syntax error the model did not mean. A REPLACE holding nothing but it is refused.
 - A block with no ``>>>>>>> REPLACE`` whose second ``=======`` is followed only by a closing fence, the next
   block or the end of the reply ends at that divider (any text after it leaves the block malformed, as before).
+- A block whose SEARCH matches nowhere counts as already applied when its REPLACE is found once; found only
+  through the indentation or blank-line rules, REPLACE must hold at least two non-blank lines: one line
+  elsewhere at another indentation is no sign of the change.
 - A path line may name a file with spaces (``my notes.txt``): in backticks or quotes, or bare when it names an
   existing editable file (a bare line of prose before a fence is not a path).
 - A file's missing final newline stays missing (aider adds one; a tie, kept for the smallest change).
@@ -704,7 +707,7 @@ def _apply_block(doc: _Doc, edit: Edit, path: str) -> tuple[Status, str, int | N
     if found is None and any(_ELISION_RE.match(line) for line in search):
         return _apply_elided(doc, search, replace, path)
     if found is None:
-        done = _locate_lines(doc.lines, replace, replace) if any(line.strip() for line in replace) else None
+        done = _replace_present(doc.lines, replace)
         if done is not None and len(done.matches) == 1:
             return "already_applied", f"replace-present ({done.rule})", done.matches[0].start + 1
         raise _BlockFailure(
@@ -747,6 +750,18 @@ def _lines_of(text: str) -> list[str]:
     return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
 
 
+def _replace_present(doc: Lines, replace: Lines) -> _Found | None:
+    """Where REPLACE already stands, by the rules SEARCH is matched with; None when nowhere, or when it was
+    found only through the indentation or blank-line rules and holds fewer than two non-blank lines (one such
+    line, elsewhere at another indentation, is too weak a sign that the change was made: it is "not found")."""
+    if not any(line.strip() for line in replace):
+        return None
+    found = _locate_lines(doc, replace, replace)
+    if found is None or found.rule in ("exact", "trailing-whitespace"):
+        return found
+    return found if sum(1 for line in replace if line.strip()) >= 2 else None
+
+
 def _already_there(doc: Lines, m: _Match, replace: Lines) -> bool:
     """REPLACE already stands, once, around the SEARCH match: applying again would duplicate its new lines."""
     if len(replace) <= m.end - m.start or not any(line.strip() for line in replace):
@@ -767,7 +782,7 @@ def _apply_create(doc: _Doc, replace: Lines, path: str) -> tuple[Status, str, in
     if any(line.strip() for line in replace):
         if [line.rstrip() for line in doc.lines] == [line.rstrip() for line in replace]:
             return "already_applied", "replace-present (whole file)", 1
-        done = _locate_lines(doc.lines, replace, replace)
+        done = _replace_present(doc.lines, replace)
         if done is not None and len(done.matches) == 1:
             return "already_applied", f"replace-present ({done.rule})", done.matches[0].start + 1
     raise _BlockFailure(

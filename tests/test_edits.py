@@ -751,3 +751,19 @@ def test_a_tab_file_gets_tabs_for_the_deeper_lines_a_space_indented_replace_adds
     after = (tmp_path / "experiment.py").read_text()
     assert after == "def f(xs):\n\tfor x in xs:\n\t\tif x > 0:\n\t\t\tcount(x)\n\t\t\tshow(x)\n"
     compile(after, "experiment.py", "exec")  # no TabError: one kind of indentation in the block
+
+
+def test_a_one_line_replace_found_only_at_another_indentation_is_not_already_applied(tmp_path):
+    original = "def f():\n    x = 2\n    return x\n"
+    write(tmp_path, {"experiment.py": original})
+    result = apply_edits(tmp_path, block("experiment.py", "x = 1\n", "x = 2\n"))
+    assert not result.ok and result.already_applied == []
+    assert "does not match any lines" in result.feedback
+    assert (tmp_path / "experiment.py").read_text() == original
+
+
+def test_a_two_line_replace_found_at_another_indentation_still_counts_as_already_applied(tmp_path):
+    original = "def f():\n    x = 2\n    y = 3\n"
+    write(tmp_path, {"experiment.py": original})
+    result = apply_edits(tmp_path, block("experiment.py", "x = 1\ny = 1\n", "x = 2\ny = 3\n"))
+    assert result.ok and result.already_applied == [1] and result.changed == []
