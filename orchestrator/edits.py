@@ -35,6 +35,11 @@ reading the reply would, each narrow enough that a block still applies at exactl
   into the file it is a syntax error the model did not mean. A REPLACE holding nothing but it is refused.
 - A block with no ``>>>>>>> REPLACE`` whose second ``=======`` is followed only by a closing fence, the next
   block or the end of the reply ends at that divider (any text after it leaves the block malformed, as before).
+- An empty SEARCH on an existing non-blank file is refused, except two appends: the file holds nothing but
+  comment and blank lines (a placeholder), none of which REPLACE repeats; or the file is Python without an
+  ``if __name__ ==`` line and REPLACE is such a guard at column 0 followed only by its indented body. Both are
+  added after the file's last line, on a line of their own. An indented method appended after the main guard
+  would land outside its class, a helper would be defined after main() ran: both stay refused.
 - A block whose SEARCH matches nowhere counts as already applied when its REPLACE is found once; found only
   through the indentation or blank-line rules, REPLACE must hold at least two non-blank lines: one line
   elsewhere at another indentation is no sign of the change.
@@ -428,9 +433,15 @@ class _Doc:
         return all(not line.strip() for line in self.lines)
 
     def splice(self, start: int, end: int, new: list[str]) -> None:
-        """Replace lines [start, end) by `new`, keeping a missing final newline missing."""
+        """Replace lines [start, end) by `new`, keeping a missing final newline missing.
+
+        Lines added after an unterminated last line start on a line of their own (the old last line gets a
+        terminator, the new last line goes without).
+        """
         new_ends = [self.newline] * len(new)
         touches_unterminated_end = end == len(self.lines) and bool(self.ends) and self.ends[-1] == ""
+        if touches_unterminated_end and start == end and new:
+            self.ends[-1] = self.newline
         self.lines[start:end] = new
         self.ends[start:end] = new_ends
         if touches_unterminated_end:
@@ -773,6 +784,9 @@ def _already_there(doc: Lines, m: _Match, replace: Lines) -> bool:
     return r.start <= m.start and m.end <= r.end
 
 
+_MAIN_GUARD_RE = re.compile(r"^if\s+__name__\s*==")
+
+
 def _apply_create(doc: _Doc, replace: Lines, path: str) -> tuple[Status, str, int | None]:
     if not doc.exists or doc.is_blank():
         status: Status = "created" if not doc.exists else "applied"
@@ -785,6 +799,11 @@ def _apply_create(doc: _Doc, replace: Lines, path: str) -> tuple[Status, str, in
         done = _replace_present(doc.lines, replace)
         if done is not None and len(done.matches) == 1:
             return "already_applied", f"replace-present ({done.rule})", done.matches[0].start + 1
+        append = _append_rule(doc.lines, replace, path)
+        if append is not None:
+            line = len(doc.lines) + 1
+            doc.splice(len(doc.lines), len(doc.lines), replace)
+            return "applied", append, line
     raise _BlockFailure(
         "file_exists",
         f"SEARCH is empty, which creates a new file, but {path} already exists and is not empty",
@@ -793,6 +812,29 @@ def _apply_create(doc: _Doc, replace: Lines, path: str) -> tuple[Status, str, in
             "last lines and repeat them in REPLACE followed by the new lines."
         ),
     )
+
+
+def _append_rule(doc: Lines, replace: Lines, path: str) -> str | None:
+    """The append an empty SEARCH on a non-blank file amounts to, or None (the block is refused).
+
+    - ``placeholder-append``: the file holds only comment lines (and blank ones), none of which REPLACE repeats
+      (REPLACE repeating them may be meant to replace the file, not to follow it);
+    - ``main-guard-append``: a Python file without an ``if __name__ ==`` line, and REPLACE is such a guard at
+      column 0 followed only by its indented body, so it runs after every definition of the file.
+    """
+    text = [line.strip() for line in doc if line.strip()]
+    if all(_COMMENT_RE.match(line) for line in text):
+        return None if set(text) & {line.strip() for line in replace} else "placeholder-append"
+    body = [line for line in replace if line.strip()]
+    guard = (
+        path.endswith(".py")
+        and len(body) >= 2
+        and _MAIN_GUARD_RE.match(body[0]) is not None
+        and all(line[:1] in (" ", "\t") for line in body[1:])
+    )
+    if guard and not any(_MAIN_GUARD_RE.match(line.strip()) for line in doc):
+        return "main-guard-append"
+    return None
 
 
 def _apply_elided(doc: _Doc, search: Lines, replace: Lines, path: str) -> tuple[Status, str, int | None]:

@@ -767,3 +767,76 @@ def test_a_two_line_replace_found_at_another_indentation_still_counts_as_already
     write(tmp_path, {"experiment.py": original})
     result = apply_edits(tmp_path, block("experiment.py", "x = 1\ny = 1\n", "x = 2\ny = 3\n"))
     assert result.ok and result.already_applied == [1] and result.changed == []
+
+
+@pytest.mark.parametrize(
+    "placeholder, expected",
+    [
+        pytest.param(
+            "# plot.py: the model writes this file\n\n",
+            "# plot.py: the model writes this file\n\nimport matplotlib\nplot()\n",
+            id="comment-and-blank-line",
+        ),
+        pytest.param(
+            "# to be written", "# to be written\nimport matplotlib\nplot()", id="no-final-newline-not-glued"
+        ),
+    ],
+)
+def test_empty_search_on_a_placeholder_file_of_comments_appends_on_a_new_line(
+    tmp_path, placeholder, expected
+):
+    write(tmp_path, {"plot.py": placeholder})
+    result = apply_edits(tmp_path, block("plot.py", "", "import matplotlib\nplot()\n"))
+    assert result.ok and result.changed == ["plot.py"], result.feedback
+    assert (tmp_path / "plot.py").read_text() == expected
+
+
+def test_empty_search_on_a_placeholder_whose_comments_reappear_in_replace_is_refused(tmp_path):
+    placeholder = "# Title: robust SAE\n# Experiment description: median statistics\n"
+    write(tmp_path, {"notes.txt": placeholder})
+    reply = block("notes.txt", "", placeholder + "\n## Run 0: Baseline\n", lang="")
+    result = apply_edits(tmp_path, reply)
+    assert not result.ok and "already exists and is not empty" in result.feedback
+    assert (tmp_path / "notes.txt").read_text() == placeholder
+
+
+def test_empty_search_whose_replace_is_a_main_guard_appends_it_when_the_file_has_none(tmp_path):
+    original = "def main():\n    print('run')\n"
+    write(tmp_path, {"experiment.py": original})
+    guard = '\n\nif __name__ == "__main__":\n    main()\n'
+    result = apply_edits(tmp_path, block("experiment.py", "", guard))
+    assert result.ok and result.changed == ["experiment.py"], result.feedback
+    assert (tmp_path / "experiment.py").read_text() == original + guard
+
+
+WITH_GUARD = (
+    "class Model:\n    def f(self):\n        return 0\n\n\nif __name__ == '__main__':\n    Model().f()\n"
+)
+
+
+@pytest.mark.parametrize(
+    "original, replace",
+    [
+        pytest.param(
+            WITH_GUARD, "    def extra(self):\n        return 1\n", id="indented-method-would-leave-its-class"
+        ),
+        pytest.param(WITH_GUARD, "def helper():\n    return 1\n", id="helper-defined-after-the-main-guard"),
+        pytest.param(WITH_GUARD, "if __name__ == '__main__':\n    main()\n", id="a-second-main-guard"),
+        pytest.param(WITH_GUARD, "print('hi')\n", id="plain-statement"),
+        pytest.param(
+            "class Model:\n    pass\n",
+            "if __name__ == '__main__':\n    main()\ndef late():\n    pass\n",
+            id="main-guard-followed-by-a-definition",
+        ),
+        pytest.param(
+            "class Model:\n    pass\n",
+            "    if __name__ == '__main__':\n        main()\n",
+            id="indented-guard",
+        ),
+    ],
+)
+def test_empty_search_on_a_file_with_code_stays_refused(tmp_path, original, replace):
+    write(tmp_path, {"experiment.py": original})
+    result = apply_edits(tmp_path, block("experiment.py", "", replace))
+    assert not result.ok and "already exists and is not empty" in result.feedback
+    assert (tmp_path / "experiment.py").read_text() == original
