@@ -40,9 +40,13 @@ reading the reply would, each narrow enough that a block still applies at exactl
   ``if __name__ ==`` line and REPLACE is such a guard at column 0 followed only by its indented body. Both are
   added after the file's last line, on a line of their own. An indented method appended after the main guard
   would land outside its class, a helper would be defined after main() ran: both stay refused.
-- A block whose SEARCH matches nowhere counts as already applied when its REPLACE is found once; found only
-  through the indentation or blank-line rules, REPLACE must hold at least two non-blank lines: one line
-  elsewhere at another indentation is no sign of the change.
+- The same SEARCH text in k blocks of one reply for one file, found at exactly k places when the first of them
+  is applied: the blocks take the places in file order (a block whose REPLACE already stands around its place
+  is already applied). Any other count stays ambiguous, and a place changed by a block in between fails the
+  block that was to take it. Taking "the first match" in general was measured to write wrong edits.
+- A block whose SEARCH matches nowhere counts as already applied when its REPLACE is found once (or once per
+  block carrying the same SEARCH and REPLACE); found only through the indentation or blank-line rules, REPLACE
+  must hold at least two non-blank lines: one line elsewhere at another indentation is no sign of the change.
 - A path line may name a file with spaces (``my notes.txt``): in backticks or quotes, or bare when it names an
   existing editable file (a bare line of prose before a fence is not a path).
 - A file's missing final newline stays missing (aider adds one; a tie, kept for the smallest change).
@@ -399,6 +403,8 @@ class _Doc:
     newline: str = "\n"
     bom: bool = False
     exists: bool = True
+    claims: dict[int, _Claim] = field(default_factory=dict)  # reply index of a later block -> its place
+    block: int = 0  # the block being applied, named in any claim it breaks
 
     @classmethod
     def from_text(cls, text: str, exists: bool = True) -> _Doc:
@@ -436,7 +442,7 @@ class _Doc:
         """Replace lines [start, end) by `new`, keeping a missing final newline missing.
 
         Lines added after an unterminated last line start on a line of their own (the old last line gets a
-        terminator, the new last line goes without).
+        terminator, the new last line goes without). Places claimed by later blocks move with the text.
         """
         new_ends = [self.newline] * len(new)
         touches_unterminated_end = end == len(self.lines) and bool(self.ends) and self.ends[-1] == ""
@@ -448,6 +454,28 @@ class _Doc:
             last = start + len(new) - 1
             if last >= 0:
                 self.ends[last] = ""
+        self._move_claims(start, end, len(new))
+
+    def _move_claims(self, start: int, end: int, count: int) -> None:
+        delta = count - (end - start)
+        for claim in self.claims.values():
+            if end <= claim.start:
+                claim.start += delta
+                claim.end += delta
+            elif start < claim.end and claim.lost_to is None:
+                claim.lost_to = self.block
+
+
+@dataclass
+class _Claim:
+    """A place of the file taken for a later block of the reply (rule: repeated SEARCH, see the module doc)."""
+
+    start: int
+    end: int
+    replace: Lines  # that block's REPLACE, shaped for this place
+    rule: str
+    done: bool  # that block's REPLACE already stands around this place
+    lost_to: int | None = None  # the block of this reply that changed these lines first
 
 
 def _decode(data: bytes) -> str | None:
@@ -706,20 +734,41 @@ def _ambiguous(found: _Found, path: str, what: str = "SEARCH") -> _BlockFailure:
     )
 
 
-def _apply_block(doc: _Doc, edit: Edit, path: str) -> tuple[Status, str, int | None]:
-    """Apply one block to `doc` in place. Returns (status, rule, first line); raises _BlockFailure."""
+_Twins = Sequence[
+    tuple[int, Lines]
+]  # (reply index, REPLACE lines) of the blocks sharing one SEARCH, one file
+
+
+def _block_lines(edit: Edit) -> tuple[Lines, Lines]:
+    """A block's SEARCH lines (none when SEARCH is blank) and REPLACE lines."""
     search = [line.rstrip("\r") for line in _lines_of(edit.search)] if edit.search.strip() else []
     replace = [line.rstrip("\r") for line in _lines_of(edit.replace)] if edit.replace else []
+    return search, replace
 
+
+def _apply_block(
+    doc: _Doc, edit: Edit, path: str, me: int = 0, twins: _Twins = ()
+) -> tuple[Status, str, int | None]:
+    """Apply one block to `doc` in place. Returns (status, rule, first line); raises _BlockFailure.
+
+    `me` is the block's index in the reply; `twins` lists every block of the reply (this one included, in reply
+    order) that carries the same SEARCH text for the same file.
+    """
+    search, replace = _block_lines(edit)
+    doc.block = edit.block
     if not search:
         return _apply_create(doc, replace, path)
+    claim = doc.claims.pop(me, None)
+    if claim is not None:
+        return _apply_claim(doc, claim, path, len(twins))
 
     found = _locate_lines(doc.lines, search, replace)
     if found is None and any(_ELISION_RE.match(line) for line in search):
         return _apply_elided(doc, search, replace, path)
     if found is None:
+        identical = sum(1 for _, other in twins if other == replace)
         done = _replace_present(doc.lines, replace)
-        if done is not None and len(done.matches) == 1:
+        if done is not None and len(done.matches) in {1, identical}:
             return "already_applied", f"replace-present ({done.rule})", done.matches[0].start + 1
         raise _BlockFailure(
             "not_found",
@@ -728,7 +777,12 @@ def _apply_block(doc: _Doc, edit: Edit, path: str) -> tuple[Status, str, int | N
             advice="Copy the lines to change from the current file exactly, indentation included.",
         )
     if len(found.matches) > 1:
-        raise _ambiguous(found, path)
+        claims = _claim_places(doc.lines, found, search, twins) if twins and twins[0][0] == me else None
+        if claims is None:
+            raise _ambiguous(found, path)
+        mine = claims.pop(me)
+        doc.claims.update(claims)
+        return _apply_claim(doc, mine, path, len(twins))
     m = found.matches[0]
     if m.replace is None:
         raise _reindent_failure(m, path)
@@ -782,6 +836,44 @@ def _already_there(doc: Lines, m: _Match, replace: Lines) -> bool:
         return False
     r = found.matches[0]
     return r.start <= m.start and m.end <= r.end
+
+
+def _stands_around(doc: Lines, m: _Match, replace: Lines) -> bool:
+    """REPLACE already stands around this SEARCH match (wherever else it stands too)."""
+    if len(replace) <= m.end - m.start or not any(line.strip() for line in replace):
+        return False
+    found = _locate_lines(doc, replace, replace)
+    return found is not None and any(r.start <= m.start and m.end <= r.end for r in found.matches)
+
+
+def _claim_places(doc: Lines, found: _Found, search: Lines, twins: _Twins) -> dict[int, _Claim] | None:
+    """SEARCH matches k places and exactly k blocks carry it: each block's place, in file order; else None."""
+    if len(twins) != len(found.matches):
+        return None
+    claims = {}
+    for (index, replace), m in zip(twins, found.matches, strict=True):
+        # The same lines again, alone, with this block's REPLACE: shaped by the rule that found them.
+        here = _locate_lines(doc[m.start : m.end], search, replace)
+        shaped = here.matches[0].replace if here is not None and len(here.matches) == 1 else None
+        if shaped is None:
+            return None
+        claims[index] = _Claim(m.start, m.end, shaped, found.rule, _stands_around(doc, m, replace))
+    return claims
+
+
+def _apply_claim(doc: _Doc, claim: _Claim, path: str, count: int) -> tuple[Status, str, int | None]:
+    rule = f"repeated-search+{claim.rule}"
+    if claim.lost_to is not None:
+        raise _BlockFailure(
+            "claim_lost",
+            f"its SEARCH matches {count} places of {path}, one for each of the {count} blocks carrying it, but "
+            f"block {claim.lost_to} of this reply changed the lines this block was to take",
+            advice="Change each place in one block only, and add lines around SEARCH so it matches one place.",
+        )
+    if claim.done:
+        return "already_applied", f"replace-present ({rule})", claim.start + 1
+    doc.splice(claim.start, claim.end, claim.replace)
+    return "applied", rule, claim.start + 1
 
 
 _MAIN_GUARD_RE = re.compile(r"^if\s+__name__\s*==")
@@ -1014,16 +1106,19 @@ def apply_edits(
     else:
         edits = list(reply_or_edits)
 
+    named = [_try_resolve(root_path, edit.path, editable, protected) for edit in edits]
     files: dict[str, _FileWork] = {}
     outcomes: list[BlockOutcome] = []
     failures: list[_Failure] = []
-    for edit in edits:
-        try:
-            rel, target = _resolve(root_path, edit.path, editable, protected)
-        except _PathError as exc:
-            failures.append(_Failure(edit, "path", str(exc)))
-            outcomes.append(BlockOutcome(block=edit.block, path=edit.path, status="failed", reason=str(exc)))
+    for index, edit in enumerate(edits):
+        where = named[index]
+        if isinstance(where, _PathError):
+            failures.append(_Failure(edit, "path", str(where)))
+            outcomes.append(
+                BlockOutcome(block=edit.block, path=edit.path, status="failed", reason=str(where))
+            )
             continue
+        rel, target = where
         work = files.get(rel)
         if work is None:
             try:
@@ -1043,7 +1138,7 @@ def apply_edits(
             files[rel] = work
         earlier = list(work.touched_by)
         try:
-            status, rule, line = _apply_block(work.doc, edit, rel)
+            status, rule, line = _apply_block(work.doc, edit, rel, index, _twins(edits, named, index))
         except _BlockFailure as exc:
             snapshot = _Doc(
                 list(work.doc.lines), list(work.doc.ends), work.doc.newline, work.doc.bom, work.doc.exists
@@ -1096,6 +1191,18 @@ def _try_resolve(
 def _names_editable_file(root: Path, raw: str, editable: Sequence[str], protected: Sequence[str]) -> bool:
     where = _try_resolve(root, raw, editable, protected)
     return not isinstance(where, _PathError) and where[1].is_file()
+
+
+def _twins(edits: Sequence[Edit], named: Sequence[tuple[str, Path] | _PathError], index: int) -> _Twins:
+    """The blocks (this one included) carrying the same non-blank SEARCH text as block `index`, for its file."""
+    edit, where = edits[index], named[index]
+    if not edit.search.strip() or isinstance(where, _PathError):
+        return []
+    return [
+        (j, _block_lines(other)[1])
+        for j, (other, there) in enumerate(zip(edits, named, strict=True))
+        if other.search == edit.search and not isinstance(there, _PathError) and there[0] == where[0]
+    ]
 
 
 def _write_all(pending: list[tuple[_FileWork, bytes]]) -> None:

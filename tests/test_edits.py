@@ -840,3 +840,82 @@ def test_empty_search_on_a_file_with_code_stays_refused(tmp_path, original, repl
     result = apply_edits(tmp_path, block("experiment.py", "", replace))
     assert not result.ok and "already exists and is not empty" in result.feedback
     assert (tmp_path / "experiment.py").read_text() == original
+
+
+TRAIN_EVAL = """\
+def train(steps):
+    for step in range(steps):
+        loss = step * 0.5
+        log(loss)
+
+
+def evaluate(steps):
+    for step in range(steps):
+        loss = step * 0.5
+        report(loss)
+"""
+
+
+def test_the_same_search_in_as_many_blocks_as_places_takes_the_places_in_file_order(tmp_path):
+    write(tmp_path, {"experiment.py": TRAIN_EVAL, "plot.py": "x = 1\n"})
+    reply = (
+        block("experiment.py", "        loss = step * 0.5\n", "        loss = step * 0.25\n")
+        + block("plot.py", "x = 1\n", "x = 2\n")
+        + block("experiment.py", "        loss = step * 0.5\n", "        loss = step * 0.75\n")
+    )
+    result = apply_edits(tmp_path, reply)
+    assert result.ok, result.feedback
+    assert [(o.block, o.status, o.line) for o in result.outcomes] == [
+        (1, "applied", 3),
+        (2, "applied", 1),
+        (3, "applied", 9),
+    ]
+    assert (tmp_path / "experiment.py").read_text() == TRAIN_EVAL.replace("0.5", "0.25", 1).replace(
+        "0.5", "0.75"
+    )
+
+
+def test_blocks_sharing_a_search_that_adds_lines_apply_once_and_are_recognised_when_sent_again(tmp_path):
+    write(tmp_path, {"experiment.py": TRAIN_EVAL})
+    add = block(
+        "experiment.py", "        loss = step * 0.5\n", "        loss = step * 0.5\n        loss.check()\n"
+    )
+    result = apply_edits(tmp_path, add + add)
+    assert result.ok, result.feedback
+    expected = TRAIN_EVAL.replace("step * 0.5\n", "step * 0.5\n        loss.check()\n")
+    assert (tmp_path / "experiment.py").read_text() == expected
+    again = apply_edits(tmp_path, add + add)
+    assert again.ok and again.changed == [] and again.already_applied == [1, 2]
+    assert (tmp_path / "experiment.py").read_text() == expected
+
+
+@pytest.mark.parametrize(
+    "original, blocks",
+    [
+        pytest.param(
+            TRAIN_EVAL + "\n\ndef test(steps):\n    loss = step * 0.5\n", 2, id="three-places-two-blocks"
+        ),
+        pytest.param(TRAIN_EVAL, 3, id="two-places-three-blocks"),
+    ],
+)
+def test_the_same_search_in_a_different_number_of_blocks_than_places_stays_ambiguous(
+    tmp_path, original, blocks
+):
+    write(tmp_path, {"experiment.py": original})
+    one = block("experiment.py", "loss = step * 0.5\n", "loss = step * 0.1\n")
+    result = apply_edits(tmp_path, one * blocks)
+    assert not result.ok and "must match exactly one" in result.feedback
+    assert (tmp_path / "experiment.py").read_text() == original
+
+
+def test_a_block_that_changes_a_place_claimed_by_a_later_twin_fails_the_reply(tmp_path):
+    write(tmp_path, {"experiment.py": TRAIN_EVAL})
+    reply = (
+        block("experiment.py", "        loss = step * 0.5\n", "        loss = step * 0.25\n")
+        + block("experiment.py", "        loss = step * 0.5\n        report(loss)\n", "        pass\n")
+        + block("experiment.py", "        loss = step * 0.5\n", "        loss = step * 0.75\n")
+    )
+    result = apply_edits(tmp_path, reply)
+    assert not result.ok and (tmp_path / "experiment.py").read_text() == TRAIN_EVAL
+    assert [o.status for o in result.outcomes] == ["applied", "applied", "failed"]
+    assert "block 2" in result.outcomes[2].reason
