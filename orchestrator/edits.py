@@ -47,6 +47,9 @@ reading the reply would, each narrow enough that a block still applies at exactl
 - A block whose SEARCH matches nowhere counts as already applied when its REPLACE is found once (or once per
   block carrying the same SEARCH and REPLACE); found only through the indentation or blank-line rules, REPLACE
   must hold at least two non-blank lines: one line elsewhere at another indentation is no sign of the change.
+- A block naming a file that does not exist, with a non-empty SEARCH that matches exactly one place in exactly
+  one editable file (and nowhere in the others), is applied there and the result's feedback says so. Only for
+  a path that passed every safety check (no ``..``, not absolute, not protected, editable by pattern).
 - A path line may name a file with spaces (``my notes.txt``): in backticks or quotes, or bare when it names an
   existing editable file (a bare line of prose before a fence is not a path).
 - A file's missing final newline stays missing (aider adds one; a tie, kept for the smallest change).
@@ -1110,6 +1113,7 @@ def apply_edits(
     files: dict[str, _FileWork] = {}
     outcomes: list[BlockOutcome] = []
     failures: list[_Failure] = []
+    notes: list[str] = []
     for index, edit in enumerate(edits):
         where = named[index]
         if isinstance(where, _PathError):
@@ -1119,36 +1123,39 @@ def apply_edits(
             )
             continue
         rel, target = where
-        work = files.get(rel)
-        if work is None:
-            try:
-                original = target.read_bytes() if target.exists() else None
-            except OSError as exc:
-                reason = f"{rel} cannot be read: {exc.strerror or exc}"
-                failures.append(_Failure(edit, "unreadable", reason))
-                outcomes.append(BlockOutcome(block=edit.block, path=rel, status="failed", reason=reason))
-                continue
-            text = "" if original is None else _decode(original)
-            if text is None:
-                reason = f"{rel} is not UTF-8 text, so it cannot be edited with SEARCH/REPLACE"
-                failures.append(_Failure(edit, "not_text", reason))
-                outcomes.append(BlockOutcome(block=edit.block, path=rel, status="failed", reason=reason))
-                continue
-            work = _FileWork(rel, target, original, _Doc.from_text(text, exists=original is not None))
-            files[rel] = work
+        twins = _twins(edits, named, index)
+        note = ""
+        try:
+            work = _work_for(files, rel, target)
+            if not work.doc.exists and edit.search.strip():
+                elsewhere = _misnamed_target(root_path, edit, files, editable, protected)
+                if elsewhere is not None:
+                    note = (
+                        f"Block {edit.block} names {edit.path}, which does not exist; its SEARCH matches one "
+                        f"place in one file, {elsewhere.rel}, so it was applied there"
+                    )
+                    work, twins = elsewhere, []
+        except _LoadError as exc:
+            failures.append(_Failure(edit, exc.kind, exc.reason))
+            outcomes.append(BlockOutcome(block=edit.block, path=rel, status="failed", reason=exc.reason))
+            continue
         earlier = list(work.touched_by)
         try:
-            status, rule, line = _apply_block(work.doc, edit, rel, index, _twins(edits, named, index))
+            status, rule, line = _apply_block(work.doc, edit, work.rel, index, twins)
         except _BlockFailure as exc:
             snapshot = _Doc(
                 list(work.doc.lines), list(work.doc.ends), work.doc.newline, work.doc.bom, work.doc.exists
             )
             failures.append(_Failure(edit, exc.kind, exc.reason, exc.advice, exc.matches, snapshot, earlier))
-            outcomes.append(BlockOutcome(block=edit.block, path=rel, status="failed", reason=exc.reason))
+            outcomes.append(BlockOutcome(block=edit.block, path=work.rel, status="failed", reason=exc.reason))
             continue
         if status != "already_applied":
             work.touched_by.append(edit.block)
-        outcomes.append(BlockOutcome(block=edit.block, path=rel, status=status, rule=rule, line=line))
+        if note:
+            notes.append(note + ".")
+        outcomes.append(
+            BlockOutcome(block=edit.block, path=work.rel, status=status, rule=rule, line=line, reason=note)
+        )
 
     already = [o.block for o in outcomes if o.status == "already_applied"]
     if failures:
@@ -1173,6 +1180,7 @@ def apply_edits(
     return EditResult(
         ok=True,
         changed=[w.rel for w, _ in pending],
+        feedback="\n".join(notes),
         blocks=len(edits),
         outcomes=outcomes,
         already_applied=already,
@@ -1203,6 +1211,75 @@ def _twins(edits: Sequence[Edit], named: Sequence[tuple[str, Path] | _PathError]
         for j, (other, there) in enumerate(zip(edits, named, strict=True))
         if other.search == edit.search and not isinstance(there, _PathError) and there[0] == where[0]
     ]
+
+
+class _LoadError(Exception):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+def _read_work(rel: str, target: Path) -> _FileWork:
+    """The file as it is on disk (absent: an empty document that does not exist yet)."""
+    try:
+        original = target.read_bytes() if target.exists() else None
+    except OSError as exc:
+        raise _LoadError("unreadable", f"{rel} cannot be read: {exc.strerror or exc}") from exc
+    text = "" if original is None else _decode(original)
+    if text is None:
+        raise _LoadError("not_text", f"{rel} is not UTF-8 text, so it cannot be edited with SEARCH/REPLACE")
+    return _FileWork(rel, target, original, _Doc.from_text(text, exists=original is not None))
+
+
+def _work_for(files: dict[str, _FileWork], rel: str, target: Path) -> _FileWork:
+    if rel not in files:
+        files[rel] = _read_work(rel, target)
+    return files[rel]
+
+
+def _misnamed_target(
+    root: Path, edit: Edit, files: dict[str, _FileWork], editable: Sequence[str], protected: Sequence[str]
+) -> _FileWork | None:
+    """The one editable file where the SEARCH of a block naming a missing file matches, once; else None.
+
+    Models sometimes misname the file they mean (``plot.py`` for ``experiment.py``). Only reached for a path
+    that passed every safety check; the SEARCH must match nowhere in every other editable file, and exactly one
+    place (by the first rule that finds anything) in this one, as the file reads after the earlier blocks.
+    """
+    search, replace = _block_lines(edit)
+    hits: list[_FileWork] = []
+    for rel, target in _existing_editable(root, editable, protected, files):
+        try:
+            work = files[rel] if rel in files else _read_work(rel, target)
+        except _LoadError:
+            continue
+        found = _locate_lines(work.doc.lines, search, replace)
+        if found is not None:
+            if len(found.matches) > 1 or hits:
+                return None
+            hits.append(work)
+    if not hits:
+        return None
+    files.setdefault(hits[0].rel, hits[0])
+    return files[hits[0].rel]
+
+
+def _existing_editable(
+    root: Path, editable: Sequence[str], protected: Sequence[str], files: dict[str, _FileWork]
+) -> list[tuple[str, Path]]:
+    """Every file under `root` a block may edit (existing on disk, or created by an earlier block), sorted."""
+    found = {rel: work.target for rel, work in files.items() if work.doc.exists}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in NEVER_EDITABLE_DIRS)
+        for name in names:
+            rel = Path(os.path.relpath(os.path.join(folder, name), root)).as_posix()
+            if rel in found or not _matches_any(rel, editable) or _matches_any(rel, protected):
+                continue
+            where = _try_resolve(root, rel, editable, protected)
+            if not isinstance(where, _PathError) and where[1].is_file():
+                found[where[0]] = where[1]
+    return sorted(found.items())
 
 
 def _write_all(pending: list[tuple[_FileWork, bytes]]) -> None:

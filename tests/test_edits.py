@@ -919,3 +919,43 @@ def test_a_block_that_changes_a_place_claimed_by_a_later_twin_fails_the_reply(tm
     assert not result.ok and (tmp_path / "experiment.py").read_text() == TRAIN_EVAL
     assert [o.status for o in result.outcomes] == ["applied", "applied", "failed"]
     assert "block 2" in result.outcomes[2].reason
+
+
+def test_a_block_naming_a_missing_file_applies_where_its_search_matches_once_and_says_so(tmp_path):
+    write(tmp_path, {"experiment.py": PY, "notes.txt": "# Notes\n"})
+    result = apply_edits(tmp_path, block("plot.py", "        self.lr = 3e-3\n", "        self.lr = 1e-3\n"))
+    assert result.ok and result.changed == ["experiment.py"], result.feedback
+    assert "plot.py" in result.feedback and "experiment.py" in result.feedback
+    assert result.outcomes[0].path == "experiment.py"
+    assert (tmp_path / "experiment.py").read_text() == PY.replace("3e-3", "1e-3")
+    assert not (tmp_path / "plot.py").exists()
+
+
+LR = "        self.lr = 3e-3\n"
+
+
+@pytest.mark.parametrize(
+    "path, files, search",
+    [
+        pytest.param("sae_experiment.py", {}, LR, id="protected"),
+        pytest.param("../experiment.py", {}, LR, id="parent-dir"),
+        pytest.param("/tmp/experiment.py", {}, LR, id="absolute"),
+        pytest.param("run_1/experiment.py", {}, LR, id="outside-the-editable-patterns"),
+        pytest.param("plot.py", {"notes.txt": LR}, LR, id="matches-in-two-files"),
+        pytest.param("plot.py", {"notes.txt": "# Notes\n"}, "        self.lr = 9e-3\n", id="matches-nowhere"),
+        pytest.param("plot.py", {}, "        x = compute()\n", id="matches-twice-in-one-file"),
+    ],
+)
+def test_a_block_naming_a_missing_file_is_not_redirected_unless_safe_and_unique(
+    tmp_path, path, files, search
+):
+    write(tmp_path, {"experiment.py": PY + TWICE, **files})
+    before = snapshot(tmp_path)
+    result = apply_edits(
+        tmp_path,
+        block(path, search, "        self.lr = 1e-3\n"),
+        editable=("experiment.py", "plot.py", "notes.txt", "sae_*.py"),
+        protected=("sae_*.py",),
+    )
+    assert not result.ok and result.changed == []
+    assert snapshot(tmp_path) == before
