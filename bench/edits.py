@@ -9,8 +9,10 @@ Outcome per case and engine:
   rejected correctly  a reply expected to be rejected was refused and no file changed
   missed              a good reply was refused, files unchanged (safe: the model gets feedback and retries)
   accepted bad        a reply expected to be rejected was reported as fine, though no file changed
-  wrong edit          a file changed but differs from after/, or a reply expected to be rejected changed a file
-Exit status 1 when our engine makes any wrong edit.
+  wrong edit          the reply was reported fine, yet a file differs from after/ (or changed, for a reply expected
+                      to be rejected)
+  partial write       the reply was reported failed (some block did not apply), yet files changed
+Exit status 1 when our engine makes any wrong edit or partial write.
 
 aider (optional) runs in its own virtualenv, through a small adapter (ADAPTER below) that does what aider's
 EditBlockCoder.apply_updates does: find_original_update_blocks, then do_replace per block, writing each file as
@@ -38,7 +40,15 @@ from rich.table import Table
 from orchestrator.edits import DEFAULT_EDITABLE, apply_edits, parse_edits
 
 CORPUS = Path(__file__).resolve().parent.parent / "tests" / "edit_corpus"
-OUTCOMES = ("applied correctly", "rejected correctly", "missed", "accepted bad", "wrong edit")
+OUTCOMES = (
+    "applied correctly",
+    "rejected correctly",
+    "missed",
+    "accepted bad",
+    "wrong edit",
+    "partial write",
+)
+UNSAFE = ("wrong edit", "partial write")
 
 
 @dataclass
@@ -92,6 +102,8 @@ def load_cases(corpus: Path = CORPUS) -> list[Case]:
 
 
 def classify(case: Case, ok: bool, after: dict[str, bytes]) -> str:
+    if not ok and after != case.before:
+        return "partial write"
     if case.expect == "rejected":
         if after != case.before:
             return "wrong edit"
@@ -251,8 +263,12 @@ def render(cases: list[Case], runs: list[EngineRun], console: Console) -> None:
             if run.match_seconds is None or not run.blocks
             else f"{run.match_seconds / run.blocks * 1e6:,.0f} µs"
         )
-        cells = [str(counts[o]) for o in OUTCOMES]
-        cells[-1] = f"[bold red]{cells[-1]}[/]" if counts["wrong edit"] else f"[green]{cells[-1]}[/]"
+        cells = [
+            (f"[bold red]{counts[o]}[/]" if counts[o] else f"[green]{counts[o]}[/]")
+            if o in UNSAFE
+            else str(counts[o])
+            for o in OUTCOMES
+        ]
         table.add_row(run.name, str(len(run.outcomes)), *cells, match, f"{per_block:,.0f} µs")
     console.print(table)
 
@@ -268,13 +284,15 @@ def render(cases: list[Case], runs: list[EngineRun], console: Console) -> None:
         cells = []
         for run in runs:
             right = sum(run.outcomes[c.name] in ("applied correctly", "rejected correctly") for c in members)
-            wrong = sum(run.outcomes[c.name] == "wrong edit" for c in members)
+            wrong = sum(run.outcomes[c.name] in UNSAFE for c in members)
             cells.append(f"{right}" + (f" [red]({wrong} wrong)[/]" if wrong else ""))
         by_cat.add_row(cat, str(len(members)), *cells)
     console.print(by_cat)
 
     for run in runs:
-        bad = [name for name, o in run.outcomes.items() if o in ("wrong edit", "missed", "accepted bad")]
+        bad = [
+            name for name, o in run.outcomes.items() if o not in ("applied correctly", "rejected correctly")
+        ]
         if bad:
             console.print(f"[bold]{run.name}[/]: " + ", ".join(f"{n} ({run.outcomes[n]})" for n in bad))
 
@@ -293,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.aider_python:
             runs.append(run_aider(cases, work, args.aider_python))
     render(cases, runs, console)
-    return 1 if Counter(runs[0].outcomes.values())["wrong edit"] else 0
+    counts = Counter(runs[0].outcomes.values())
+    return 1 if any(counts[o] for o in UNSAFE) else 0
 
 
 if __name__ == "__main__":

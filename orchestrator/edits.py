@@ -16,12 +16,43 @@ Matching rules, tried in order; a rule that finds one place wins, a rule that fi
 1. ``exact``: the SEARCH lines, whole and exact;
 2. ``trailing-whitespace``: the same, ignoring trailing whitespace on each line;
 3. ``indent-shift``: the SEARCH lines shifted by one uniform indentation (REPLACE is shifted the same way);
-4. ``blank-lines-trimmed``: rules 1-3 again with leading/trailing blank SEARCH lines dropped;
-5. ``elision``: ``...`` lines split SEARCH and REPLACE into pieces; each piece must be found once, in order.
+4. ``indent-map``: where neither indentation is a suffix of the other (a file indented with tabs, SEARCH with
+   spaces, or the reverse), SEARCH's common leading whitespace stands for one prefix that is identical on every
+   matched non-blank line of the file; REPLACE gets the same mapping, so the file keeps its own indentation
+   (deeper REPLACE lines too, in the file's unit, when SEARCH sits at one level). Like rule 3 it re-indents
+   uniformly and must find exactly one place, so it cannot pick between two places;
+5. ``blank-lines-trimmed``: rules 1-4 again with leading/trailing blank SEARCH lines dropped;
+6. ``elision``: ``...`` lines split SEARCH and REPLACE into pieces; each piece must be found once, in order.
 
 No similarity-based replacement: ``difflib`` only ever produces *suggestions* in the feedback text.
 Every block is applied to an in-memory copy first; files are written (atomically) only when every block
 succeeded, so a failed reply leaves the folder exactly as it was.
+
+Shapes of real replies (measured on model replies written in AI-Scientist sessions) read the way a person
+reading the reply would, each narrow enough that a block still applies at exactly one place or not at all:
+
+- A divider line at the end of REPLACE, right before ``>>>>>>> REPLACE``, is a terminator, not content: written
+  into the file it is a syntax error the model did not mean. A REPLACE holding nothing but it is refused.
+- A block with no ``>>>>>>> REPLACE`` whose second ``=======`` is followed only by a closing fence, the next
+  block or the end of the reply ends at that divider (any text after it leaves the block malformed, as before).
+- An empty SEARCH on an existing non-blank file is refused, except two appends: the file holds nothing but
+  comment and blank lines (a placeholder), none of which REPLACE repeats; or the file is Python without an
+  ``if __name__ ==`` line and REPLACE is such a guard at column 0 followed only by its indented body. Both are
+  added after the file's last line, on a line of their own. An indented method appended after the main guard
+  would land outside its class, a helper would be defined after main() ran: both stay refused.
+- The same SEARCH text in k blocks of one reply for one file, found at exactly k places when the first of them
+  is applied: the blocks take the places in file order (a block whose REPLACE already stands around its place
+  is already applied). Any other count stays ambiguous, and a place changed by a block in between fails the
+  block that was to take it. Taking "the first match" in general was measured to write wrong edits.
+- A block whose SEARCH matches nowhere counts as already applied when its REPLACE is found once (or once per
+  block carrying the same SEARCH and REPLACE); found only through the indentation or blank-line rules, REPLACE
+  must hold at least two non-blank lines: one line elsewhere at another indentation is no sign of the change.
+- A block naming a file that does not exist, with a non-empty SEARCH that matches exactly one place in exactly
+  one editable file (and nowhere in the others), is applied there and the result's feedback says so. Only for
+  a path that passed every safety check (no ``..``, not absolute, not protected, editable by pattern).
+- A path line may name a file with spaces (``my notes.txt``): in backticks or quotes, or bare when it names an
+  existing editable file (a bare line of prose before a fence is not a path).
+- A file's missing final newline stays missing (aider adds one; a tie, kept for the smallest change).
 """
 
 from __future__ import annotations
@@ -52,8 +83,13 @@ _DIVIDER_RE = re.compile(r"^\s*={5,9}\s*$")
 _REPLACE_RE = re.compile(r"^\s*>{5,9}\s?REPLACE\s*$")
 _FENCE_RE = re.compile(r"^\s*(`{3,}|~{3,})\s*(.*?)\s*$")
 _ELISION_RE = re.compile(r"^\s*\.\.\.\s*$")
-_PATH_CHARS_RE = re.compile(r"[\w\-./\\+@]+")
+_PATH_CHARS_RE = re.compile(r"[\w\-./\\+@]+(?: [\w\-./\\+@]+)*")  # single spaces inside a name
+_QUOTED_PATH_RE = re.compile(
+    r"^(?:(?:file(?:name)?|path)\s*:\s*)?[*_]*([`'\"])[^`'\"]+\1[*_]*:?$", re.IGNORECASE
+)
 _COMMENT_RE = re.compile(r"^(#|//|--|;|<!--)")
+
+_Known = Callable[[str], bool]  # does this path name an existing file the reply may edit?
 
 SUGGEST_MIN_SCORE = 0.6
 FEEDBACK_HEAD_LINES = 3
@@ -122,7 +158,8 @@ def _split_reply(reply: str) -> list[str]:
     return reply.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
-def _parse(reply: str) -> _Parsed:
+def _parse(reply: str, known: _Known | None = None) -> _Parsed:
+    """Blocks of a reply; `known` tells whether a bare path line holding spaces names a file (_clean_path)."""
     lines = _split_reply(reply)
     edits: list[Edit] = []
     prev_path: str | None = None
@@ -141,7 +178,7 @@ def _parse(reply: str) -> _Parsed:
             i += 1
             continue
         number = len(edits) + 1
-        path, header = _find_path(lines, i, prev_end)
+        path, header = _find_path(lines, i, prev_end, known)
         if first_header is None:
             first_header = header
         if path is None:
@@ -169,33 +206,84 @@ def _parse(reply: str) -> _Parsed:
                 f"{where}: expected a '{DIVIDER_MARK}' line after the SEARCH lines, the reply ended first",
                 block=number,
             )
-        replace: list[str] = []
-        k = j + 1
-        while k < len(lines) and not _REPLACE_RE.match(lines[k]):
-            if _SEARCH_RE.match(lines[k]):
-                raise EditParseError(
-                    f"{where}: expected a '{REPLACE_MARK}' line after the REPLACE lines, "
-                    f"found {lines[k].strip()!r} at reply line {k + 1}",
-                    block=number,
-                )
-            replace.append(lines[k])
-            k += 1
-        if k >= len(lines):
-            raise EditParseError(
-                f"{where}: expected a '{REPLACE_MARK}' line after the REPLACE lines, the reply ended first",
-                block=number,
-            )
+        replace, k = _read_replace(lines, j + 1, where, number, known)
         edits.append(Edit(path=path, search=_join(search), replace=_join(replace), block=number))
         prev_path, prev_end = path, k
         i = k + 1
     return _Parsed(edits=edits, first_header=first_header)
 
 
+def _read_replace(
+    lines: list[str], start: int, where: str, number: int, known: _Known | None
+) -> tuple[list[str], int]:
+    """The REPLACE lines from `start`, and the reply line that ends the block (its REPLACE marker or divider).
+
+    Two shapes of real replies are read as their writers meant them:
+    - divider lines at the end of REPLACE (blank lines aside) are a terminator, not content (``new lines``,
+      ``=======``, ``>>>>>>> REPLACE``): written into the file they would be a syntax error the model did not
+      intend. A REPLACE that holds nothing else (either way) is refused: deleting the SEARCH lines is a guess;
+    - with no REPLACE marker before the next SEARCH line or the reply's end, a divider line ends the block when
+      only a closing fence, the next block's header or the end of the reply follows it (blank lines aside).
+    """
+    k = start
+    while k < len(lines) and not _REPLACE_RE.match(lines[k]) and not _SEARCH_RE.match(lines[k]):
+        k += 1
+    if k < len(lines) and _REPLACE_RE.match(lines[k]):
+        end = k
+    else:
+        divider = _divider_ending_block(lines, start, k, known)
+        if divider is None:
+            found = (
+                f"found {lines[k].strip()!r} at reply line {k + 1}"
+                if k < len(lines)
+                else "the reply ended first"
+            )
+            raise EditParseError(
+                f"{where}: expected a '{REPLACE_MARK}' line after the REPLACE lines, {found}", block=number
+            )
+        end = divider
+    replace = lines[start:end]
+    last = next((n for n in range(len(replace) - 1, -1, -1) if replace[n].strip()), None)
+    stray = last is not None and _DIVIDER_RE.match(replace[last]) is not None
+    if stray and last is not None:
+        del replace[last + 1 :]  # blank lines after the stray divider belong to the terminator
+        while replace and _DIVIDER_RE.match(replace[-1]):
+            replace.pop()
+    if (stray or end != k) and not any(line.strip() for line in replace):
+        raise EditParseError(
+            f"{where}: its REPLACE holds nothing but a '{DIVIDER_MARK}' line, so it is unclear what the SEARCH "
+            f"lines should become; to delete them, write '{DIVIDER_MARK}' once and then '{REPLACE_MARK}'",
+            block=number,
+        )
+    return replace, end
+
+
+def _divider_ending_block(lines: list[str], start: int, stop: int, known: _Known | None) -> int | None:
+    """The first divider line in [start, stop) if it ends the block: after it (and any divider or blank lines
+    right after it) comes a closing fence, the next block's header (its SEARCH line is at `stop`) or the end of
+    the reply. None otherwise, also when a line of text follows the first divider."""
+    first = next((d for d in range(start, stop) if _DIVIDER_RE.match(lines[d])), None)
+    if first is None:
+        return None
+    after = next(
+        (n for n in range(first + 1, stop) if lines[n].strip() and not _DIVIDER_RE.match(lines[n])), stop
+    )
+    if after == stop:
+        return first
+    fence = _FENCE_RE.match(lines[after])
+    if fence is not None and not fence.group(2):
+        return first
+    next_header = _find_path(lines, stop, first, known)[1] if stop < len(lines) else stop
+    return first if after >= next_header else None
+
+
 def _join(lines: list[str]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def _find_path(lines: list[str], marker: int, stop: int) -> tuple[str | None, int]:
+def _find_path(
+    lines: list[str], marker: int, stop: int, known: _Known | None = None
+) -> tuple[str | None, int]:
     """The path written before the SEARCH line at `marker`, and the reply line where the block's header starts.
 
     Walks back from the marker: inside the fence a `# path` comment or a bare path line counts; the fence's
@@ -218,7 +306,7 @@ def _find_path(lines: list[str], marker: int, stop: int) -> tuple[str | None, in
             if info_path:
                 return info_path, header
             continue
-        candidate = _clean_path(raw)
+        candidate = _clean_path(raw, known=known)
         if candidate:
             return candidate, j
         if inside and _COMMENT_RE.match(raw.strip()) and comments_skipped < 2:
@@ -237,11 +325,18 @@ def _path_from_info(info: str) -> str | None:
     return None
 
 
-def _clean_path(text: str, allow_prefix: bool = True) -> str | None:
+def _clean_path(text: str, allow_prefix: bool = True, known: _Known | None = None) -> str | None:
+    """The path a header line names, or None.
+
+    A name holding spaces (``my notes.txt``) counts only when quoted (in backticks or quotes) or, written bare,
+    when `known` says it names an existing editable file: a bare line of prose ("Then change experiment.py:")
+    must not be taken for a path.
+    """
     s = text.strip()
     if allow_prefix:
         s = re.sub(r"^(#+|//|--|;+|>+)\s*", "", s)
         s = re.sub(r"^(?:[-*+]\s+|\d+[.)]\s+)", "", s)  # a list item
+    quoted = allow_prefix and bool(_QUOTED_PATH_RE.match(s))
     for _ in range(3):
         s = s.strip().strip("*_`'\"").strip().rstrip(":").strip()
         if allow_prefix:
@@ -251,6 +346,8 @@ def _clean_path(text: str, allow_prefix: bool = True) -> str | None:
     if not re.search(r"[A-Za-z0-9]", s) or s.endswith("."):
         return None
     if "." not in s and "/" not in s:
+        return None
+    if " " in s and not (quoted or (known is not None and known(s))):
         return None
     return s
 
@@ -309,6 +406,8 @@ class _Doc:
     newline: str = "\n"
     bom: bool = False
     exists: bool = True
+    claims: dict[int, _Claim] = field(default_factory=dict)  # reply index of a later block -> its place
+    block: int = 0  # the block being applied, named in any claim it breaks
 
     @classmethod
     def from_text(cls, text: str, exists: bool = True) -> _Doc:
@@ -343,15 +442,43 @@ class _Doc:
         return all(not line.strip() for line in self.lines)
 
     def splice(self, start: int, end: int, new: list[str]) -> None:
-        """Replace lines [start, end) by `new`, keeping a missing final newline missing."""
+        """Replace lines [start, end) by `new`, keeping a missing final newline missing.
+
+        Lines added after an unterminated last line start on a line of their own (the old last line gets a
+        terminator, the new last line goes without). Places claimed by later blocks move with the text.
+        """
         new_ends = [self.newline] * len(new)
         touches_unterminated_end = end == len(self.lines) and bool(self.ends) and self.ends[-1] == ""
+        if touches_unterminated_end and start == end and new:
+            self.ends[-1] = self.newline
         self.lines[start:end] = new
         self.ends[start:end] = new_ends
         if touches_unterminated_end:
             last = start + len(new) - 1
             if last >= 0:
                 self.ends[last] = ""
+        self._move_claims(start, end, len(new))
+
+    def _move_claims(self, start: int, end: int, count: int) -> None:
+        delta = count - (end - start)
+        for claim in self.claims.values():
+            if end <= claim.start:
+                claim.start += delta
+                claim.end += delta
+            elif start < claim.end and claim.lost_to is None:
+                claim.lost_to = self.block
+
+
+@dataclass
+class _Claim:
+    """A place of the file taken for a later block of the reply (rule: repeated SEARCH, see the module doc)."""
+
+    start: int
+    end: int
+    replace: Lines  # that block's REPLACE, shaped for this place
+    rule: str
+    done: bool  # that block's REPLACE already stands around this place
+    lost_to: int | None = None  # the block of this reply that changed these lines first
 
 
 def _decode(data: bytes) -> str | None:
@@ -408,6 +535,7 @@ def _indent(line: str) -> str:
 
 
 def _rule_indent(doc: Lines, search: Lines, replace: Lines) -> list[_Match]:
+    """Rule 3: the window is SEARCH shifted by one indentation `delta`, added to or removed from every line."""
     n = len(search)
     anchor = next((k for k, line in enumerate(search) if line.strip()), None)
     if anchor is None:
@@ -457,7 +585,89 @@ def _reindent(replace: Lines, delta: str, deeper: bool) -> Lines | None:
     return out
 
 
-_LINE_RULES: tuple[_Rule, ...] = (_rule_exact, _rule_trailing, _rule_indent)
+def _rule_indent_map(doc: Lines, search: Lines, replace: Lines) -> list[_Match]:
+    """Rule 4: SEARCH's common leading whitespace stands for one prefix of the file's lines (tabs for spaces).
+
+    Only where rule 3 has no ground (neither indentation of the first non-blank line is a suffix of the other):
+    every non-blank line of the window must be that same file prefix followed by what SEARCH has after its
+    common whitespace; REPLACE lines get the file's prefix in place of SEARCH's common whitespace. When every
+    SEARCH line sits at that common whitespace (so SEARCH shows nothing of how the file nests deeper), REPLACE's
+    deeper lines are written in the file's unit too (see _units): two tabs then four spaces would mix tabs and
+    spaces in one block, which Python refuses (TabError) as soon as the file's own deeper lines follow.
+    """
+    n = len(search)
+    anchor = next((k for k, line in enumerate(search) if line.strip()), None)
+    if anchor is None:
+        return []
+    common = os.path.commonprefix([_indent(line) for line in search if line.strip()])
+    if not common:
+        return []
+    s_ind = _indent(search[anchor])
+    inner = s_ind[len(common) :]
+    s_strip = search[anchor].strip()
+    flat = all(_indent(line) == common for line in search if line.strip())
+    out = []
+    for p in range(len(doc) - n + 1):
+        window = doc[p : p + n]
+        if window[anchor].strip() != s_strip:
+            continue
+        f_ind = _indent(window[anchor])
+        if f_ind.endswith(s_ind) or s_ind.endswith(f_ind) or not f_ind.endswith(inner):
+            continue
+        prefix = f_ind[: len(f_ind) - len(inner)]
+        if _map_fits(window, search, common, prefix):
+            units = _units(common, prefix) if flat else None
+            out.append(_Match(p, p + n, _remap(replace, common, prefix, units), "indent-map"))
+    return out
+
+
+def _map_fits(window: Lines, search: Lines, common: str, prefix: str) -> bool:
+    for f, s in zip(window, search, strict=True):
+        if not s.strip():
+            if f.strip():
+                return False
+        elif f.rstrip() != prefix + s.rstrip()[len(common) :]:
+            return False
+    return True
+
+
+def _units(common: str, prefix: str) -> tuple[str, str] | None:
+    """SEARCH's and the file's indentation unit: ``common`` and ``prefix`` as the same number of repeats of
+    one unit each, the most repeats possible (8 spaces / 2 tabs: 4 spaces / 1 tab); None if there is none."""
+    for n in range(min(len(common), len(prefix)), 0, -1):
+        if len(common) % n or len(prefix) % n:
+            continue
+        s_unit, f_unit = common[: len(common) // n], prefix[: len(prefix) // n]
+        if s_unit * n == common and f_unit * n == prefix:
+            return s_unit, f_unit
+    return None
+
+
+def _remap(replace: Lines, common: str, prefix: str, units: tuple[str, str] | None) -> Lines | None:
+    """REPLACE with SEARCH's common whitespace swapped for the file's prefix; None if a line lacks it.
+
+    With `units`, whitespace after the common part that is whole SEARCH units becomes as many file units; any
+    other whitespace stays as written.
+    """
+    out = []
+    for line in replace:
+        if not line.strip():
+            out.append(line)
+            continue
+        if not line.startswith(common):
+            return None
+        rest = line[len(common) :]
+        deeper = _indent(rest)
+        if units is not None and deeper:
+            s_unit, f_unit = units
+            count = len(deeper) // len(s_unit)
+            if s_unit * count == deeper:
+                rest = f_unit * count + rest[len(deeper) :]
+        out.append(prefix + rest)
+    return out
+
+
+_LINE_RULES: tuple[_Rule, ...] = (_rule_exact, _rule_trailing, _rule_indent, _rule_indent_map)
 
 
 def _trim_blank(search: Lines, replace: Lines) -> tuple[Lines, Lines] | None:
@@ -475,7 +685,7 @@ def _trim_blank(search: Lines, replace: Lines) -> tuple[Lines, Lines] | None:
 
 
 def _locate_lines(doc: Lines, search: Lines, replace: Lines) -> _Found | None:
-    """Rules 1-4: the first rule that finds anything, with everything it found."""
+    """Rules 1-5: the first rule that finds anything, with everything it found."""
     for rule in _LINE_RULES:
         found = rule(doc, search, replace)
         if found:
@@ -527,20 +737,41 @@ def _ambiguous(found: _Found, path: str, what: str = "SEARCH") -> _BlockFailure:
     )
 
 
-def _apply_block(doc: _Doc, edit: Edit, path: str) -> tuple[Status, str, int | None]:
-    """Apply one block to `doc` in place. Returns (status, rule, first line); raises _BlockFailure."""
+_Twins = Sequence[
+    tuple[int, Lines]
+]  # (reply index, REPLACE lines) of the blocks sharing one SEARCH, one file
+
+
+def _block_lines(edit: Edit) -> tuple[Lines, Lines]:
+    """A block's SEARCH lines (none when SEARCH is blank) and REPLACE lines."""
     search = [line.rstrip("\r") for line in _lines_of(edit.search)] if edit.search.strip() else []
     replace = [line.rstrip("\r") for line in _lines_of(edit.replace)] if edit.replace else []
+    return search, replace
 
+
+def _apply_block(
+    doc: _Doc, edit: Edit, path: str, me: int = 0, twins: _Twins = ()
+) -> tuple[Status, str, int | None]:
+    """Apply one block to `doc` in place. Returns (status, rule, first line); raises _BlockFailure.
+
+    `me` is the block's index in the reply; `twins` lists every block of the reply (this one included, in reply
+    order) that carries the same SEARCH text for the same file.
+    """
+    search, replace = _block_lines(edit)
+    doc.block = edit.block
     if not search:
         return _apply_create(doc, replace, path)
+    claim = doc.claims.pop(me, None)
+    if claim is not None:
+        return _apply_claim(doc, claim, path, len(twins))
 
     found = _locate_lines(doc.lines, search, replace)
     if found is None and any(_ELISION_RE.match(line) for line in search):
         return _apply_elided(doc, search, replace, path)
     if found is None:
-        done = _locate_lines(doc.lines, replace, replace) if any(line.strip() for line in replace) else None
-        if done is not None and len(done.matches) == 1:
+        identical = sum(1 for _, other in twins if other == replace)
+        done = _replace_present(doc.lines, replace)
+        if done is not None and len(done.matches) in {1, identical}:
             return "already_applied", f"replace-present ({done.rule})", done.matches[0].start + 1
         raise _BlockFailure(
             "not_found",
@@ -549,24 +780,54 @@ def _apply_block(doc: _Doc, edit: Edit, path: str) -> tuple[Status, str, int | N
             advice="Copy the lines to change from the current file exactly, indentation included.",
         )
     if len(found.matches) > 1:
-        raise _ambiguous(found, path)
+        claims = _claim_places(doc.lines, found, search, twins) if twins and twins[0][0] == me else None
+        if claims is None:
+            raise _ambiguous(found, path)
+        mine = claims.pop(me)
+        doc.claims.update(claims)
+        return _apply_claim(doc, mine, path, len(twins))
     m = found.matches[0]
     if m.replace is None:
-        raise _BlockFailure(
-            "reindent",
-            f"SEARCH matches lines {_describe_places([m])} of {path} only when indented less than written, "
-            "and some REPLACE lines are not indented enough to shift them the same way",
-            [m],
-            advice="Write SEARCH and REPLACE with the file's own indentation.",
-        )
+        raise _reindent_failure(m, path)
     if _already_there(doc.lines, m, replace):
         return "already_applied", f"replace-present ({found.rule})", m.start + 1
     doc.splice(m.start, m.end, m.replace)
     return "applied", found.rule, m.start + 1
 
 
+def _reindent_failure(m: _Match, path: str) -> _BlockFailure:
+    if m.rule.endswith("indent-map"):
+        why = (
+            "only when its indentation is written as the file's, and some REPLACE lines do not start with the "
+            "whitespace all SEARCH lines start with"
+        )
+    else:
+        why = (
+            "only when indented less than written, and some REPLACE lines are not indented enough to shift "
+            "them the same way"
+        )
+    return _BlockFailure(
+        "reindent",
+        f"SEARCH matches lines {_describe_places([m])} of {path} {why}",
+        [m],
+        advice="Write SEARCH and REPLACE with the file's own indentation.",
+    )
+
+
 def _lines_of(text: str) -> list[str]:
     return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+
+
+def _replace_present(doc: Lines, replace: Lines) -> _Found | None:
+    """Where REPLACE already stands, by the rules SEARCH is matched with; None when nowhere, or when it was
+    found only through the indentation or blank-line rules and holds fewer than two non-blank lines (one such
+    line, elsewhere at another indentation, is too weak a sign that the change was made: it is "not found")."""
+    if not any(line.strip() for line in replace):
+        return None
+    found = _locate_lines(doc, replace, replace)
+    if found is None or found.rule in ("exact", "trailing-whitespace"):
+        return found
+    return found if sum(1 for line in replace if line.strip()) >= 2 else None
 
 
 def _already_there(doc: Lines, m: _Match, replace: Lines) -> bool:
@@ -580,6 +841,47 @@ def _already_there(doc: Lines, m: _Match, replace: Lines) -> bool:
     return r.start <= m.start and m.end <= r.end
 
 
+def _stands_around(doc: Lines, m: _Match, replace: Lines) -> bool:
+    """REPLACE already stands around this SEARCH match (wherever else it stands too)."""
+    if len(replace) <= m.end - m.start or not any(line.strip() for line in replace):
+        return False
+    found = _locate_lines(doc, replace, replace)
+    return found is not None and any(r.start <= m.start and m.end <= r.end for r in found.matches)
+
+
+def _claim_places(doc: Lines, found: _Found, search: Lines, twins: _Twins) -> dict[int, _Claim] | None:
+    """SEARCH matches k places and exactly k blocks carry it: each block's place, in file order; else None."""
+    if len(twins) != len(found.matches):
+        return None
+    claims = {}
+    for (index, replace), m in zip(twins, found.matches, strict=True):
+        # The same lines again, alone, with this block's REPLACE: shaped by the rule that found them.
+        here = _locate_lines(doc[m.start : m.end], search, replace)
+        shaped = here.matches[0].replace if here is not None and len(here.matches) == 1 else None
+        if shaped is None:
+            return None
+        claims[index] = _Claim(m.start, m.end, shaped, found.rule, _stands_around(doc, m, replace))
+    return claims
+
+
+def _apply_claim(doc: _Doc, claim: _Claim, path: str, count: int) -> tuple[Status, str, int | None]:
+    rule = f"repeated-search+{claim.rule}"
+    if claim.lost_to is not None:
+        raise _BlockFailure(
+            "claim_lost",
+            f"its SEARCH matches {count} places of {path}, one for each of the {count} blocks carrying it, but "
+            f"block {claim.lost_to} of this reply changed the lines this block was to take",
+            advice="Change each place in one block only, and add lines around SEARCH so it matches one place.",
+        )
+    if claim.done:
+        return "already_applied", f"replace-present ({rule})", claim.start + 1
+    doc.splice(claim.start, claim.end, claim.replace)
+    return "applied", rule, claim.start + 1
+
+
+_MAIN_GUARD_RE = re.compile(r"^if\s+__name__\s*==")
+
+
 def _apply_create(doc: _Doc, replace: Lines, path: str) -> tuple[Status, str, int | None]:
     if not doc.exists or doc.is_blank():
         status: Status = "created" if not doc.exists else "applied"
@@ -589,9 +891,14 @@ def _apply_create(doc: _Doc, replace: Lines, path: str) -> tuple[Status, str, in
     if any(line.strip() for line in replace):
         if [line.rstrip() for line in doc.lines] == [line.rstrip() for line in replace]:
             return "already_applied", "replace-present (whole file)", 1
-        done = _locate_lines(doc.lines, replace, replace)
+        done = _replace_present(doc.lines, replace)
         if done is not None and len(done.matches) == 1:
             return "already_applied", f"replace-present ({done.rule})", done.matches[0].start + 1
+        append = _append_rule(doc.lines, replace, path)
+        if append is not None:
+            line = len(doc.lines) + 1
+            doc.splice(len(doc.lines), len(doc.lines), replace)
+            return "applied", append, line
     raise _BlockFailure(
         "file_exists",
         f"SEARCH is empty, which creates a new file, but {path} already exists and is not empty",
@@ -600,6 +907,29 @@ def _apply_create(doc: _Doc, replace: Lines, path: str) -> tuple[Status, str, in
             "last lines and repeat them in REPLACE followed by the new lines."
         ),
     )
+
+
+def _append_rule(doc: Lines, replace: Lines, path: str) -> str | None:
+    """The append an empty SEARCH on a non-blank file amounts to, or None (the block is refused).
+
+    - ``placeholder-append``: the file holds only comment lines (and blank ones), none of which REPLACE repeats
+      (REPLACE repeating them may be meant to replace the file, not to follow it);
+    - ``main-guard-append``: a Python file without an ``if __name__ ==`` line, and REPLACE is such a guard at
+      column 0 followed only by its indented body, so it runs after every definition of the file.
+    """
+    text = [line.strip() for line in doc if line.strip()]
+    if all(_COMMENT_RE.match(line) for line in text):
+        return None if set(text) & {line.strip() for line in replace} else "placeholder-append"
+    body = [line for line in replace if line.strip()]
+    guard = (
+        path.endswith(".py")
+        and len(body) >= 2
+        and _MAIN_GUARD_RE.match(body[0]) is not None
+        and all(line[:1] in (" ", "\t") for line in body[1:])
+    )
+    if guard and not any(_MAIN_GUARD_RE.match(line.strip()) for line in doc):
+        return "main-guard-append"
+    return None
 
 
 def _apply_elided(doc: _Doc, search: Lines, replace: Lines, path: str) -> tuple[Status, str, int | None]:
@@ -763,7 +1093,9 @@ def apply_edits(
     editable, protected = tuple(editable), tuple(protected)
     if isinstance(reply_or_edits, str):
         try:
-            edits = parse_edits(reply_or_edits)
+            edits = _parse(
+                reply_or_edits, lambda raw: _names_editable_file(root_path, raw, editable, protected)
+            ).edits
         except EditParseError as exc:
             return EditResult(
                 ok=False,
@@ -777,46 +1109,53 @@ def apply_edits(
     else:
         edits = list(reply_or_edits)
 
+    named = [_try_resolve(root_path, edit.path, editable, protected) for edit in edits]
     files: dict[str, _FileWork] = {}
     outcomes: list[BlockOutcome] = []
     failures: list[_Failure] = []
-    for edit in edits:
-        try:
-            rel, target = _resolve(root_path, edit.path, editable, protected)
-        except _PathError as exc:
-            failures.append(_Failure(edit, "path", str(exc)))
-            outcomes.append(BlockOutcome(block=edit.block, path=edit.path, status="failed", reason=str(exc)))
+    notes: list[str] = []
+    for index, edit in enumerate(edits):
+        where = named[index]
+        if isinstance(where, _PathError):
+            failures.append(_Failure(edit, "path", str(where)))
+            outcomes.append(
+                BlockOutcome(block=edit.block, path=edit.path, status="failed", reason=str(where))
+            )
             continue
-        work = files.get(rel)
-        if work is None:
-            try:
-                original = target.read_bytes() if target.exists() else None
-            except OSError as exc:
-                reason = f"{rel} cannot be read: {exc.strerror or exc}"
-                failures.append(_Failure(edit, "unreadable", reason))
-                outcomes.append(BlockOutcome(block=edit.block, path=rel, status="failed", reason=reason))
-                continue
-            text = "" if original is None else _decode(original)
-            if text is None:
-                reason = f"{rel} is not UTF-8 text, so it cannot be edited with SEARCH/REPLACE"
-                failures.append(_Failure(edit, "not_text", reason))
-                outcomes.append(BlockOutcome(block=edit.block, path=rel, status="failed", reason=reason))
-                continue
-            work = _FileWork(rel, target, original, _Doc.from_text(text, exists=original is not None))
-            files[rel] = work
+        rel, target = where
+        twins = _twins(edits, named, index)
+        note = ""
+        try:
+            work = _work_for(files, rel, target)
+            if not work.doc.exists and edit.search.strip():
+                elsewhere = _misnamed_target(root_path, edit, files, editable, protected)
+                if elsewhere is not None:
+                    note = (
+                        f"Block {edit.block} names {edit.path}, which does not exist; its SEARCH matches one "
+                        f"place in one file, {elsewhere.rel}, so it was applied there"
+                    )
+                    work, twins = elsewhere, []
+        except _LoadError as exc:
+            failures.append(_Failure(edit, exc.kind, exc.reason))
+            outcomes.append(BlockOutcome(block=edit.block, path=rel, status="failed", reason=exc.reason))
+            continue
         earlier = list(work.touched_by)
         try:
-            status, rule, line = _apply_block(work.doc, edit, rel)
+            status, rule, line = _apply_block(work.doc, edit, work.rel, index, twins)
         except _BlockFailure as exc:
             snapshot = _Doc(
                 list(work.doc.lines), list(work.doc.ends), work.doc.newline, work.doc.bom, work.doc.exists
             )
             failures.append(_Failure(edit, exc.kind, exc.reason, exc.advice, exc.matches, snapshot, earlier))
-            outcomes.append(BlockOutcome(block=edit.block, path=rel, status="failed", reason=exc.reason))
+            outcomes.append(BlockOutcome(block=edit.block, path=work.rel, status="failed", reason=exc.reason))
             continue
         if status != "already_applied":
             work.touched_by.append(edit.block)
-        outcomes.append(BlockOutcome(block=edit.block, path=rel, status=status, rule=rule, line=line))
+        if note:
+            notes.append(note + ".")
+        outcomes.append(
+            BlockOutcome(block=edit.block, path=work.rel, status=status, rule=rule, line=line, reason=note)
+        )
 
     already = [o.block for o in outcomes if o.status == "already_applied"]
     if failures:
@@ -841,10 +1180,106 @@ def apply_edits(
     return EditResult(
         ok=True,
         changed=[w.rel for w, _ in pending],
+        feedback="\n".join(notes),
         blocks=len(edits),
         outcomes=outcomes,
         already_applied=already,
     )
+
+
+def _try_resolve(
+    root: Path, raw: str, editable: Sequence[str], protected: Sequence[str]
+) -> tuple[str, Path] | _PathError:
+    try:
+        return _resolve(root, raw, editable, protected)
+    except _PathError as exc:
+        return exc
+
+
+def _names_editable_file(root: Path, raw: str, editable: Sequence[str], protected: Sequence[str]) -> bool:
+    where = _try_resolve(root, raw, editable, protected)
+    return not isinstance(where, _PathError) and where[1].is_file()
+
+
+def _twins(edits: Sequence[Edit], named: Sequence[tuple[str, Path] | _PathError], index: int) -> _Twins:
+    """The blocks (this one included) carrying the same non-blank SEARCH text as block `index`, for its file."""
+    edit, where = edits[index], named[index]
+    if not edit.search.strip() or isinstance(where, _PathError):
+        return []
+    return [
+        (j, _block_lines(other)[1])
+        for j, (other, there) in enumerate(zip(edits, named, strict=True))
+        if other.search == edit.search and not isinstance(there, _PathError) and there[0] == where[0]
+    ]
+
+
+class _LoadError(Exception):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+def _read_work(rel: str, target: Path) -> _FileWork:
+    """The file as it is on disk (absent: an empty document that does not exist yet)."""
+    try:
+        original = target.read_bytes() if target.exists() else None
+    except OSError as exc:
+        raise _LoadError("unreadable", f"{rel} cannot be read: {exc.strerror or exc}") from exc
+    text = "" if original is None else _decode(original)
+    if text is None:
+        raise _LoadError("not_text", f"{rel} is not UTF-8 text, so it cannot be edited with SEARCH/REPLACE")
+    return _FileWork(rel, target, original, _Doc.from_text(text, exists=original is not None))
+
+
+def _work_for(files: dict[str, _FileWork], rel: str, target: Path) -> _FileWork:
+    if rel not in files:
+        files[rel] = _read_work(rel, target)
+    return files[rel]
+
+
+def _misnamed_target(
+    root: Path, edit: Edit, files: dict[str, _FileWork], editable: Sequence[str], protected: Sequence[str]
+) -> _FileWork | None:
+    """The one editable file where the SEARCH of a block naming a missing file matches, once; else None.
+
+    Models sometimes misname the file they mean (``plot.py`` for ``experiment.py``). Only reached for a path
+    that passed every safety check; the SEARCH must match nowhere in every other editable file, and exactly one
+    place (by the first rule that finds anything) in this one, as the file reads after the earlier blocks.
+    """
+    search, replace = _block_lines(edit)
+    hits: list[_FileWork] = []
+    for rel, target in _existing_editable(root, editable, protected, files):
+        try:
+            work = files[rel] if rel in files else _read_work(rel, target)
+        except _LoadError:
+            continue
+        found = _locate_lines(work.doc.lines, search, replace)
+        if found is not None:
+            if len(found.matches) > 1 or hits:
+                return None
+            hits.append(work)
+    if not hits:
+        return None
+    files.setdefault(hits[0].rel, hits[0])
+    return files[hits[0].rel]
+
+
+def _existing_editable(
+    root: Path, editable: Sequence[str], protected: Sequence[str], files: dict[str, _FileWork]
+) -> list[tuple[str, Path]]:
+    """Every file under `root` a block may edit (existing on disk, or created by an earlier block), sorted."""
+    found = {rel: work.target for rel, work in files.items() if work.doc.exists}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in NEVER_EDITABLE_DIRS)
+        for name in names:
+            rel = Path(os.path.relpath(os.path.join(folder, name), root)).as_posix()
+            if rel in found or not _matches_any(rel, editable) or _matches_any(rel, protected):
+                continue
+            where = _try_resolve(root, rel, editable, protected)
+            if not isinstance(where, _PathError) and where[1].is_file():
+                found[where[0]] = where[1]
+    return sorted(found.items())
 
 
 def _write_all(pending: list[tuple[_FileWork, bytes]]) -> None:

@@ -25,7 +25,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 def test_the_corpus_is_big_and_varied_enough():
     metas = [json.loads((c / "case.json").read_text()) for c in CASES]
-    assert len(CASES) >= 60
+    assert len(CASES) >= 97
     assert {m["category"] for m in metas} >= {
         "well-formed",
         "sloppy-whitespace",
@@ -33,6 +33,10 @@ def test_the_corpus_is_big_and_varied_enough():
         "ambiguous",
         "already-applied",
         "malformed",
+        "stray-divider",
+        "empty-search",
+        "repeated-search",
+        "misnamed-file",
     }
 
 

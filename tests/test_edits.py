@@ -579,3 +579,383 @@ def test_dot_slash_path_is_the_same_file(tmp_path):
 def test_plan_line(reply, expected):
     assert plan_line(reply) == expected
     assert len(plan_line(reply)) <= 72
+
+
+# ------------------------------------------------------------------------------------- shapes of real replies
+# Each shape below was seen in replies real models wrote in AI-Scientist sessions (content made up, same shape).
+
+
+def test_a_stray_divider_right_before_the_replace_marker_ends_the_replace_text(tmp_path):
+    write(tmp_path, {"experiment.py": "import os\n\nprint(os.getcwd())\n"})
+    reply = (
+        "experiment.py\n```python\n<<<<<<< SEARCH\nimport os\n=======\nimport os\nimport time\n=======\n"
+        ">>>>>>> REPLACE\n```\n"
+    )
+    result = apply_edits(tmp_path, reply)
+    assert result.ok, result.feedback
+    assert (tmp_path / "experiment.py").read_text() == "import os\nimport time\n\nprint(os.getcwd())\n"
+
+
+@pytest.mark.parametrize(
+    "ending", [pytest.param(">>>>>>> REPLACE\n```\n", id="replace-marker"), pytest.param("```\n", id="fence")]
+)
+def test_a_replace_holding_nothing_but_a_stray_divider_is_refused(tmp_path, ending):
+    write(tmp_path, {"experiment.py": "import os\nimport time\n"})
+    reply = "experiment.py\n```python\n<<<<<<< SEARCH\nimport time\n=======\n=======\n" + ending
+    result = apply_edits(tmp_path, reply)
+    assert (
+        not result.ok and "holds nothing but" in result.feedback and "Nothing was applied" in result.feedback
+    )
+    assert (tmp_path / "experiment.py").read_text() == "import os\nimport time\n"
+
+
+@pytest.mark.parametrize(
+    "between",
+    [
+        pytest.param("```\n\nplot.py\n```python\n", id="fence-close-then-next-block"),
+        pytest.param("\nplot.py\n```python\n", id="next-block-header-right-after"),
+        pytest.param("", id="next-search-marker-right-after"),
+    ],
+)
+def test_a_divider_used_as_the_end_of_a_block_ends_it_when_a_new_block_follows(tmp_path, between):
+    write(tmp_path, {"experiment.py": "lr = 3e-3\n", "plot.py": "title = 'old'\n"})
+    second_path = "plot.py" if "plot.py" in between else "experiment.py"
+    second = (
+        ("title = 'old'\n", "title = 'new'\n") if second_path == "plot.py" else ("lr = 1e-3\n", "lr = 2e-3\n")
+    )
+    reply = (
+        "experiment.py\n```python\n<<<<<<< SEARCH\nlr = 3e-3\n=======\nlr = 1e-3\n=======\n"
+        + between
+        + f"<<<<<<< SEARCH\n{second[0]}=======\n{second[1]}>>>>>>> REPLACE\n```\n"
+    )
+    result = apply_edits(tmp_path, reply)
+    assert result.ok and result.blocks == 2, result.feedback
+    assert [e.path for e in parse_edits(reply)] == ["experiment.py", second_path]
+    expected_lr = "lr = 2e-3\n" if second_path == "experiment.py" else "lr = 1e-3\n"
+    assert (tmp_path / "experiment.py").read_text() == expected_lr
+    expected_title = "title = 'new'\n" if second_path == "plot.py" else "title = 'old'\n"
+    assert (tmp_path / "plot.py").read_text() == expected_title
+
+
+@pytest.mark.parametrize(
+    "tail", [pytest.param("```\n\nRun it.\n", id="fence-close"), pytest.param("\n", id="end-of-reply")]
+)
+def test_a_divider_used_as_the_end_of_the_last_block_ends_it(tmp_path, tail):
+    write(tmp_path, {"experiment.py": "lr = 3e-3\n"})
+    reply = "experiment.py\n```python\n<<<<<<< SEARCH\nlr = 3e-3\n=======\nlr = 1e-3\n=======\n" + tail
+    result = apply_edits(tmp_path, reply)
+    assert result.ok, result.feedback
+    assert (tmp_path / "experiment.py").read_text() == "lr = 1e-3\n"
+
+
+def test_a_second_divider_followed_by_more_text_is_still_a_malformed_block(tmp_path):
+    write(tmp_path, {"experiment.py": "lr = 3e-3\n"})
+    reply = (
+        "experiment.py\n```python\n<<<<<<< SEARCH\nlr = 3e-3\n=======\nlr = 1e-3\n=======\nlr = 2e-3\n```\n"
+    )
+    result = apply_edits(tmp_path, reply)
+    assert not result.ok and "expected a '>>>>>>> REPLACE' line" in result.feedback
+    assert (tmp_path / "experiment.py").read_text() == "lr = 3e-3\n"
+
+
+@pytest.mark.parametrize(
+    "ending, expected",
+    [
+        pytest.param("=======\n\n", "x = 2\n", id="blank-line-after-the-stray-divider"),
+        pytest.param("=======\n=======\n", "x = 2\n", id="two-stray-dividers"),
+        pytest.param("\n=======\n", "x = 2\n\n", id="blank-line-before-the-stray-divider-is-content"),
+    ],
+)
+def test_stray_dividers_at_the_end_of_replace_are_dropped_and_nothing_else(tmp_path, ending, expected):
+    write(tmp_path, {"experiment.py": "x = 1\n"})
+    reply = f"experiment.py\n```\n<<<<<<< SEARCH\nx = 1\n=======\nx = 2\n{ending}>>>>>>> REPLACE\n```\n"
+    result = apply_edits(tmp_path, reply)
+    assert result.ok, result.feedback
+    assert (tmp_path / "experiment.py").read_text() == expected
+
+
+@pytest.mark.parametrize(
+    "name, header",
+    [
+        pytest.param("my notes.txt", "my notes.txt\n", id="bare"),
+        pytest.param("data prep.py", "`data prep.py`\n", id="backticks"),
+        pytest.param("data prep.py", "**`data prep.py`**:\n", id="bold-backticks-colon"),
+        pytest.param("my notes.txt", '"my notes.txt"\n', id="double-quotes"),
+    ],
+)
+def test_a_file_name_with_spaces_resolves_to_that_editable_file(tmp_path, name, header):
+    write(tmp_path, {name: "a = 1\n", "experiment.py": "a = 1\n"})
+    reply = f"{header}```\n<<<<<<< SEARCH\na = 1\n=======\na = 2\n>>>>>>> REPLACE\n```\n"
+    result = apply_edits(tmp_path, reply, editable=("*.py", "*.txt"))
+    assert result.ok and result.changed == [name], result.feedback
+    assert (tmp_path / name).read_text() == "a = 2\n" and (
+        tmp_path / "experiment.py"
+    ).read_text() == "a = 1\n"
+
+
+def test_a_prose_line_with_spaces_before_a_fence_is_not_taken_for_a_path(tmp_path):
+    write(tmp_path, {"experiment.py": "a = 1\nb = 1\n"})
+    reply = (
+        block("experiment.py", "a = 1\n", "a = 2\n")
+        + "\nThen change b in experiment.py:\n"
+        + "```python\n<<<<<<< SEARCH\nb = 1\n=======\nb = 2\n>>>>>>> REPLACE\n```\n"
+    )
+    result = apply_edits(tmp_path, reply, editable=("*.py",))
+    assert result.ok and (tmp_path / "experiment.py").read_text() == "a = 2\nb = 2\n"
+
+
+TABBED = (
+    "class Model:\n\tdef __init__(self):\n\t\tself.lr = 3e-3\n\t\tself.steps = 100\n\n"
+    "\tdef run(self):\n\t\treturn self.lr\n"
+)
+
+
+def test_a_tab_indented_file_edited_with_a_space_indented_search_keeps_its_tabs(tmp_path):
+    write(tmp_path, {"experiment.py": TABBED})
+    reply = block(
+        "experiment.py",
+        "        self.lr = 3e-3\n        self.steps = 100\n",
+        "        self.lr = 1e-3\n        self.steps = 100\n        self.decay = 0.9\n",
+    )
+    result = apply_edits(tmp_path, reply)
+    assert result.ok and result.outcomes[0].rule == "indent-map", result.feedback
+    assert (tmp_path / "experiment.py").read_text() == TABBED.replace(
+        "\t\tself.lr = 3e-3\n\t\tself.steps = 100\n",
+        "\t\tself.lr = 1e-3\n\t\tself.steps = 100\n\t\tself.decay = 0.9\n",
+    )
+
+
+def test_a_space_indented_file_edited_with_a_tab_indented_search_keeps_its_spaces(tmp_path):
+    write(tmp_path, {"experiment.py": PY})
+    result = apply_edits(tmp_path, block("experiment.py", "\t\tself.lr = 3e-3\n", "\t\tself.lr = 1e-3\n"))
+    assert result.ok and result.outcomes[0].rule == "indent-map", result.feedback
+    assert (tmp_path / "experiment.py").read_text() == PY.replace("3e-3", "1e-3")
+
+
+def test_tab_mapping_finding_two_places_is_ambiguous(tmp_path):
+    original = "def a():\n\tx = 1\n\ndef b():\n\tx = 1\n"
+    write(tmp_path, {"experiment.py": original})
+    result = apply_edits(tmp_path, block("experiment.py", "  x = 1\n", "  x = 2\n"))
+    assert not result.ok and "must match exactly one" in result.feedback
+    assert (tmp_path / "experiment.py").read_text() == original
+
+
+def test_a_tab_file_gets_tabs_for_the_deeper_lines_a_space_indented_replace_adds(tmp_path):
+    original = "def f(xs):\n\tfor x in xs:\n\t\tif x:\n\t\t\tshow(x)\n"
+    write(tmp_path, {"experiment.py": original})
+    result = apply_edits(
+        tmp_path,
+        block("experiment.py", "        if x:\n", "        if x > 0:\n            count(x)\n"),
+    )
+    assert result.ok, result.feedback
+    after = (tmp_path / "experiment.py").read_text()
+    assert after == "def f(xs):\n\tfor x in xs:\n\t\tif x > 0:\n\t\t\tcount(x)\n\t\t\tshow(x)\n"
+    compile(after, "experiment.py", "exec")  # no TabError: one kind of indentation in the block
+
+
+def test_a_one_line_replace_found_only_at_another_indentation_is_not_already_applied(tmp_path):
+    original = "def f():\n    x = 2\n    return x\n"
+    write(tmp_path, {"experiment.py": original})
+    result = apply_edits(tmp_path, block("experiment.py", "x = 1\n", "x = 2\n"))
+    assert not result.ok and result.already_applied == []
+    assert "does not match any lines" in result.feedback
+    assert (tmp_path / "experiment.py").read_text() == original
+
+
+def test_a_two_line_replace_found_at_another_indentation_still_counts_as_already_applied(tmp_path):
+    original = "def f():\n    x = 2\n    y = 3\n"
+    write(tmp_path, {"experiment.py": original})
+    result = apply_edits(tmp_path, block("experiment.py", "x = 1\ny = 1\n", "x = 2\ny = 3\n"))
+    assert result.ok and result.already_applied == [1] and result.changed == []
+
+
+@pytest.mark.parametrize(
+    "placeholder, expected",
+    [
+        pytest.param(
+            "# plot.py: the model writes this file\n\n",
+            "# plot.py: the model writes this file\n\nimport matplotlib\nplot()\n",
+            id="comment-and-blank-line",
+        ),
+        pytest.param(
+            "# to be written", "# to be written\nimport matplotlib\nplot()", id="no-final-newline-not-glued"
+        ),
+    ],
+)
+def test_empty_search_on_a_placeholder_file_of_comments_appends_on_a_new_line(
+    tmp_path, placeholder, expected
+):
+    write(tmp_path, {"plot.py": placeholder})
+    result = apply_edits(tmp_path, block("plot.py", "", "import matplotlib\nplot()\n"))
+    assert result.ok and result.changed == ["plot.py"], result.feedback
+    assert (tmp_path / "plot.py").read_text() == expected
+
+
+def test_empty_search_on_a_placeholder_whose_comments_reappear_in_replace_is_refused(tmp_path):
+    placeholder = "# Title: robust SAE\n# Experiment description: median statistics\n"
+    write(tmp_path, {"notes.txt": placeholder})
+    reply = block("notes.txt", "", placeholder + "\n## Run 0: Baseline\n", lang="")
+    result = apply_edits(tmp_path, reply)
+    assert not result.ok and "already exists and is not empty" in result.feedback
+    assert (tmp_path / "notes.txt").read_text() == placeholder
+
+
+def test_empty_search_whose_replace_is_a_main_guard_appends_it_when_the_file_has_none(tmp_path):
+    original = "def main():\n    print('run')\n"
+    write(tmp_path, {"experiment.py": original})
+    guard = '\n\nif __name__ == "__main__":\n    main()\n'
+    result = apply_edits(tmp_path, block("experiment.py", "", guard))
+    assert result.ok and result.changed == ["experiment.py"], result.feedback
+    assert (tmp_path / "experiment.py").read_text() == original + guard
+
+
+WITH_GUARD = (
+    "class Model:\n    def f(self):\n        return 0\n\n\nif __name__ == '__main__':\n    Model().f()\n"
+)
+
+
+@pytest.mark.parametrize(
+    "original, replace",
+    [
+        pytest.param(
+            WITH_GUARD, "    def extra(self):\n        return 1\n", id="indented-method-would-leave-its-class"
+        ),
+        pytest.param(WITH_GUARD, "def helper():\n    return 1\n", id="helper-defined-after-the-main-guard"),
+        pytest.param(WITH_GUARD, "if __name__ == '__main__':\n    main()\n", id="a-second-main-guard"),
+        pytest.param(WITH_GUARD, "print('hi')\n", id="plain-statement"),
+        pytest.param(
+            "class Model:\n    pass\n",
+            "if __name__ == '__main__':\n    main()\ndef late():\n    pass\n",
+            id="main-guard-followed-by-a-definition",
+        ),
+        pytest.param(
+            "class Model:\n    pass\n",
+            "    if __name__ == '__main__':\n        main()\n",
+            id="indented-guard",
+        ),
+    ],
+)
+def test_empty_search_on_a_file_with_code_stays_refused(tmp_path, original, replace):
+    write(tmp_path, {"experiment.py": original})
+    result = apply_edits(tmp_path, block("experiment.py", "", replace))
+    assert not result.ok and "already exists and is not empty" in result.feedback
+    assert (tmp_path / "experiment.py").read_text() == original
+
+
+TRAIN_EVAL = """\
+def train(steps):
+    for step in range(steps):
+        loss = step * 0.5
+        log(loss)
+
+
+def evaluate(steps):
+    for step in range(steps):
+        loss = step * 0.5
+        report(loss)
+"""
+
+
+def test_the_same_search_in_as_many_blocks_as_places_takes_the_places_in_file_order(tmp_path):
+    write(tmp_path, {"experiment.py": TRAIN_EVAL, "plot.py": "x = 1\n"})
+    reply = (
+        block("experiment.py", "        loss = step * 0.5\n", "        loss = step * 0.25\n")
+        + block("plot.py", "x = 1\n", "x = 2\n")
+        + block("experiment.py", "        loss = step * 0.5\n", "        loss = step * 0.75\n")
+    )
+    result = apply_edits(tmp_path, reply)
+    assert result.ok, result.feedback
+    assert [(o.block, o.status, o.line) for o in result.outcomes] == [
+        (1, "applied", 3),
+        (2, "applied", 1),
+        (3, "applied", 9),
+    ]
+    assert (tmp_path / "experiment.py").read_text() == TRAIN_EVAL.replace("0.5", "0.25", 1).replace(
+        "0.5", "0.75"
+    )
+
+
+def test_blocks_sharing_a_search_that_adds_lines_apply_once_and_are_recognised_when_sent_again(tmp_path):
+    write(tmp_path, {"experiment.py": TRAIN_EVAL})
+    add = block(
+        "experiment.py", "        loss = step * 0.5\n", "        loss = step * 0.5\n        loss.check()\n"
+    )
+    result = apply_edits(tmp_path, add + add)
+    assert result.ok, result.feedback
+    expected = TRAIN_EVAL.replace("step * 0.5\n", "step * 0.5\n        loss.check()\n")
+    assert (tmp_path / "experiment.py").read_text() == expected
+    again = apply_edits(tmp_path, add + add)
+    assert again.ok and again.changed == [] and again.already_applied == [1, 2]
+    assert (tmp_path / "experiment.py").read_text() == expected
+
+
+@pytest.mark.parametrize(
+    "original, blocks",
+    [
+        pytest.param(
+            TRAIN_EVAL + "\n\ndef test(steps):\n    loss = step * 0.5\n", 2, id="three-places-two-blocks"
+        ),
+        pytest.param(TRAIN_EVAL, 3, id="two-places-three-blocks"),
+    ],
+)
+def test_the_same_search_in_a_different_number_of_blocks_than_places_stays_ambiguous(
+    tmp_path, original, blocks
+):
+    write(tmp_path, {"experiment.py": original})
+    one = block("experiment.py", "loss = step * 0.5\n", "loss = step * 0.1\n")
+    result = apply_edits(tmp_path, one * blocks)
+    assert not result.ok and "must match exactly one" in result.feedback
+    assert (tmp_path / "experiment.py").read_text() == original
+
+
+def test_a_block_that_changes_a_place_claimed_by_a_later_twin_fails_the_reply(tmp_path):
+    write(tmp_path, {"experiment.py": TRAIN_EVAL})
+    reply = (
+        block("experiment.py", "        loss = step * 0.5\n", "        loss = step * 0.25\n")
+        + block("experiment.py", "        loss = step * 0.5\n        report(loss)\n", "        pass\n")
+        + block("experiment.py", "        loss = step * 0.5\n", "        loss = step * 0.75\n")
+    )
+    result = apply_edits(tmp_path, reply)
+    assert not result.ok and (tmp_path / "experiment.py").read_text() == TRAIN_EVAL
+    assert [o.status for o in result.outcomes] == ["applied", "applied", "failed"]
+    assert "block 2" in result.outcomes[2].reason
+
+
+def test_a_block_naming_a_missing_file_applies_where_its_search_matches_once_and_says_so(tmp_path):
+    write(tmp_path, {"experiment.py": PY, "notes.txt": "# Notes\n"})
+    result = apply_edits(tmp_path, block("plot.py", "        self.lr = 3e-3\n", "        self.lr = 1e-3\n"))
+    assert result.ok and result.changed == ["experiment.py"], result.feedback
+    assert "plot.py" in result.feedback and "experiment.py" in result.feedback
+    assert result.outcomes[0].path == "experiment.py"
+    assert (tmp_path / "experiment.py").read_text() == PY.replace("3e-3", "1e-3")
+    assert not (tmp_path / "plot.py").exists()
+
+
+LR = "        self.lr = 3e-3\n"
+
+
+@pytest.mark.parametrize(
+    "path, files, search",
+    [
+        pytest.param("sae_experiment.py", {}, LR, id="protected"),
+        pytest.param("../experiment.py", {}, LR, id="parent-dir"),
+        pytest.param("/tmp/experiment.py", {}, LR, id="absolute"),
+        pytest.param("run_1/experiment.py", {}, LR, id="outside-the-editable-patterns"),
+        pytest.param("plot.py", {"notes.txt": LR}, LR, id="matches-in-two-files"),
+        pytest.param("plot.py", {"notes.txt": "# Notes\n"}, "        self.lr = 9e-3\n", id="matches-nowhere"),
+        pytest.param("plot.py", {}, "        x = compute()\n", id="matches-twice-in-one-file"),
+    ],
+)
+def test_a_block_naming_a_missing_file_is_not_redirected_unless_safe_and_unique(
+    tmp_path, path, files, search
+):
+    write(tmp_path, {"experiment.py": PY + TWICE, **files})
+    before = snapshot(tmp_path)
+    result = apply_edits(
+        tmp_path,
+        block(path, search, "        self.lr = 1e-3\n"),
+        editable=("experiment.py", "plot.py", "notes.txt", "sae_*.py"),
+        protected=("sae_*.py",),
+    )
+    assert not result.ok and result.changed == []
+    assert snapshot(tmp_path) == before

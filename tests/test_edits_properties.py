@@ -176,3 +176,52 @@ def test_any_reply_gives_a_result_and_a_refused_reply_changes_nothing(reply, nl,
             assert files == {name: content for name in ("experiment.py", "plot.py", "sae_data.py")}
         assert files["sae_data.py"] == content
         assert set(files) <= {"experiment.py", "plot.py", "sae_data.py", "notes.txt"}
+
+
+@SETTINGS
+@given(
+    parts=st.lists(st.lists(line, max_size=6), min_size=2, max_size=5),
+    chunk=st.lists(st.sampled_from(["twin = 0", "    twin()", "", "if twin:"]), min_size=1, max_size=3),
+    blocks=st.integers(1, 4),
+    nl=newline,
+)
+def test_blocks_sharing_one_search_take_its_places_in_file_order_only_when_they_are_as_many(
+    parts, chunk, blocks, nl
+):
+    """k blocks with the same SEARCH and a SEARCH found at k places: block i edits place i. Any other count: no
+    change at all (the SEARCH chunk uses words the other lines never hold, so its places are known)."""
+    assume(any(c.strip() for c in chunk))
+    lines: list[str] = []
+    starts: list[int] = []
+    for n, part in enumerate(parts):
+        if n:
+            starts.append(len(lines))
+            lines += chunk
+        lines += part
+    content = render(lines, nl, True)
+    places = occurrences(lines, chunk)
+    assume(places == len(starts))  # a chunk of blank-padded lines could overlap itself
+    edits = [
+        Edit(
+            path="experiment.py",
+            search="".join(c + "\n" for c in chunk),
+            replace=f"new_{n}()\n",
+            block=n + 1,
+        )
+        for n in range(blocks)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "experiment.py").write_bytes(content)
+        result = apply_edits(root, edits)
+        after = (root / "experiment.py").read_bytes()
+    if blocks != places:
+        assert not result.ok and after == content
+        return
+    assert result.ok, result.feedback
+    expected: list[str] = []
+    for n, part in enumerate(parts):
+        if n:
+            expected.append(f"new_{n - 1}()")
+        expected += part
+    assert after == text_of(expected, nl, True)

@@ -1,0 +1,3 @@
+import numpy as np
+
+SCALE = 1.0
