@@ -197,17 +197,18 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str) + "\n"
 
 
-_HELD_LOCKS: set[Path] = set()
+_HELD_LOCKS: set[tuple[Path, int]] = set()  # (session, thread): re-entrant for the thread that holds it
 
 
 @contextmanager
 def session_lock(session: Path) -> Iterator[None]:
-    """Hold the session's lock (`.orchestrator/lock`, flock) for the block; re-entrant within one process.
+    """Hold the session's lock (`.orchestrator/lock`, flock) for the block; re-entrant within one thread (another
+    thread of the same process is refused like another process: flock locks belong to the open file).
 
     Take it before reading the journal: a driver that read the journal first could replay stale events. Opening
     the file never truncates it, so a second process that fails to get the lock leaves the holder's pid there
     and can name it."""
-    key = Path(session).resolve()
+    key = (Path(session).resolve(), threading.get_ident())
     if key in _HELD_LOCKS:
         yield
         return
@@ -396,8 +397,15 @@ class Driver:
         self.ws.restore(ref, paths, remove_absent=True)
         return paths
 
-    def _check_limits(self) -> None:
-        """Before each model call and each run: stop cleanly when a budget is used up."""
+    def _check_limits(self, spending: bool = True) -> None:
+        """Stop cleanly when a budget is used up: the wall clock before each model call and each run, the dollar
+        and token budgets before each model call only (a reply already paid for still gets its run)."""
+        left = self._wall_left()
+        if left is not None and left <= 0:
+            wall = self.settings.wall_clock_s
+            raise _LimitReached("wall_clock", f"the session ran its {wall:.0f} s wall-clock budget")
+        if not spending:
+            return
         totals = self.state().session.totals
         budget = self.settings.budget_usd
         if budget is not None and totals.cost_usd >= budget:
@@ -406,10 +414,6 @@ class Driver:
         used = totals.prompt_tokens + totals.completion_tokens
         if cap is not None and used >= cap:
             raise _LimitReached("max_tokens", f"the session used {used:,} tokens of its {cap:,} token budget")
-        left = self._wall_left()
-        if left is not None and left <= 0:
-            wall = self.settings.wall_clock_s
-            raise _LimitReached("wall_clock", f"the session ran its {wall:.0f} s wall-clock budget")
 
     def _wall_left(self) -> float | None:
         """Seconds left of the wall-clock budget (None without one)."""
@@ -527,9 +531,10 @@ class Driver:
         label = f"run {run}" if stage == "experiment" else stage
         plan = plan_line(reply) or "edits"
         sha = self.ws.commit(f"{label} attempt {attempt}: {plan}", paths=result.changed)
+        # feedback on success is a note the model should read (e.g. a misnamed file applied where it matched)
         self._record("edits_applied", **key, commit=sha, changed=result.changed, plan=plan,
-                     already_applied=result.already_applied)
-        return _Applied(kind="applied", commit=sha)
+                     already_applied=result.already_applied, feedback=result.feedback)
+        return _Applied(kind="applied", commit=sha, feedback=result.feedback)
 
     def _edit_step(self, stage: str, run: int | None, attempt: int, situation: _Situation,
                    editable: tuple[str, ...], no_edits_ends: bool = False) -> tuple[_Applied, _Situation]:
@@ -575,7 +580,7 @@ class Driver:
         done = self.journal.find("run_finished", k)
         if done is not None:
             return done.data
-        self._check_limits()
+        self._check_limits(spending=False)
         self._phase("run", stage, run, attempt)
         left = self._wall_left()
         cut_by_wall = left is not None and left < request.timeout_s
@@ -668,10 +673,10 @@ class Driver:
             if result["outcome"] == "ok":
                 self._record_run(run, "ok")
                 self.last_good_run = run
-                return False, _Situation(name="run_ok", context={"run": run})
+                return False, _Situation(name="run_ok", context={"run": run, "note": outcome.feedback})
             last_message = result.get("message", "")
             situation = _Situation(name="run_failed", context={
-                "run": run, "attempt": attempt, "outcome": result["outcome"], "message": last_message,
+                "note": outcome.feedback, "run": run, "attempt": attempt, "outcome": result["outcome"], "message": last_message,
                 "stderr_head": result.get("stderr_head", ""), "stderr_tail": result.get("stderr_tail", ""),
                 "stdout_tail": result.get("stdout_tail", ""), "attempts_left": attempts - attempt,
             })
@@ -761,6 +766,7 @@ class Driver:
     def _render(self, situation: _Situation, editable: tuple[str, ...]) -> str:
         state = self.state()
         ctx: dict[str, Any] = dict(situation.context)
+        note = str(ctx.pop("note", "") or "")
         runs_used = max((r.run for r in state.runs if r.status in ("ok", "failed")), default=0)
         ctx.setdefault("runs_left", max(0, self.max_runs - runs_used))
         files = self._files_text(editable) if situation.show_files else ""
@@ -788,7 +794,8 @@ class Driver:
         elif situation.name in ("run_failed", "plot_failed"):
             ctx["stderr_part"] = _log_part("stderr", ctx.get("stderr_head", ""), ctx.get("stderr_tail", ""))
             ctx["stdout_part"] = _log_part("stdout", "", ctx.get("stdout_tail", ""))
-        return prompts.render(situation.name, ctx)
+        text = prompts.render(situation.name, ctx)
+        return f"Note on your last edits: {note}\n\n{text}" if note else text
 
     def _results_text(self, state: SessionState, run: int) -> str:
         rec = state.run(run)

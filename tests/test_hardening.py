@@ -441,6 +441,7 @@ def test_the_token_budget_stops_before_the_next_call_and_resume_can_raise_it(tmp
     state = status_json(session)["session"]
     assert state["status"] == "max_tokens" and "token" in state["reason"], state
     assert len(server.requests()) == 1  # the next call was never made
+    assert run_status(session, 1)["status"] == "ok"  # but the reply already paid for got its run
 
     more = orchestrator("resume", str(session), "--max-tokens-total", "10000000", env=MODEL_ENV,
                         timeout=CLI_TIMEOUT_S)
@@ -617,3 +618,39 @@ def test_resume_repairs_saved_settings_and_asks_again_for_a_masked_api_base(tmp_
     assert status_json(session)["session"]["status"] == "completed"
     assert settings_json(session)["api_base"] == server.url
     assert_each_reply_requested_once(server, 3)
+
+
+def test_a_reply_cut_at_the_output_limit_is_journaled_and_the_model_is_told(tmp_path, fake_provider):
+    cut = {"content": "Run 1: LR 0.2.\n\nexperiment.py\n```python\n<<<<<<< SEARCH\nLR = 0.1\n=", "finish_reason": "length"}
+    replies = [cut, {"content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1: LR 0.2.")}, {"content": "ALL_COMPLETED"}]
+    server = fake_provider.start({"replies": replies}, api_key=TEST_KEY)
+    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots"), env=MODEL_ENV, timeout=CLI_TIMEOUT_S)
+    assert res.returncode == 0, res.stdout + res.stderr
+    session = session_from(res)
+    first = events(session, "reply")[0]
+    assert first["data"]["finish_reason"] == "length"
+    told = server.requests()[1]["messages"][-1]["content"]
+    assert "cut off at the output token limit" in told
+    assert status_json(session)["session"]["status"] == "completed"
+
+
+def test_another_thread_cannot_take_a_session_lock_this_thread_holds(tmp_path):
+    from orchestrator.loop import SessionBusy, session_lock
+
+    (tmp_path / ".orchestrator").mkdir()
+    refused: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            with session_lock(tmp_path):
+                pass
+        except SessionBusy as exc:
+            refused.append(exc)
+
+    with session_lock(tmp_path), session_lock(tmp_path):  # re-entrant in the holding thread
+        worker = threading.Thread(target=other)
+        worker.start()
+        worker.join(timeout=DEADLINE_S)
+    assert len(refused) == 1 and str(os.getpid()) in str(refused[0])
+    with session_lock(tmp_path):  # free again once released
+        pass
