@@ -50,6 +50,19 @@ key_metrics = ["toy.score", "toy.gap"]
 """
 
 
+# A patch for EXPERIMENT: the run writes its pid to $TOY_GO_FILE.pid, then waits until $TOY_GO_FILE exists.
+WAITING_EXPERIMENT_PATCH = (
+    "    os.makedirs(args.out_dir, exist_ok=True)\n",
+    "    os.makedirs(args.out_dir, exist_ok=True)\n"
+    "    import pathlib, time\n"
+    "    go = pathlib.Path(os.environ['TOY_GO_FILE'])\n"
+    "    with open(os.environ['TOY_GO_FILE'] + '.pid', 'w') as fh:\n"
+    "        fh.write(str(os.getpid()))\n"
+    "    while not go.exists():\n"
+    "        time.sleep(0.05)\n",
+)
+
+
 def make_template(root: Path) -> Path:
     t = root / "toy_template"
     t.mkdir(parents=True)

@@ -23,6 +23,7 @@ import pytest
 from tests.session_helpers import (
     REPO,
     TEST_KEY,
+    WAITING_EXPERIMENT_PATCH,
     edit,
     git,
     make_idea,
@@ -38,18 +39,6 @@ pytestmark = pytest.mark.slow
 MODEL_ENV = {"DEEPSEEK_API_KEY": TEST_KEY}
 DEADLINE_S = 120.0
 CLI_TIMEOUT_S = 300.0
-
-WAITING_EXPERIMENT_PATCH = (
-    "    os.makedirs(args.out_dir, exist_ok=True)\n",
-    "    os.makedirs(args.out_dir, exist_ok=True)\n"
-    "    import pathlib, time\n"
-    "    go = pathlib.Path(os.environ['TOY_GO_FILE'])\n"
-    "    with open(os.environ['TOY_GO_FILE'] + '.pid', 'w') as fh:\n"
-    "        fh.write(str(os.getpid()))\n"
-    "    while not go.exists():\n"
-    "        time.sleep(0.05)\n",
-)
-
 
 # --------------------------------------------------------------------------------------------------- helpers
 

@@ -108,7 +108,7 @@ def test_report_writes_into_the_session_or_where_asked(session, tmp_path):
 def test_an_interrupted_session_can_be_reviewed(tmp_path):
     session = interrupted_session(tmp_path)
     shown = cli("show", str(session), "2")
-    assert "run_2 running" in shown and "exploded on purpose" in shown
+    assert "run_2 stopped" in shown and "exploded on purpose" in shown  # nothing runs once it is interrupted
     log = cli("log", str(session))
     assert "session interrupted: model error" in log
     cli("report", str(session))

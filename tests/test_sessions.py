@@ -16,6 +16,7 @@ import pytest
 from tests.session_helpers import (
     REPO,
     TEST_KEY,
+    WAITING_EXPERIMENT_PATCH,
     edit,
     git,
     hanging_code,
@@ -178,18 +179,6 @@ def test_runs_given_up_after_four_attempts_restore_the_last_good_code(tmp_path, 
 
 
 # --------------------------------------------------------------------------------------------------- crash tests
-
-WAITING_EXPERIMENT_PATCH = (
-    "    os.makedirs(args.out_dir, exist_ok=True)\n",
-    "    os.makedirs(args.out_dir, exist_ok=True)\n"
-    "    import pathlib, time\n"
-    "    go = pathlib.Path(os.environ['TOY_GO_FILE'])\n"
-    "    with open(os.environ['TOY_GO_FILE'] + '.pid', 'w') as fh:\n"
-    "        fh.write(str(os.getpid()))\n"
-    "    while not go.exists():\n"
-    "        time.sleep(0.05)\n",
-)
-
 
 def crash_replies() -> list[dict]:
     return [
