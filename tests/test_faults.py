@@ -288,9 +288,9 @@ class Reaper:
 
     def reap(self) -> None:
         for orch in self.orchs:
-            for pid in _group(orch.proc.pid, orch.ticks):
-                _kill(pid)
-            if orch.proc.poll() is None:
+            if orch.proc.poll() is None:  # still running (a failed test): its group is surely its own
+                for pid in _group(orch.proc.pid, orch.ticks):
+                    _kill(pid)
                 _kill(orch.proc.pid)
                 orch.proc.wait(timeout=10)
         for pid, ticks, _ in self.experiments():
@@ -528,8 +528,9 @@ class Watcher:
 
     The work clock runs from the moment the process has a session (a resume: at once; a launch: when its session
     folder appears) and stops while the process waits for a model reply, i.e. from a `phase: ask` event until the
-    fake provider has answered. That wait is mostly litellm's import (seconds, in every process that asks), and
-    kills spread over the work clock land on the session's steps instead of piling up in that import."""
+    fake provider has answered, and once the session is finished. The wait is mostly litellm's import (seconds, in
+    every process that asks), the end mostly the interpreter's teardown of litellm (seconds too): kills spread
+    over the work clock land on the session's steps instead of piling up there."""
 
     def __init__(self, orch: Orch, session: Path | None, root: Path, server_log: Path) -> None:
         self.orch = orch
@@ -542,6 +543,7 @@ class Watcher:
         self.partial = b""
         self.lines = 0  # added by this process
         self.asking_since_size: int | None = None  # server log size when the last event was `phase: ask`
+        self.finished = False  # the session is finished: what is left is printing and exiting
         self.clock_on = session is not None
         self.work_s = 0.0
         self.last = time.monotonic()
@@ -571,9 +573,10 @@ class Watcher:
                     event = {}
                 asking = event.get("kind") == "phase" and event.get("data", {}).get("phase") == "ask"
                 self.asking_since_size = self.server_log.stat().st_size if asking else None
+                self.finished = event.get("kind") == "finished"
         if self.asking_since_size is not None and self.server_log.stat().st_size != self.asking_since_size:
             self.asking_since_size = None  # the provider answered
-        if self.clock_on and self.asking_since_size is None:
+        if self.clock_on and self.asking_since_size is None and not self.finished:
             self.work_s += now - self.last
         self.last = now
 
@@ -642,6 +645,19 @@ class Episode:
     lines: list[str] = field(default_factory=list)
 
 
+def check_runs(ep: Episode, reaper: Reaper) -> list[str]:
+    """Every experiment or plot process this session started is on record (a `run_started` with its pid), so a
+    resume after any crash knows it and can stop it. Returns the problems found."""
+    assert ep.session is not None
+    recorded = {e["data"].get("pid") for e in journal_events(ep.session) if e["kind"] == "run_started"}
+    here = str(ep.session.resolve())
+    unrecorded = [(pid, where) for pid, _, where in reaper.experiments()
+                  if where.split(" ", 1)[0] == here and pid not in recorded]
+    if unrecorded:
+        return [f"processes started but never journaled (no run_started with their pid): {unrecorded}"]
+    return []
+
+
 def check_requests(ep: Episode, ref: Reference) -> list[str]:
     """No reply requested twice: every answered request came before its reply was journaled, and a request
     repeated (same conversation) had a kill between the two sends. Returns the problems found."""
@@ -690,8 +706,7 @@ def test_twenty_random_sigkills_each_resumed_end_like_an_uninterrupted_session(
     tmp_path, fake_provider, reaper, reference, fault_dir
 ):
     rng = random.Random(SEED)
-    log: list[str] = [f"seed {SEED} (ORCH_FAULT_SEED={SEED} reproduces the kill plan), {KILLS} kills; reference "
-                      f"{reference.duration_s:.1f} s ({reference.active_s:.1f} s of work), {reference.events} events"]
+    log: list[str] = []
 
     def say(line: str) -> None:
         log.append(line)
@@ -700,7 +715,8 @@ def test_twenty_random_sigkills_each_resumed_end_like_an_uninterrupted_session(
     def fail(message: str) -> None:
         pytest.fail(f"{message}\n\nkill log:\n" + "\n".join(log), pytrace=False)
 
-    say(log[0])
+    say(f"seed {SEED} (ORCH_FAULT_SEED={SEED} reproduces the kill plan), {KILLS} kills; reference "
+        f"{reference.duration_s:.1f} s ({reference.active_s:.1f} s of work), {reference.events} events")
     kills = 0
     episodes: list[Episode] = []
     while kills < KILLS:
@@ -747,7 +763,7 @@ def test_twenty_random_sigkills_each_resumed_end_like_an_uninterrupted_session(
         if got != reference.outcome:
             fail(f"episode {ep.number} ({len(ep.kills)} kills, session {ep.session}) ended unlike the reference: "
                  + first_difference(got, reference.outcome))
-        problems = check_requests(ep, reference)
+        problems = check_requests(ep, reference) + check_runs(ep, reaper)
         for line in ep.lines:
             say(line)
         if problems:
