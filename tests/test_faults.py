@@ -376,6 +376,7 @@ def outcome(session: Path) -> dict[str, Any]:
         tags[tag] = {
             "experiment.py": git(session, "show", f"{tag}:experiment.py"),
             "final_info.json": git(session, "show", f"{tag}:{run_dir}/final_info.json"),
+            "files": git(session, "ls-tree", "-r", "--name-only", tag).splitlines(),
         }
     info = state["session"]
     return {
@@ -387,6 +388,7 @@ def outcome(session: Path) -> dict[str, Any]:
         "runs": runs,
         "tags": tags,
         "commits": git(session, "log", "--format=%s", "HEAD").splitlines(),
+        "head_files": git(session, "ls-tree", "-r", "--name-only", "HEAD").splitlines(),
         "files": {p: (session / p).read_text() for p in ("experiment.py", "plot.py", "notes.txt")},
         "scores.png": list((session / "scores.png").read_bytes()) if (session / "scores.png").exists() else None,
         "git_status": git(session, "status", "--porcelain", "--untracked-files=all").splitlines(),
@@ -664,6 +666,13 @@ def check_requests(ep: Episode, ref: Reference) -> list[str]:
     assert ep.session is not None
     problems = []
     requests = ep.server.requests()
+    # A kill while the request was being sent leaves the server a body cut short: no model, no messages. That is
+    # no request at all (a real provider would not answer it either), only it must come just before a kill.
+    cut = [r for r in requests if r["model"] is None and not r["messages"]]
+    requests = [r for r in requests if r not in cut]
+    for r in cut:
+        if not any(0 <= kill.at - r["ts"] < 10 for kill in ep.kills):
+            problems.append(f"request {r['index']} came with an empty or unreadable body, and no kill explains it")
     bad = [r for r in requests if r["status"] != 200]
     if bad:
         problems.append(f"requests not answered 200: {[(r['index'], r['status']) for r in bad]}")
@@ -698,7 +707,7 @@ def check_requests(ep: Episode, ref: Reference) -> list[str]:
                             + first_difference(last, normalised(ref.requests[k]["messages"], ref.session)))
     repeats = sum(len(v) - 1 for v in by_k.values())
     ep.lines.append(f"  {len(requests)} requests ({len(ref.requests)} in the reference; {repeats} re-sent after a "
-                    "kill lost their reply)")
+                    f"kill lost their reply" + (f"; {len(cut)} cut short by a kill" if cut else "") + ")")
     return problems
 
 
