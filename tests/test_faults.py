@@ -1,9 +1,13 @@
-"""The fault suite: SIGKILL at random moments, torn journal lines; every crash must be resumable.
+"""The fault suite: SIGKILL at random moments, torn journal lines, stale git locks; every crash must be resumable.
 
-The main test kills the orchestrator (launch, then each `resume`) with SIGKILL at random moments of a toy session
-against the fake provider, 20 times in all, and checks that every session still ends exactly as an uninterrupted
-one (tags, the code and results at each tag, metrics, history, commits, figures, notes), that no model reply
-was requested again once it was on record, and that no experiment process outlives its orchestrator's `resume`.
+The main test SIGKILLs the orchestrator (launch, then each `resume`) at random moments of a toy session against
+the fake provider, 20 times in all, each kill followed by `resume`. A session that completes before the kills are
+used up is followed by a fresh one, so the 20 kills spread over a few sessions. Every session must end exactly as
+an uninterrupted one (status, tags, the code, results and files at each tag, metrics and attempt history, the
+commit subjects, figures, notes), `status` must work after every kill, no model reply may be requested again once
+it was journaled (the server's request log against the journal's timestamps; a request whose reply a kill lost
+may be re-sent, with the same conversation), every experiment process a session started must be on record (a
+`run_started` with its pid) and none may outlive the resume that follows its orchestrator's death.
 
 The random choices come from one seeded generator: ORCH_FAULT_SEED=<int> reproduces a sequence of kills (the
 machine's timing still varies), ORCH_FAULT_KILLS=<n> changes how many kills are made. The test prints the seed
