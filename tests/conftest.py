@@ -31,8 +31,9 @@ class FakeProvider:
     api_base + /chat/completions; the server answers any path ending in /chat/completions).
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, script: Path = FAKE_PROVIDER) -> None:
         self.workdir = workdir
+        self.script = script  # a wrapper around fake_provider.py may take the same arguments
         self.process: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
         self.api_key: str | None = None
@@ -50,7 +51,7 @@ class FakeProvider:
         )
         cmd = [
             sys.executable,
-            str(FAKE_PROVIDER),
+            str(self.script),
             "--port-file",
             str(port_file),
             "--plan",
@@ -108,15 +109,17 @@ class FakeProvider:
 class FakeProviderFactory:
     """Starts fake providers under one folder and stops them all at the end.
 
-    `factory.start(plan, api_key=None)` (or just `factory(plan, api_key=None)`) returns a started FakeProvider.
+    `factory.start(plan, api_key=None)` (or just `factory(plan, api_key=None)`) returns a started FakeProvider;
+    `script=` runs another server script taking fake_provider.py's arguments (default: fake_provider.py itself).
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.started: list[FakeProvider] = []
 
-    def start(self, plan: dict[str, Any] | list[Any], api_key: str | None = None) -> FakeProvider:
-        provider = FakeProvider(self.root / f"fake_provider_{len(self.started)}")
+    def start(self, plan: dict[str, Any] | list[Any], api_key: str | None = None,
+              script: Path | None = None) -> FakeProvider:
+        provider = FakeProvider(self.root / f"fake_provider_{len(self.started)}", script or FAKE_PROVIDER)
         self.started.append(provider)
         return provider.start(plan, api_key=api_key)
 
