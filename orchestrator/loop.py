@@ -384,6 +384,9 @@ class Driver:
         for e in events:
             if e.kind == "run_started" and e.key() not in finished:
                 stop_orphan(int(e.data["pid"]), e.data.get("proc_start_ticks"))
+        stale = self.ws.clear_stale_locks()  # left by a git command killed with the orchestrator
+        if stale:
+            self._record("git_locks_removed", files=stale)
         editable = self._editable_files(tuple(self.template.editable))
         if editable and self.ws.is_dirty(editable):
             # Edits written but not committed: back to the last checkpoint (the journaled reply is applied again).
@@ -587,10 +590,13 @@ class Driver:
         if cut_by_wall:
             request = request.model_copy(update={"timeout_s": max(left or 0.0, 0.001)})
         # leaving the block before wait() returns (a journal that cannot be written, a signal) stops the run
-        with start_run(request) as handle:
+        # gated: the experiment begins only once its pid is journaled, so a crash in between leaves no run behind
+        with start_run(request, gate=True) as handle:
+            _crash_point("run_spawned")
             self._record("run_started", **key, pid=handle.pid, pgid=handle.pgid,
                          proc_start_ticks=handle.proc_start_ticks, started_at=handle.started_at,
                          command=request.command(), timeout_s=request.timeout_s)
+            handle.release()
             result: RunResult = handle.wait()
         if cut_by_wall and result.outcome == "timeout":
             # not the run's fault: it runs again from a clean folder if the session is resumed with more time
@@ -843,7 +849,7 @@ class Driver:
 def _crash_point(name: str) -> None:
     """Fault injection for the crash tests: ORCH_TEST_CRASH_AT=<point>[:<n>[:raise]] kills this process with SIGKILL
     the n-th time (default 1st) the driver passes that point, or with `raise` makes that step fail with an OSError
-    (as a full disk would). Points are journal event kinds and "edits_written"."""
+    (as a full disk would). Points are journal event kinds, "edits_written" and "run_spawned"."""
     spec = os.environ.get("ORCH_TEST_CRASH_AT")
     if not spec:
         return

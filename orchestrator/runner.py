@@ -569,8 +569,9 @@ class RunHandle:
     by an exception or not, stops the whole process group and reaps the child, so a run is never left behind."""
 
     def __init__(self, req: RunRequest, proc: subprocess.Popen[bytes], started_at: float, t0: float,
-                 logs: _Pump) -> None:
+                 logs: _Pump, gate: int | None = None) -> None:
         self.req = req
+        self._gate = gate  # write end of the start gate (see `start`); None once released or closed
         self.proc = proc
         self.pid = proc.pid
         self.pgid = proc.pid  # start_new_session: the child leads its own session and group
@@ -586,7 +587,24 @@ class RunHandle:
     def __enter__(self) -> RunHandle:
         return self
 
+    def release(self) -> None:
+        """Let a gated run begin (see `start(gate=True)`); does nothing if it is not gated or already released."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            try:
+                os.write(gate, b"1")
+            except OSError:  # the shim is gone already (killed): wait() will say so
+                pass
+            finally:
+                os.close(gate)
+
+    def _close_gate(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            os.close(gate)  # the shim reads end-of-file and exits without running the experiment
+
     def __exit__(self, *exc_info: object) -> None:
+        self._close_gate()
         if self._result is None:
             self.kill()
             self._finish()
@@ -637,6 +655,7 @@ class RunHandle:
         its outcome. An exception while waiting (Ctrl-C, an `on_tick` failure) stops the run first."""
         if self._result is not None:
             return self._result
+        self.release()
         req = self.req
         timed_out = False
         try:
@@ -722,10 +741,33 @@ class RunHandle:
         return RunResult(outcome=outcome, metrics=metrics, message=message.replace("\n", " "), **base)
 
 
-def start(req: RunRequest) -> RunHandle:
+# The start gate: the child first runs this in the orchestrator's interpreter, blocks until the parent writes one
+# byte to the gate pipe, then execs the experiment (same pid, same start time). If the parent dies before it
+# released the gate, the read sees end-of-file and the experiment never starts: a run the journal does not know
+# about cannot be left running.
+_GATE_SHIM = """import os, sys
+fd = int(sys.argv[1])
+go = os.read(fd, 1)
+os.close(fd)
+if go != b"1":
+    os._exit(0)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as err:
+    sys.stderr.write(f"cannot start {sys.argv[2]}: {err.strerror}\\n")
+    os._exit(127)
+"""
+
+
+def start(req: RunRequest, gate: bool = False) -> RunHandle:
     """Start a run from a clean run folder (anything left there by an earlier attempt is removed), with its
-    stdout and stderr read through pipes into `stdout.log` and `stderr.log` there (see `CappedLog`)."""
+    stdout and stderr read through pipes into `stdout.log` and `stderr.log` there (see `CappedLog`).
+
+    With `gate`, the process exists (pid and start time known, ready to journal) but the experiment begins only
+    on `handle.release()` (or `wait()`); if the orchestrator dies first, it never begins."""
     build_env(req)  # refuse bad --env before touching the folder
+    if shutil.which(req.python) is None:
+        raise RunStartError(f"cannot start {req.python}: no such interpreter")
     run_dir = _run_dir(req)
     cwd = Path(req.cwd)
     if not cwd.is_dir():
@@ -740,35 +782,46 @@ def start(req: RunRequest) -> RunHandle:
     for path in logs:
         path.touch()
     (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+    gate_r, gate_w = os.pipe() if gate else (None, None)
+    command = req.command()
+    if gate_r is not None:
+        command = [sys.executable, "-S", "-c", _GATE_SHIM, str(gate_r), *command]
     try:
         started_at = time.time()
         t0 = time.monotonic()
-        proc = subprocess.Popen(req.command(), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_w,
-                                stderr=err_w, start_new_session=True, preexec_fn=_child_setup, close_fds=True)
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_w,
+                                stderr=err_w, start_new_session=True, preexec_fn=_child_setup, close_fds=True,
+                                pass_fds=() if gate_r is None else (gate_r,))
     except BaseException as exc:
-        for fd in (out_r, err_r):
-            os.close(fd)
+        for fd in (out_r, err_r, gate_w):
+            if fd is not None:
+                os.close(fd)
         if isinstance(exc, OSError):
             raise RunStartError(f"cannot start {req.python}: {exc.strerror or exc}") from None
         raise
     finally:
-        for fd in (out_w, err_w):  # the child holds them now; reading ends when every holder is gone
-            os.close(fd)
+        for fd in (out_w, err_w, gate_r):  # the child holds them now; reading ends when every holder is gone
+            if fd is not None:
+                os.close(fd)
     streams = [(out_r, logs[0], CappedLog(req.log_cap_bytes)), (err_r, logs[1], CappedLog(req.log_cap_bytes))]
     try:
         pump = _Pump(streams)
     except BaseException:
+        if gate_w is not None:
+            os.close(gate_w)
         _stop_group(proc.pid, 0)
         proc.wait()
         for fd in (out_r, err_r):
             os.close(fd)
         raise
-    return RunHandle(req, proc, started_at, t0, pump)
+    return RunHandle(req, proc, started_at, t0, pump, gate_w)
 
 
 def run(req: RunRequest, on_start: Callable[[RunHandle], None] | None = None) -> RunResult:
-    """start + on_start (e.g. journal the pid) + wait. If on_start fails, the run is stopped."""
-    with start(req) as handle:
+    """start + on_start (e.g. journal the pid) + wait. The experiment begins only after on_start returned; if
+    on_start fails, it never begins and the process is stopped."""
+    with start(req, gate=True) as handle:
         if on_start is not None:
             on_start(handle)
+        handle.release()
         return handle.wait()

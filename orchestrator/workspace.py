@@ -503,6 +503,19 @@ class Workspace:
             args += ["-a", "--cleanup=verbatim", "-F", "-"]
         self._git(*args, "--", name, target, input=message if message else None)
 
+    def clear_stale_locks(self) -> list[str]:
+        """Remove the lock files a git command leaves when it is killed mid-way (`index.lock`, `HEAD.lock`,
+        `refs/**/*.lock`, ...): every later git command would fail on them. Call it only when no git command can
+        be running on this repository (the session lock is held and the run's processes are stopped). Returns
+        the removed paths, relative to the repository's git folder."""
+        removed = []
+        candidates = [*self.git_dir.glob("*.lock"), *self.git_dir.glob("refs/**/*.lock")]
+        for lock in sorted(candidates):
+            if lock.is_file() and not lock.is_symlink():
+                lock.unlink()
+                removed.append(lock.relative_to(self.git_dir).as_posix())
+        return removed
+
     def reset_hard(self, ref: str) -> list[str]:
         """Make `ref` the current checkpoint and put its files back in the worktree, like `git reset --hard`, but
         without deleting or overwriting anything that is not in the history: untracked files (caches and outputs

@@ -308,11 +308,42 @@ def test_a_failure_to_journal_run_started_stops_the_run_it_started(tmp_path, fak
     assert [e["data"]["run"] for e in started] == [0, 1]
     run_pid = int(started[1]["data"]["pid"])
     wait_for(lambda: not pid_alive(run_pid), "the run the journal failed to record to be stopped")
-    pid_file = Path(str(go) + ".pid")
-    if pid_file.exists() and pid_file.read_text().strip().isdigit():  # it may have been stopped before writing it
-        assert int(pid_file.read_text()) == run_pid and not pid_alive(run_pid)
+    # the run is gated until run_started is on record, so the experiment never began
+    assert not Path(str(go) + ".pid").exists()
     state = status_json(session)["session"]
     assert state["status"] == "interrupted" and "OSError" in state["reason"], state
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Live processes whose working folder is `folder` (a run's, or a gated run's shim)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(os.readlink(f"/proc/{entry}/cwd")) == folder and pid_alive(int(entry)):
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_kill_between_starting_a_run_and_journaling_it_leaves_no_run_behind(tmp_path, fake_provider, reaper):
+    go = tmp_path / "go"
+    reaper.watch_run(go)
+    server = fake_provider.start({"replies": waiting_replies()}, api_key=TEST_KEY)
+    env = {**MODEL_ENV, "TOY_GO_FILE": str(go)}
+    args = launch_args(tmp_path, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}")
+    res = orchestrator(*args, env={**env, "ORCH_TEST_CRASH_AT": "run_spawned:2"}, timeout=CLI_TIMEOUT_S)
+    assert res.returncode == -signal.SIGKILL, res.stdout + res.stderr
+    session = session_from(res)
+    assert [e["data"]["run"] for e in events(session, "run_started")] == [0]  # run 1 was never journaled...
+    wait_for(lambda: not processes_in(session), "the unjournaled run's process to exit")
+    assert not Path(str(go) + ".pid").exists()  # ...and its experiment never began
+    go.touch()
+    resumed = orchestrator("resume", str(session), env=env, timeout=CLI_TIMEOUT_S)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert status_json(session)["session"]["status"] == "completed"
+    assert_each_reply_requested_once(server, 3)
 
 
 # --------------------------------------------------------------------------------------------------- 6. the lock

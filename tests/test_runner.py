@@ -588,3 +588,39 @@ def test_read_metrics_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None
     (tmp_path / "run").mkdir()
     with pytest.raises(ResultsError, match="^run is not a regular file$"):
         read_metrics(tmp_path / "run")
+
+
+MARKER_EXPERIMENT = """
+    import json, os, sys
+    open("began", "w").write(str(os.getpid()))
+    out = sys.argv[1].split("=", 1)[1]
+    os.makedirs(out, exist_ok=True)
+    json.dump({"score": 1.0}, open(os.path.join(out, "final_info.json"), "w"))
+"""
+
+
+def test_a_gated_run_begins_only_when_released_and_keeps_its_pid(tmp_path):
+    write(tmp_path, MARKER_EXPERIMENT)
+    with start(request(tmp_path), gate=True) as handle:
+        ticks = proc_start_ticks(handle.pid)
+        assert not (tmp_path / "began").exists()  # the shim waits on the gate; the experiment has not begun
+        handle.release()
+        result = handle.wait()
+    assert result.outcome == "ok"
+    assert (tmp_path / "began").read_text() == str(handle.pid) and handle.proc_start_ticks == ticks
+
+
+def test_a_gated_run_whose_orchestrator_never_released_it_never_begins(tmp_path):
+    write(tmp_path, MARKER_EXPERIMENT)
+    handle = start(request(tmp_path), gate=True)
+    handle._close_gate()  # what the orchestrator's death does to the gate's write end
+    assert handle.proc.wait(timeout=60) == 0
+    handle.wait()
+    assert not (tmp_path / "began").exists()
+
+
+def test_run_begins_the_experiment_only_after_on_start_returned(tmp_path):
+    write(tmp_path, MARKER_EXPERIMENT)
+    seen: list[bool] = []
+    result = run(request(tmp_path), on_start=lambda h: seen.append((tmp_path / "began").exists()))
+    assert seen == [False] and result.outcome == "ok" and (tmp_path / "began").exists()
