@@ -300,6 +300,8 @@ class Driver:
         self.history: list[conversation.Message] = [
             conversation.Message(role="system", content=started.data["system_prompt"])
         ]
+        room = self.journal.find("context_room")
+        self.context_room: int | None = None if room is None else int(room.data["tokens"])
         trimmed = self.journal.find("context_trimmed")
         self.trim = conversation.Trim() if trimmed is None else conversation.Trim(
             elided=tuple(trimmed.data["elided"]), dropped=tuple(trimmed.data["dropped"]))
@@ -472,24 +474,32 @@ class Driver:
 
     def _call_model(self) -> tuple[Reply, list[dict[str, str]]]:
         """One reply for the history as it stands, trimmed to fit the model's context window: ahead of time from
-        the model's known limit, and further each time the provider says the context is exceeded. A trim that
-        changes is journaled first, so every later call (and a resumed session) starts from it."""
+        the model's known limit or from what the provider accepted after refusing a longer history, and further
+        each time the provider says the context is exceeded. Trims and the size that fitted are journaled, so
+        every later call (and a resumed session) starts from them instead of failing again."""
         trim = self.trim
         limit = self.model.context_limit()
-        if limit is not None:
-            room = limit - min(8192, limit // 4)  # leave room for the reply
+        room = None if limit is None else limit - min(8192, limit // 4)  # leave room for the reply
+        if self.context_room is not None:
+            room = self.context_room if room is None else min(room, self.context_room)
+        if room is not None:
             trim = conversation.fit(self.history, self.model.count_tokens, room, start=trim)
+        refused = False
         for _ in range(8):
             self._use_trim(trim)
             messages = conversation.apply_trim(self.history, trim)
             try:
                 reply = self.model.complete(messages)
             except ContextWindowError:
+                refused = True
                 tighter = conversation.tighten(self.history, trim)
                 if tighter is None:
                     raise
                 trim = tighter
                 continue
+            if refused:  # the provider's window, as we count it: later histories are fitted to this ahead of time
+                self.context_room = self.model.count_tokens(messages)
+                self._record("context_room", tokens=self.context_room)
             return reply, conversation.to_wire(messages, self.model.profile)
         raise ContextWindowError("the conversation does not fit the model's context window even when shortened")
 

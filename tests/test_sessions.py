@@ -472,3 +472,30 @@ def test_an_edit_to_a_misnamed_file_is_applied_where_it_matches_and_the_model_is
     assert "LR = 0.2" in git(session, "show", "run_1:experiment.py")
     told = server.requests()[1]["messages"][-1]["content"]
     assert told.startswith("Note on your last edits:") and "experiment.py" in told
+
+
+def test_a_trimmed_history_is_journaled_and_later_calls_start_from_it(tmp_path, fake_provider):
+    """A provider with a small context window: once a call is refused for length, the trim is journaled and every
+    later call (including after a resume) starts from it instead of re-sending the full history."""
+    replies = [{"content": edit(f"LR = 0.{i}\n", f"LR = 0.{i + 1}\n", plan=f"Run {i}: LR 0.{i + 1}.")}
+               for i in range(1, 6)] + [{"content": "ALL_COMPLETED"}]
+    reference = fake_provider.start({"replies": replies}, api_key=TEST_KEY)
+    res = orchestrator(*launch_args(tmp_path / "a", reference.url, "--no-plots"), env=MODEL_ENV)
+    assert res.returncode == 0, res.stdout + res.stderr
+    sizes = [r["prompt_tokens"] for r in reference.requests()]
+    limit = sizes[2] - 1  # the third call and every later one would be too long untrimmed
+    server = fake_provider.start({"replies": replies, "context_limit": limit}, api_key=TEST_KEY)
+    res = orchestrator(*launch_args(tmp_path / "b", server.url, "--no-plots"),
+                       env={**MODEL_ENV, "ORCH_TEST_CRASH_AT": "reply:4"})
+    assert res.returncode == -signal.SIGKILL, res.stdout + res.stderr
+    session = session_from(res)
+    resumed = orchestrator("resume", str(session), env=MODEL_ENV)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert status_json(session)["session"]["status"] == "completed"
+    journal = [json.loads(line) for line in (session / ".orchestrator" / "journal.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "context_trimmed" for e in journal)
+    statuses = [r["status"] for r in server.requests()]
+    assert statuses.count(200) == len(replies)
+    # only the first too-long call is refused: every later one (also after the resume) is fitted ahead of time
+    # to what the provider accepted; before, every call from the third on was refused first
+    assert statuses.count(400) == 1, statuses
