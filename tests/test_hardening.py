@@ -674,3 +674,26 @@ def test_another_thread_cannot_take_a_session_lock_this_thread_holds(tmp_path):
     assert len(refused) == 1 and str(os.getpid()) in str(refused[0])
     with session_lock(tmp_path):  # free again once released
         pass
+
+
+def test_a_dollar_budget_for_a_model_of_unknown_price_needs_a_token_budget(tmp_path, fake_provider):
+    server = fake_provider.start({"replies": [{"content": "ALL_COMPLETED"}]})
+    args = launch_args(tmp_path, server.url, "--no-plots", "--budget-usd", "0.01", model="openai/my-local-model")
+    refused = orchestrator(*args, env={"OPENAI_API_KEY": ""}, timeout=CLI_TIMEOUT_S)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "--max-tokens-total" in one_line(refused.stderr)
+    assert not (tmp_path / "sessions").exists() and server.requests() == []
+    bounded = orchestrator(*args, "--max-tokens-total", "100000", env={"OPENAI_API_KEY": ""}, timeout=CLI_TIMEOUT_S)
+    assert bounded.returncode == 0, bounded.stdout + bounded.stderr
+    assert status_json(session_from(bounded))["session"]["status"] == "completed"
+
+
+def test_the_transcript_never_holds_a_reply_the_journal_lacks(tmp_path, fake_provider):
+    server = fake_provider.start({"replies": waiting_replies()}, api_key=TEST_KEY)
+    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots"),
+                       env={**MODEL_ENV, "ORCH_TEST_CRASH_AT": "reply:1"}, timeout=CLI_TIMEOUT_S)
+    assert res.returncode == -signal.SIGKILL, res.stdout + res.stderr
+    session = session_from(res)
+    assert len(events(session, "reply")) == 1  # journaled, then killed before the transcript was written
+    transcript = session / ".orchestrator" / "transcript.jsonl"
+    assert not transcript.exists() or transcript.read_text() == ""
