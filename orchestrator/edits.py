@@ -61,7 +61,6 @@ import difflib
 import fnmatch
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +68,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from orchestrator.atomic import write_temp_beside
 from orchestrator.errors import OrchestratorError
 
 DEFAULT_EDITABLE: tuple[str, ...] = ("experiment.py", "plot.py", "notes.txt")
@@ -1287,19 +1287,7 @@ def _write_all(pending: list[tuple[_FileWork, bytes]]) -> None:
     staged: list[tuple[str, Path]] = []
     try:
         for work, data in pending:
-            work.target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=work.target.parent, prefix=f".{work.target.name}.", suffix=".tmp")
-            staged.append((tmp, work.target))
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if work.target.exists():
-                os.chmod(tmp, work.target.stat().st_mode & 0o7777)
-            else:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)
+            staged.append((str(write_temp_beside(work.target, data)), work.target))
     except BaseException:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)

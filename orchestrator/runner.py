@@ -30,7 +30,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -39,6 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from orchestrator.atomic import write_bytes_atomic
 from orchestrator.errors import OrchestratorError
 from orchestrator.secrets import looks_secret
 
@@ -424,25 +424,9 @@ class CappedLog:
 
 
 def _write_log(path: Path, data: bytes, durable: bool) -> None:
-    """Replace `path` with `data` atomically: a temp file beside it renamed over it (fsynced first when
-    `durable`), with the mode of the file it replaces. A run folder the experiment removed is made again."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        mode = 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace `path` with `data` atomically (fsynced first when `durable`), keeping its mode. A run folder the
+    experiment removed is made again."""
+    write_bytes_atomic(path, data, durable)
 
 
 class _Pump:

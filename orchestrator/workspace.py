@@ -33,14 +33,14 @@ from typing import NamedTuple
 
 from pydantic import BaseModel
 
-from orchestrator.atomic import write_text_atomic
+from orchestrator.atomic import TEMP_SUFFIX, write_text_atomic
 from orchestrator.errors import OrchestratorError
 
 IDENTITY_NAME = "orchestrator"
 IDENTITY_EMAIL = "orchestrator@localhost"
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # sha1 of the empty tree
 # The session's own ignore rules, written into its .gitignore; they hold even where a run folder is force-added.
-IGNORED = (".orchestrator/", ".act_cache/", "__pycache__/", ".env", ".env.*")
+IGNORED = (".orchestrator/", ".act_cache/", "__pycache__/", ".env", ".env.*", f"*{TEMP_SUFFIX}")
 START_MESSAGE = "session start: template files"
 GIT_TIMEOUT_S = 300.0
 

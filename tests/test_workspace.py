@@ -424,3 +424,17 @@ def test_log_lists_newest_first_with_times(tmp_path: Path) -> None:
     assert all(len(c.sha) == 40 and c.time > 1e9 for c in log)
     assert len(ws.log(max_count=2)) == 2
     assert ws.log("no_such_ref") == []
+
+
+def test_a_temp_file_left_by_a_crash_mid_write_is_never_committed(tmp_path: Path) -> None:
+    from orchestrator.atomic import write_temp_beside
+
+    ws = Workspace.init(session(tmp_path))
+    run = ws.root / "run_0"
+    run.mkdir(exist_ok=True)
+    (run / "final_info.json").write_text('{"loss": 0.5}\n')
+    left = write_temp_beside(run / "experiment.sha256", b"abc\n")  # killed before the rename
+    result = ws.commit_run("run_0", "run 0: results (ok)")
+    tracked = git(ws.root, "ls-tree", "-r", "--name-only", result.sha).split()
+    assert "run_0/final_info.json" in tracked and left.name not in " ".join(tracked)
+    assert left.exists()  # never deleted either: it is only kept out of git
