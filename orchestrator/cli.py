@@ -259,6 +259,12 @@ def resume(
     --model."""
 
     def run() -> int:
+        from orchestrator.loop import session_lock
+
+        with session_lock(session):  # settings are saved and the journal read only by the session's driver
+            return go_on()
+
+    def go_on() -> int:
         from orchestrator.config import check_python
         from orchestrator.journal import FINAL_STATUSES, load_state
         from orchestrator.loop import check_budget_enforceable, resume_settings

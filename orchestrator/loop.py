@@ -236,18 +236,22 @@ def session_lock(session: Path) -> Iterator[None]:
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP reached the orchestrator: it stops the way Ctrl-C stops it."""
+    """Ctrl-C (SIGINT), SIGTERM or SIGHUP reached the orchestrator while it drove a session."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
 def _signals_stop_the_session() -> Iterator[None]:
-    """While a session is driven, SIGTERM and SIGHUP raise `Stopped` (a KeyboardInterrupt), so they take Ctrl-C's
-    path: the run's process group is stopped and the session is recorded `interrupted`. Only the first signal
-    raises; later ones are ignored so that the clean-up itself is not cut short."""
+    """While a session is driven, SIGINT, SIGTERM and SIGHUP raise `Stopped` (a KeyboardInterrupt): the run's
+    process group is stopped and the session is recorded `interrupted`. Only the first signal raises; later ones
+    (an impatient second Ctrl-C) are ignored, so the clean-up and its journal record are never cut short. A
+    signal the process was started ignoring (SIGINT in a background job) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -260,12 +264,16 @@ def _signals_stop_the_session() -> Iterator[None]:
         fired = True
         raise Stopped(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, stop)
     try:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------------------------- the driver
@@ -300,8 +308,10 @@ class Driver:
         self.history: list[conversation.Message] = [
             conversation.Message(role="system", content=started.data["system_prompt"])
         ]
-        room = self.journal.find("context_room")
-        self.context_room: int | None = None if room is None else int(room.data["tokens"])
+        room = self.journal.find("context_room")  # learned for one model: another may have a larger window
+        self.context_room: int | None = None
+        if room is not None and room.data.get("model") == self.model.name:
+            self.context_room = int(room.data["tokens"])
         trimmed = self.journal.find("context_trimmed")
         self.trim = conversation.Trim() if trimmed is None else conversation.Trim(
             elided=tuple(trimmed.data["elided"]), dropped=tuple(trimmed.data["dropped"]))
@@ -318,12 +328,14 @@ class Driver:
         exception as `interrupted` (resumable; the traceback is journaled), Ctrl-C, SIGTERM and SIGHUP as
         `interrupted` after the run's process group is stopped (then KeyboardInterrupt is raised again)."""
         with session_lock(self.dir), _signals_stop_the_session():
+            self._drive_t0 = time.time()
             self._load()
             before = self.state().session.status
             if before in FINAL_STATUSES and not (reopen and before in REOPENABLE_STATUSES):
                 return self.state()
-            self._record("drive_started", pid=os.getpid(), reopened=before if before in FINAL_STATUSES else None)
             try:
+                self._record("drive_started", pid=os.getpid(),
+                             reopened=before if before in FINAL_STATUSES else None)
                 self._recover()
                 status, reason = self._experiments()
                 if status in ("completed", "max_runs") and self.settings.plots:
@@ -337,7 +349,8 @@ class Driver:
             except ModelError as exc:
                 self._record("interrupted", reason=f"model error: {exc}")
             except KeyboardInterrupt as exc:
-                why = f"stopped by {exc.args[0]}" if isinstance(exc, Stopped) else "interrupted by the user"
+                signalled = isinstance(exc, Stopped) and exc.signum != signal.SIGINT
+                why = f"stopped by {exc.args[0]}" if signalled else "interrupted by the user"
                 self._record("interrupted", reason=why)
                 raise
             except Exception as exc:  # the catch-all: never leave a session `running` with a traceback
@@ -386,7 +399,7 @@ class Driver:
         for e in events:
             if e.kind == "run_started" and e.key() not in finished:
                 stop_orphan(int(e.data["pid"]), e.data.get("proc_start_ticks"))
-        stale = self.ws.clear_stale_locks()  # left by a git command killed with the orchestrator
+        stale = self.ws.clear_stale_locks(older_than=self._drive_t0)  # left by a git command killed with us
         if stale:
             self._record("git_locks_removed", files=stale)
         editable = self._editable_files(tuple(self.template.editable))
@@ -396,10 +409,13 @@ class Driver:
             self._reset_editable("HEAD")
 
     def _reset_editable(self, ref: str) -> list[str]:
-        """Make the editable files what they are at `ref` (files absent there are removed) and return their paths.
-        Nothing else is touched, and files over the size limit (never committed) are left as they are."""
+        """Make the editable files what they are at `ref` and return their paths. Tracked files absent at `ref`
+        are removed; untracked files absent there, files over the size limit and everything else stay."""
         paths = self._editable_files(tuple(self.template.editable))
-        self.ws.restore(ref, paths, remove_absent=True)
+        tracked = set(self.ws.tracked(paths))
+        # an untracked file absent at `ref` is not ours to remove (a generated config, a user's file)
+        self.ws.restore(ref, [p for p in paths if p in tracked or self.ws.show(ref, p) is not None],
+                        remove_absent=True)
         return paths
 
     def _check_limits(self, spending: bool = True) -> None:
@@ -459,24 +475,28 @@ class Driver:
         if reply is None:
             self._phase("ask", stage, run, attempt)
             self._check_limits()
-            got, wire = self._call_model()
+            got, wire, room = self._call_model()
             self._record("reply", **key, content=got.content, reasoning=got.reasoning,
                          prompt_tokens=got.prompt_tokens, completion_tokens=got.completion_tokens,
                          cached_tokens=got.cached_tokens, cost_usd=got.cost_usd, latency_s=got.latency_s,
                          model=got.model, call_attempts=got.attempts, finish_reason=got.finish_reason)
             # the transcript follows the journal: a reply on record there is never missing from the journal
             self.journal.transcript_append({"request": wire, "reply": got.model_dump(mode="json")})
+            if room is not None:  # the provider's window as we count it, recorded once the paid reply is safe
+                self.context_room = room
+                self._record("context_room", tokens=room, model=self.model.name)
             reply = self.journal.find("reply", k)
             assert reply is not None
         content = reply.data["content"]
         self.history = conversation.append(self.history, "assistant", content)
         return content
 
-    def _call_model(self) -> tuple[Reply, list[dict[str, str]]]:
+    def _call_model(self) -> tuple[Reply, list[dict[str, str]], int | None]:
         """One reply for the history as it stands, trimmed to fit the model's context window: ahead of time from
         the model's known limit or from what the provider accepted after refusing a longer history, and further
-        each time the provider says the context is exceeded. Trims and the size that fitted are journaled, so
-        every later call (and a resumed session) starts from them instead of failing again."""
+        each time the provider says the context is exceeded. Trims, and the size that fitted after a refusal
+        (returned third, for the caller to journal after the reply), are journaled, so every later call (and a
+        resumed session) starts from them instead of failing again."""
         trim = self.trim
         limit = self.model.context_limit()
         room = None if limit is None else limit - min(8192, limit // 4)  # leave room for the reply
@@ -497,10 +517,8 @@ class Driver:
                     raise
                 trim = tighter
                 continue
-            if refused:  # the provider's window, as we count it: later histories are fitted to this ahead of time
-                self.context_room = self.model.count_tokens(messages)
-                self._record("context_room", tokens=self.context_room)
-            return reply, conversation.to_wire(messages, self.model.profile)
+            room = self.model.count_tokens(messages) if refused else None
+            return reply, conversation.to_wire(messages, self.model.profile), room
         raise ContextWindowError("the conversation does not fit the model's context window even when shortened")
 
     def _use_trim(self, trim: conversation.Trim) -> None:
@@ -898,8 +916,11 @@ def _one_line(text: str, limit: int = 500) -> str:
 
 def is_completed(reply: str) -> bool:
     """The model says it is done: ALL_COMPLETED stands alone as the reply's last non-blank line (markdown
-    emphasis or code ticks around it, and a final period, are allowed). Anywhere else it is prose."""
+    emphasis or code ticks around it, a final period, and a code fence closing after it are allowed). Anywhere
+    else it is prose."""
     lines = [line.strip() for line in reply.splitlines() if line.strip()]
+    while lines and set(lines[-1]) <= {"`", "~"}:  # a closing code fence after it
+        lines.pop()
     return bool(lines) and lines[-1].strip("*`_ ").rstrip(".") == ALL_COMPLETED
 
 

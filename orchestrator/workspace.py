@@ -352,6 +352,13 @@ class Workspace:
                         self._commit_of(b), "--").stdout
         return sorted(p for p in out.split("\0") if p)
 
+    def tracked(self, paths: Sequence[str]) -> list[str]:
+        """Those of `paths` that git tracks (in the index)."""
+        if not paths:
+            return []
+        out = self._git("ls-files", "-z", "--", *_literal(paths)).stdout
+        return [p for p in out.split("\0") if p]
+
     def show(self, ref: str, path: str) -> str | None:
         """Text of `path` at commit `ref`, or None if the file is not there. GitError if `ref` is unknown."""
         sha = self._commit_of(ref)
@@ -503,15 +510,16 @@ class Workspace:
             args += ["-a", "--cleanup=verbatim", "-F", "-"]
         self._git(*args, "--", name, target, input=message if message else None)
 
-    def clear_stale_locks(self) -> list[str]:
+    def clear_stale_locks(self, older_than: float) -> list[str]:
         """Remove the lock files a git command leaves when it is killed mid-way (`index.lock`, `HEAD.lock`,
         `refs/**/*.lock`, ...): every later git command would fail on them. Call it only when no git command can
-        be running on this repository (the session lock is held and the run's processes are stopped). Returns
-        the removed paths, relative to the repository's git folder."""
+        be running on this repository (the session lock is held and the run's processes are stopped); only
+        locks last modified before `older_than` (unix time) are removed. Returns the removed paths, relative to
+        the repository's git folder."""
         removed = []
         candidates = [*self.git_dir.glob("*.lock"), *self.git_dir.glob("refs/**/*.lock")]
         for lock in sorted(candidates):
-            if lock.is_file() and not lock.is_symlink():
+            if lock.is_file() and not lock.is_symlink() and lock.stat().st_mtime < older_than:
                 lock.unlink()
                 removed.append(lock.relative_to(self.git_dir).as_posix())
         return removed

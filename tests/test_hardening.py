@@ -517,7 +517,11 @@ CACHE_WRITER = (
     "    os.makedirs('cache', exist_ok=True)\n"
     "    if not os.path.exists(os.path.join('cache', 'blob.bin')):\n"
     "        with open(os.path.join('cache', 'blob.bin'), 'wb') as fh:\n"
-    "            fh.write(os.urandom(4096))\n",
+    "            fh.write(os.urandom(4096))\n"
+    "    os.makedirs('cfg', exist_ok=True)\n"
+    "    if not os.path.exists(os.path.join('cfg', 'generated.py')):\n"
+    "        with open(os.path.join('cfg', 'generated.py'), 'w') as fh:\n"
+    "            fh.write('SEED = 1\\n')\n",
 )
 
 
@@ -525,6 +529,8 @@ def test_recovery_and_giving_up_a_run_never_delete_untracked_files(tmp_path, fak
     template = make_template(tmp_path)
     experiment = template / "experiment.py"
     experiment.write_text(experiment.read_text().replace(*CACHE_WRITER))
+    toml = template / "template.toml"  # a generated, untracked file that matches the editable patterns
+    toml.write_text(toml.read_text().replace('"notes.txt"]', '"notes.txt", "cfg/*.py"]'))
     crash = edit("    score = 1.0 - abs(LR - 0.3)\n", "    score = 1.0 - abs(LR - 0.3)\n    1 / 0\n", plan="Try.")
     again = edit("    1 / 0\n", "    [][1]\n", plan="Try again.")
     back = edit("    [][1]\n", "    1 / 0\n", plan="And again.")
@@ -547,6 +553,7 @@ def test_recovery_and_giving_up_a_run_never_delete_untracked_files(tmp_path, fak
     assert run1["status"] == "failed" and run1["attempts"] == 4
     assert (session / "experiment.py").read_text() == git(session, "show", "run_0:experiment.py")
     assert blob.is_file() and blob.read_bytes() == written
+    assert (session / "cfg" / "generated.py").read_text() == "SEED = 1\n"
     assert_each_reply_requested_once(server, 5)
 
 
@@ -697,3 +704,24 @@ def test_the_transcript_never_holds_a_reply_the_journal_lacks(tmp_path, fake_pro
     assert len(events(session, "reply")) == 1  # journaled, then killed before the transcript was written
     transcript = session / ".orchestrator" / "transcript.jsonl"
     assert not transcript.exists() or transcript.read_text() == ""
+
+
+def test_a_second_ctrl_c_during_the_clean_up_still_ends_the_session_recorded(tmp_path, fake_provider, reaper):
+    go = tmp_path / "go"
+    reaper.watch_run(go)
+    stubborn = (WAITING_EXPERIMENT_PATCH[0],  # ignores SIGTERM: stopping it takes the whole grace period
+                "    import signal\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + WAITING_EXPERIMENT_PATCH[1])
+    replies = [{"content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1.") + edit(*stubborn, plan="")},
+               {"content": "ALL_COMPLETED"}]
+    server = fake_provider.start({"replies": replies}, api_key=TEST_KEY)
+    env = {**MODEL_ENV, "TOY_GO_FILE": str(go)}
+    proc = reaper.spawn(launch_args(tmp_path, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}"), env,
+                        tmp_path / "launch")
+    run_pid = read_pid(Path(str(go) + ".pid"), proc)
+    for _ in range(3):  # an impatient user
+        os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=DEADLINE_S) == 130, (tmp_path / "launch" / "stderr").read_text()
+    wait_for(lambda: not pid_alive(run_pid), "the run's process to be stopped")
+    session = Path((tmp_path / "launch" / "stdout").read_text().splitlines()[0])
+    state = status_json(session)["session"]
+    assert state["status"] == "interrupted" and state["reason"] == "interrupted by the user", state
