@@ -400,12 +400,12 @@ def test_two_drivers_built_before_either_drives_never_repeat_a_reply_or_a_run(tm
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)  # no orchestrator.toml here
     script = scripted(tmp_path, [edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1."), "ALL_COMPLETED"])
-    empty = scripted(tmp_path, [], name="empty.json")
+    spare = scripted(tmp_path, [edit("LR = 0.1\n", "LR = 0.9\n", plan="A stale replay.")], name="spare.json")
     settings = load_settings({"model": f"scripted:{script}", "root": tmp_path / "sessions", "plots": False})
     session = create_session(load_idea(make_idea(tmp_path)), find_template(str(make_template(tmp_path))),
                              settings, max_runs=3)
     first = Driver(session, ScriptedModel(script), settings)
-    second_model = ScriptedModel(empty)
+    second_model = ScriptedModel(spare)
     second = Driver(session, second_model, settings)
 
     assert first.drive().session.status == "completed"
@@ -414,7 +414,7 @@ def test_two_drivers_built_before_either_drives_never_repeat_a_reply_or_a_run(tm
 
     state = second.drive()
     assert state.session.status == "completed"
-    assert second_model.calls == [] and second_model.used == 0  # never asked (it would have raised)
+    assert second_model.calls == [] and second_model.used == 0  # never asked for its (wrong) reply
     assert [e["data"]["run"] for e in events(session, "run_started")] == [0, 1]  # no run again
     assert journal_lines(session) == journal
 
