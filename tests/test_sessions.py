@@ -466,10 +466,14 @@ def test_the_plot_and_notes_stage_resumes_after_sigkill(crash_at, tmp_path, fake
 def test_an_edit_to_a_misnamed_file_is_applied_where_it_matches_and_the_model_is_told(tmp_path, fake_provider):
     misnamed = edit("LR = 0.1\n", "LR = 0.2\n", path="experiments.py", plan="Run 1: LR 0.2.")
     server = fake_provider.start({"replies": [{"content": misnamed}, {"content": "ALL_COMPLETED"}]}, api_key=TEST_KEY)
-    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots"), env=MODEL_ENV)
+    args = launch_args(tmp_path, server.url, "--no-plots")
+    toml = tmp_path / "toy_template" / "template.toml"  # any .py file is editable: experiments.py passes the rules
+    toml.write_text(toml.read_text().replace('editable = ["experiment.py"', 'editable = ["*.py"'))
+    res = orchestrator(*args, env=MODEL_ENV)
     assert res.returncode == 0, res.stdout + res.stderr
     session = session_from(res)
     assert "LR = 0.2" in git(session, "show", "run_1:experiment.py")
+    assert not (session / "experiments.py").exists()
     told = server.requests()[1]["messages"][-1]["content"]
     assert told.startswith("Note on your last edits:") and "experiment.py" in told
 
