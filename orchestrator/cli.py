@@ -281,13 +281,10 @@ def resume(
                       + (f": {state.session.reason}" if state.session.reason else "") + "); nothing to do"
                       + (f" (go on with resume {hint})" if hint else "") + ".", soft_wrap=True)
             return EXIT_FINISHED
-        saved_env = None
-        if env:
-            saved_env = {**_saved_env(session), **(_parse_env(env) or {})}
         settings = resume_settings(session, {
             "model": _absolute_scripted(model), "api_base": api_base, "budget_usd": budget_usd,
             "wall_clock_s": wall_clock, "max_tokens_total": max_tokens_total, "stall_replies": stall_replies,
-            "timeout_s": timeout, "gpus": gpus, "env": saved_env, "python": python})
+            "timeout_s": timeout, "gpus": gpus, "env": _parse_env(env), "python": python})
         from orchestrator.runner import check_env_set
 
         check_env_set(dict(settings.env))
@@ -298,19 +295,6 @@ def resume(
         return _drive(session, settings, reopen=extended)
 
     _guard(run)
-
-
-def _saved_env(session: Path) -> dict[str, str]:
-    import json
-
-    from orchestrator.journal import META_DIR, SETTINGS_FILE
-
-    try:
-        saved = json.loads((session / META_DIR / SETTINGS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    env = saved.get("env") or {}
-    return {k: v for k, v in env.items() if v != "***"}
 
 
 @app.command()

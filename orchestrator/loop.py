@@ -181,6 +181,9 @@ def resume_settings(session: Path, overrides: dict[str, Any]) -> Settings:
         raise JournalError(f"{path} cannot be read: {exc}") from None
     max_runs = saved.pop("max_runs", None)
     changed = {k: v for k, v in overrides.items() if v is not None}
+    if "env" in changed:  # --env adds to the saved variables (masked, secret-looking ones are not kept)
+        kept_env = {k: v for k, v in (saved.get("env") or {}).items() if v != "***"}
+        changed["env"] = {**kept_env, **changed["env"]}
     masked = "***" in str(saved.get("api_base") or "")
     if masked:
         saved.pop("api_base")
