@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -190,10 +191,16 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     check_env_set(dict(settings.env))
     check_python(settings.python)
     model = _make_model(settings, 0, None)
-    model.check_credentials()
+    model.check_credentials()  # known providers at once; others (and unknown names) after litellm's import
     check_budget_enforceable(settings, model)
-    session = create_session(idea, template, settings, max_runs)
-    print(session, flush=True)
+
+    def claimed(session: Path) -> None:
+        print(session, flush=True)  # the first line: before the template copy, git and the baseline
+        start_warm_up(settings.model, settings.api_base)  # litellm's import overlaps them
+
+    from orchestrator.models import start_warm_up
+
+    session = create_session(idea, template, settings, max_runs, on_claimed=claimed)
     return _drive(session, settings)
 
 
@@ -281,17 +288,22 @@ def resume(
                       + (f": {state.session.reason}" if state.session.reason else "") + "); nothing to do"
                       + (f" (go on with resume {hint})" if hint else "") + ".", soft_wrap=True)
             return EXIT_FINISHED
+        from orchestrator.runner import check_env_set
+
+        def usable(settings: Any) -> None:  # checked before the new settings are saved
+            check_env_set(dict(settings.env))
+            check_python(settings.python)
+            llm = _make_model(settings, 0, None)
+            llm.check_credentials()
+            check_budget_enforceable(settings, llm)
+
         settings = resume_settings(session, {
             "model": _absolute_scripted(model), "api_base": api_base, "budget_usd": budget_usd,
             "wall_clock_s": wall_clock, "max_tokens_total": max_tokens_total, "stall_replies": stall_replies,
-            "timeout_s": timeout, "gpus": gpus, "env": _parse_env(env), "python": python})
-        from orchestrator.runner import check_env_set
+            "timeout_s": timeout, "gpus": gpus, "env": _parse_env(env), "python": python}, check=usable)
+        from orchestrator.models import start_warm_up
 
-        check_env_set(dict(settings.env))
-        check_python(settings.python)
-        llm = _make_model(settings, 0, None)
-        llm.check_credentials()
-        check_budget_enforceable(settings, llm)
+        start_warm_up(settings.model, settings.api_base)
         return _drive(session, settings, reopen=extended)
 
     _guard(run)
@@ -473,7 +485,32 @@ def report(
 
 def main() -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    app()
+    try:
+        app()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    _exit_now(code)
+
+
+def _exit_now(code: object) -> NoReturn:
+    """End the process as soon as its output is out. A normal interpreter exit lingers for seconds after the last
+    line once litellm is loaded (tearing down its modules, its atexit hooks); nothing of ours needs either:
+    journal and snapshot are written and fsynced as they go, and the session lock goes with the process."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        sys.stderr.write(f"{code}\n")
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said there
+            pass
+    logging.shutdown()
+    os._exit(status)
 
 
 if __name__ == "__main__":
