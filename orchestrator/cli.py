@@ -34,6 +34,21 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False)
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_MODEL = "deepseek/deepseek-reasoner"  # shown in --help; a test checks it is config.Settings' default
+
+
+def _version(show: bool) -> None:
+    if show:
+        from orchestrator import __version__
+
+        print(f"orchestrator {__version__}")
+        raise typer.Exit(EXIT_FINISHED)
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Agentic ML research sessions (see the commands below)."""
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -214,8 +229,10 @@ def launch(
     idea: IdeaArg,
     idea_name: Annotated[str | None, typer.Option("--idea", help="Which idea of a list, by name.")] = None,
     template: Annotated[str | None, typer.Option(help="Template name or folder (default: the idea's, else sae).")] = None,
-    model: Annotated[str | None, typer.Option(help="litellm model name, e.g. deepseek/deepseek-reasoner, "
-                                                   "openai/gpt-4o, ollama/qwen2.5-coder, or scripted:FILE.")] = None,
+    model: Annotated[str | None, typer.Option(help="litellm model name as provider/model, e.g. "
+                                                   "deepseek/deepseek-reasoner, openai/gpt-4o, "
+                                                   "ollama/qwen2.5-coder, or scripted:FILE. "
+                                                   f"(default: {DEFAULT_MODEL})")] = None,
     api_base: Annotated[str | None, typer.Option(help="Base URL of an OpenAI-compatible server.")] = None,
     max_runs: Annotated[int | None, typer.Option(help="Runs after the baseline (at most 10; default 10).")] = None,
     root: Annotated[Path | None, typer.Option(help="Folder for session folders (default: experiments/).")] = None,
@@ -235,7 +252,17 @@ def launch(
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the plot and notes stage.")] = False,
     config: Annotated[Path | None, typer.Option(help="Settings file (default: ./orchestrator.toml).")] = None,
 ) -> None:
-    """Launch an idea: copy the template into ROOT/<time>_<idea>/, run the baseline, then let the model work."""
+    """Launch an idea: copy the template into ROOT/<time>_<idea>/, run the baseline, then let the model work.
+
+    Every option can also be set in [bold]orchestrator.toml[/bold] in the current folder (or --config FILE),
+    one setting per line by its name (model = "openai/gpt-4o", budget_usd = 2, and an \\[env] table for the
+    runs' variables), or in an [bold]ORCH_*[/bold] environment variable named after the setting (ORCH_MODEL,
+    ORCH_MAX_RUNS, ORCH_BUDGET_USD, ORCH_API_BASE, ORCH_ROOT, ORCH_ENV=K=V,K2=V2 ...). A flag wins over the
+    variable, which wins over the file.
+
+    The model's API key comes from the provider's own variable (DEEPSEEK_API_KEY, OPENAI_API_KEY, ...) and is
+    checked before anything starts; a server on this machine or the local network given with --api-base needs
+    none for openai/ models."""
     cli = {"model": _absolute_scripted(model), "api_base": api_base, "max_runs": max_runs, "root": root,
            "timeout_s": timeout, "gpus": gpus, "budget_usd": budget_usd, "wall_clock_s": wall_clock,
            "max_tokens_total": max_tokens_total, "stall_replies": stall_replies,
@@ -364,6 +391,8 @@ def list_(root: Annotated[Path, typer.Argument(help="Folder holding session fold
     def run() -> int:
         from orchestrator.report import list_sessions, sessions_table
 
+        if not root.is_dir():
+            _fail(f"{root} is not a folder" if root.exists() else f"{root} does not exist")
         states = list_sessions(root)
         if not states:
             out.print(f"No sessions under {root}.")

@@ -381,6 +381,10 @@ class StateFold:
             info.reason = d.get("reason", "")
             info.phase = "finished"
             self._nothing_runs()
+            # A run number that never got an attempt (the model closed the session with ALL_COMPLETED, or a limit
+            # ended it at the ask) is no run: its calls stay in the session's totals.
+            for n in [n for n, rec in self.runs.items() if n and rec.status == "pending" and not rec.attempts]:
+                del self.runs[n]
         elif ev.kind == "interrupted":
             info.status = "interrupted"
             info.reason = d.get("reason", "interrupted")
