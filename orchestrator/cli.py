@@ -433,7 +433,8 @@ def demo(
     root: Annotated[Path, typer.Option(help="Folder for the session folder.")] = Path("experiments"),
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the plot and notes stage.")] = False,
 ) -> None:
-    """Run the Median-MAD idea on the SAE template with SCRIPTED model replies (no API key, about two minutes)."""
+    """Run the Median-MAD idea on the SAE template with SCRIPTED model replies (no API key; about two minutes on 2 idle
+    CPU cores, longer on a busy machine)."""
 
     def run() -> int:
         from orchestrator.template import find_template
@@ -443,7 +444,8 @@ def demo(
         replies = sae.path / "demo" / "median_mad_replies.yaml"
         err.print("[bold]Demo[/bold]: the model's replies are scripted (recorded in "
                   f"{replies.name}); no model is called. Runs use the CPU's fast preset, whatever the machine "
-                  "or the SAE_* variables, so the numbers match the README.", soft_wrap=True)
+                  "or the SAE_* variables, so the numbers match the README. Expect about 2 minutes on 2 idle CPU "
+                  "cores (its runs are CPU-bound training), longer on a busy machine.", soft_wrap=True)
         cli = {"model": f"scripted:{replies}", "root": root, "env": DEMO_ENV,
                "plots": False if no_plots else None, "max_runs": 5}
         return _launch(idea, None, "sae", cli, None)

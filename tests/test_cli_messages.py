@@ -70,3 +70,51 @@ def test_the_sae_explained_variance_figure_is_titled_for_both_conditions():
     text = (REPO / "templates" / "sae" / "plot.py").read_text()
     title = re.search(r'"explained_variance.png": \("([^"]+)"\s*"([^"]*)"', text)
     assert title and "contaminated" in title.group(1) + title.group(2)
+
+
+def test_a_killed_session_is_not_shown_as_running(tmp_path):
+    """SIGKILL leaves no record of why the session stopped: status shows it interrupted, its run stopped."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.session_helpers import WAITING_EXPERIMENT_PATCH, edit, make_idea, make_template, pid_alive
+
+    go = tmp_path / "go"
+    script = tmp_path / "replies.json"
+    script.write_text(json.dumps([edit(*WAITING_EXPERIMENT_PATCH, plan="Run 1: wait for the go file.")]))
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "launch", str(make_idea(tmp_path)), "--template",
+         str(make_template(tmp_path)), "--model", f"scripted:{script}", "--root", str(tmp_path / "sessions"),
+         "--no-plots", "--env", f"TOY_GO_FILE={go}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    run_pid = None
+    try:
+        deadline = time.monotonic() + 120
+        pid_file = Path(f"{go}.pid")
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, "run 1 never started"
+            time.sleep(0.05)
+        run_pid = int(pid_file.read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        (session,) = (tmp_path / "sessions").iterdir()
+        state = status_json(session)
+        assert state["session"]["status"] == "interrupted" and "killed" in state["session"]["reason"]
+        run1 = next(r for r in state["runs"] if r["run"] == 1)
+        assert run1["status"] == "stopped"
+    finally:
+        go.touch()  # the orphaned run ends by itself; stopped by pid if it does not
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if run_pid is not None:
+            deadline = time.monotonic() + 30
+            while pid_alive(run_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(run_pid):
+                os.kill(run_pid, signal.SIGKILL)
