@@ -30,9 +30,10 @@ if TYPE_CHECKING:
     from orchestrator.workspace import Workspace
 
 KEEP_BYTES_MAX = 64 * 2**20  # larger kept-content files are only compared, not restorable from the snapshot
-# Under .git/: what git itself rewrites (objects are content-addressed; the index is rebuilt from HEAD before
-# every commit) is not guarded.
-GIT_UNGUARDED = frozenset({"objects", "logs", "index"})
+# No git command runs while a run does, so everything under .git/ is guarded; these are small and restorable from
+# the snapshot. The rest (objects, logs) is only compared: a change there cannot be undone, and ends the session.
+GIT_KEPT = (".git/config", ".git/HEAD", ".git/packed-refs", ".git/refs", ".git/info", ".git/hooks", ".git/index",
+            ".git/ORIG_HEAD", ".git/COMMIT_EDITMSG", ".git/description")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Snapshot:
     states: dict[str, FileState] = field(default_factory=dict)
     trees: list[str] = field(default_factory=list)  # folders whose new files count as changes
     kept: set[str] = field(default_factory=set)  # paths (and trees) whose bytes are kept
+    shadow_parents: dict[str, str] = field(default_factory=dict)  # folder -> a protected module's name in it
 
 
 def _state(path: Path, keep: bool) -> FileState | None:
@@ -92,18 +94,19 @@ def _walk(root: Path, rel: str, skip_top: frozenset[str] = frozenset()) -> Itera
                     stack.append(sub)
 
 
-def _skip_for(tree: str) -> frozenset[str]:
-    return GIT_UNGUARDED if tree == ".git" else frozenset()
-
-
 def take(root: Path, files: Iterable[str], trees: Iterable[str], keep: Iterable[str]) -> Snapshot:
     """Snapshot `files` (relative paths; absent ones are recorded as absent) and everything under `trees`.
     Paths in `keep`, or under a tree in `keep`, have their bytes kept so `repair` can put them back."""
     snap = Snapshot(root=Path(root), trees=list(trees), kept=set(keep))
     paths = list(files)
+    for rel in list(paths):  # a folder on the way swapped for a link would redirect the repair
+        parent = Path(rel).parent
+        while parent != Path("."):
+            paths.append(parent.as_posix())
+            parent = parent.parent
     for tree in snap.trees:
         paths.append(tree)
-        paths += _walk(snap.root, tree, _skip_for(tree))
+        paths += _walk(snap.root, tree)
     for rel in paths:
         state = _state(snap.root / rel, _kept(snap, rel))
         if state is not None:
@@ -128,12 +131,18 @@ def changes(snap: Snapshot) -> list[str]:
             continue
         if before.kind == "absent" or now.kind != before.kind:
             out.add(rel)
-        elif before.kind in ("file", "link", "other") and now.signature != before.signature:
+        elif now.signature != before.signature:  # folders: their mode (a folder made read-only breaks writes)
             out.add(rel)
     for tree in snap.trees:
-        for rel in _walk(snap.root, tree, _skip_for(tree)):
+        for rel in _walk(snap.root, tree):
             if rel not in snap.states:
                 out.add(rel)
+    for parent, stem in snap.shadow_parents.items():  # x/ or x.*.so appearing beside a protected x.py
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(snap.root / parent):
+                rel = (Path(parent) / entry.name).as_posix()
+                if (entry.name == stem or entry.name.startswith(stem + ".")) and rel not in snap.states:
+                    out.add(rel)
     return sorted(out)
 
 
@@ -217,12 +226,30 @@ def earlier_runs(root: Path, run_name: str) -> list[str]:
     return sorted(out)
 
 
+def shadows(root: Path, protected: Iterable[str]) -> list[str]:
+    """Paths that would be imported instead of a protected module `x.py`: a package `x/`, an extension module
+    `x.*.so`, byte code in `__pycache__/`. Those present are guarded like the module; absent ones must stay so."""
+    out: list[str] = []
+    for rel in protected:
+        path = Path(rel)
+        if path.suffix != ".py":
+            continue
+        parent = path.parent
+        out += [(parent / path.stem).as_posix(), (parent / "__pycache__").as_posix()]
+        with contextlib.suppress(OSError):
+            out += [(parent / e.name).as_posix() for e in os.scandir(root / parent)
+                    if e.name.startswith(path.stem + ".") and e.name != path.name]
+    return out
+
+
 def watch(root: Path, run_name: str, protected: Iterable[str], editable: Iterable[str]) -> Snapshot:
     """The snapshot taken just before a run begins."""
-    editable = list(editable)
+    editable, protected = list(editable), list(protected)
     files = [*TREE_FILES, *protected, *editable]
-    trees = [".git", META_DIR, *earlier_runs(root, run_name)]
-    return take(root, files, trees, keep=[".git", META_DIR, *editable])
+    trees = [".git", META_DIR, *earlier_runs(root, run_name), *shadows(root, protected)]
+    snap = take(root, files, trees, keep=[*GIT_KEPT, META_DIR, *editable, *protected, *TREE_FILES])
+    snap.shadow_parents = {Path(p).parent.as_posix(): Path(p).stem for p in protected if p.endswith(".py")}
+    return snap
 
 
 def settle(snap: Snapshot, ws: Workspace, editable: Iterable[str]) -> Verdict:

@@ -411,12 +411,20 @@ class Driver:
         """Undo what a crash left half done: orphaned experiment processes and uncommitted edits."""
         events = self.journal.events()
         finished = {e.key() for e in events if e.kind in ("run_finished", "run_stopped")}
-        for e in events:
-            if e.kind == "run_started" and e.key() not in finished:
-                stop_orphan(int(e.data["pid"]), e.data.get("proc_start_ticks"))
+        orphans = [e for e in events if e.kind == "run_started" and e.key() not in finished]
+        for e in orphans:
+            stop_orphan(int(e.data["pid"]), e.data.get("proc_start_ticks"))
         planted = self.ws.repair_config()  # a run of the crashed process may have planted a filter
         if planted:
             self._record("repository_repaired", keys=planted)
+        if orphans:  # its snapshot died with that process: what git knows of the guarded paths is checked instead
+            guarded = [p for p in (*guard.TREE_FILES, *self._protected_files(), *guard.earlier_runs(self.dir, ""))
+                       if (self.dir / p).exists()]
+            changed = self.ws.changed(guarded)
+            if changed:
+                self.ws.restore("HEAD", changed, remove_absent=True)
+                self._record("guarded_restored", files=changed,
+                             message="changed while the orchestrator was not running; restored from the checkpoint")
         stale = self.ws.clear_stale_locks(older_than=self._drive_t0)  # left by a git command killed with us
         if stale:
             self._record("git_locks_removed", files=stale)
@@ -674,6 +682,9 @@ class Driver:
                      message=result.message, stderr_head=result.stderr_head, stderr_tail=result.stderr_tail,
                      stdout_tail=result.stdout_tail, sandbox=result.sandbox, tampered=verdict.tampered,
                      unrestored=verdict.unrestored, discarded=discarded, strays=len(strays))
+        if verdict.unrestored:  # recorded above first, so status and the report name what happened
+            raise _SessionFailed(f"{verdict.message()}; the session cannot be trusted past this run (its git "
+                                 f"history or guarded files may hold what the run wrote)")
         done = self.journal.find("run_finished", k)
         assert done is not None
         return done.data
@@ -822,7 +833,8 @@ class Driver:
                 if self.journal.find("figures") is None:
                     after = _figure_stamps(self.dir)
                     figures = sorted(p for p, t in after.items() if before.get(p) != t) or sorted(after)
-                    redact_folder(self.dir / "plot_logs")
+                    for path in [*figures, "plot_logs"]:
+                        redact_folder(self.dir / path)
                     sha = self.ws.commit("plots: figures from plot.py", paths=[*figures, "plot_logs"])
                     self._record("figures", stage="plots", files=figures, commit=sha)
                 return

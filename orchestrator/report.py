@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from rich.console import RenderableType
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.rule import Rule
 from rich.syntax import Syntax
 from rich.table import Table
@@ -73,7 +74,8 @@ SANDBOX_WORDS = {"bwrap": "bwrap", "none": "none (not contained)"}
 def results_table(state: SessionState) -> Table:
     info = state.session
     title = f"{info.title or info.name} - {info.status}" + (f": {info.reason}" if info.reason else "")
-    table = Table(title=title, title_justify="left")
+    title = safe(title)
+    table = Table(title=escape(title), title_justify="left")
     table.add_column("run", justify="right")
     table.add_column("status")
     table.add_column("attempts", justify="right")
@@ -81,11 +83,11 @@ def results_table(state: SessionState) -> Table:
     groups = {n.rpartition(".")[0] for n in names}
     strip = len(groups) == 1 and "" not in groups  # one group for all: name it once, in the title
     if strip:
-        table.title = f"{title}  [dim](metrics: {groups.pop()}.*)[/dim]"
+        table.title = f"{escape(title)}  [dim](metrics: {escape(safe(groups.pop()))}.*)[/dim]"
     for name in names:
         direction = next((r.metrics[name].direction for r in state.runs if name in r.metrics), None)
         arrow = {"higher": " ↑", "lower": " ↓"}.get(direction or "", "")
-        table.add_column((name.rpartition(".")[2] if strip else name) + arrow, justify="right")
+        table.add_column(Text(safe(name.rpartition(".")[2] if strip else name) + arrow), justify="right")
     modes = sorted({rec.sandbox for rec in state.runs if rec.sandbox})
     per_run_mode = len(modes) > 1
     if per_run_mode:
@@ -246,7 +248,7 @@ def run_metrics_table(rec: RunRecord, key_metrics: list[str]) -> Table:
         prev_better = None
         if m.vs_previous and m.direction:
             prev_better = (m.vs_previous > 0) == (m.direction == "higher")
-        table.add_row(name + arrow, value, _fmt(m.baseline), _change(m.vs_baseline, m.better), _fmt(m.previous),
+        table.add_row(Text(safe(name) + arrow), value, _fmt(m.baseline), _change(m.vs_baseline, m.better), _fmt(m.previous),
                       _change(m.vs_previous, prev_better))
     return table
 
@@ -289,7 +291,7 @@ def show_renderables(view: SessionState) -> list[RenderableType]:
             table.add_column(col)
         for a in failed:
             table.add_row(str(a.attempt), Text(a.outcome, style="red"), _duration(a.duration_s),
-                          safe(a.plan) or "-", error_summary(a))
+                          Text(safe(a.plan) or "-"), Text(error_summary(a)))
         parts.append(table)
     if rec.stderr_tail.strip():
         parts.append(Text("stderr (tail)", style="bold"))

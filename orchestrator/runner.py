@@ -56,7 +56,9 @@ ALLOWED_NAMES = frozenset({
     "TOKENIZERS_PARALLELISM",
 })
 ALLOWED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PYTORCH_")
-FORCED_ENV = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+# PYTHONDONTWRITEBYTECODE: a run never writes __pycache__ beside a protected module, so any byte code that
+# appears there was planted (see guard.shadows).
+FORCED_ENV = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1"}
 
 # Name parts (split on "_") that mark a variable as a credential; the allowlist is the main defence, this is the
 # backstop that holds even for names a template declares or a user passes with --env.
@@ -736,6 +738,9 @@ class RunHandle:
                     break
                 if on_tick is not None:
                     on_tick(elapsed)
+            quota = req.limits.run_dir_bytes  # once more at the end: a run may fill its folder between two checks
+            if not timed_out and quota is not None and _disk_bytes(self.run_dir) > quota:
+                self._over_quota = True
             # the child is gone (or a zombie still holding the group id): stop whatever it left behind
             if self.proc.returncode is None and _group_members(self.pgid, self.proc_start_ticks):
                 _stop_group(self.pgid, req.kill_grace_s, min_ticks=self.proc_start_ticks)
@@ -781,8 +786,8 @@ class RunHandle:
         metrics: dict[str, Metric] = {}
         if self._over_quota:
             outcome: Outcome = "quota"
-            mb = (req.limits.run_dir_bytes or 0) / 2**20
-            message = f"stopped: {req.run_name}/ grew past its {mb:g} MB disk quota"
+            mib = (req.limits.run_dir_bytes or 0) / 2**20
+            message = f"stopped: {req.run_name}/ grew past its {mib:g} MiB disk quota"
         elif timed_out:
             outcome = "timeout"
             message = f"timed out after {req.timeout_s:g} s; the process group was stopped"
@@ -813,6 +818,8 @@ class RunHandle:
             outcome, message = "error", how + (f": {last}" if last else "")
         if self._logs.write_error:
             message += f" ({self._logs.write_error})"
+        if outcome == "error" and self.sandbox == "bwrap" and "Read-only file system" in stderr:
+            message += f" ({sandboxing.EROFS_HINT})"
         return RunResult(outcome=outcome, metrics=metrics, message=message.replace("\n", " "), **base)
 
 
@@ -867,7 +874,8 @@ def start(req: RunRequest, gate: bool = False) -> RunHandle:
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
-        env.setdefault("MPLCONFIGDIR", "/tmp/matplotlib")  # the home folder is read-only in the sandbox
+        for name, value in sandboxing.SANDBOX_ENV_DEFAULTS.items():  # the home folder is read-only in the sandbox
+            env.setdefault(name, value)
         env["TMPDIR"] = "/tmp"
     nproc = None if req.limits.processes is None else _user_tasks() + req.limits.processes
     setup = _child_setup(req.limits, nproc, sandboxed=req.sandbox is not None)

@@ -35,9 +35,18 @@ SandboxUsed = Literal["bwrap", "none"]
 
 GPU_DEVICES = ("/dev/nvidia*", "/dev/dri")
 # CAP_SYS_PTRACE, CAP_SYS_ADMIN and CAP_PERFMON each let a root process read a non-dumpable process's memory and
-# environment; an unsandboxed run started as root loses them (bwrap drops every capability by itself).
+# environment; an unsandboxed run started as root loses them (a sandboxed one loses every capability: --cap-drop).
 _BYPASS_CAPABILITIES = (19, 21, 38)
-_PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER = 4, 24, 36
+_PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER, _PR_CAP_AMBIENT = 4, 24, 36, 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+# Folders of sockets and services on the host (Docker, D-Bus, the user's session bus and agents): read-only binds do
+# not stop connect(), so the sandbox replaces them with empty ones.
+HIDDEN_FOLDERS = ("/run", "/var/run")
+# Caches programs write under HOME, which is read-only in the sandbox: sent to the private /tmp instead.
+SANDBOX_ENV_DEFAULTS = {"MPLCONFIGDIR": "/tmp/.cache/matplotlib", "XDG_CACHE_HOME": "/tmp/.cache",
+                        "TRITON_CACHE_DIR": "/tmp/.cache/triton", "TMPDIR": "/tmp"}
+EROFS_HINT = ("the sandbox keeps the session folder read-only outside the run folder: declare `caches` or "
+              "`writable = true` in template.toml, or use --sandbox none")
 PROBE_TIMEOUT_S = 20.0
 
 
@@ -71,7 +80,7 @@ def bwrap_problem() -> str | None:
     if exe is None:
         return "bubblewrap (bwrap) is not installed; on Debian/Ubuntu: apt install bubblewrap"
     probe = [exe, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-             "--unshare-pid", "--unshare-net", "--die-with-parent", "--", "true"]
+             "--unshare-pid", "--unshare-net", "--die-with-parent", "--cap-drop", "ALL", "--", "true"]
     try:
         proc = subprocess.run(probe, stdin=subprocess.DEVNULL, capture_output=True, timeout=PROBE_TIMEOUT_S,
                               check=False)
@@ -121,12 +130,17 @@ def bwrap_command(spec: SandboxSpec, root: Path, run_dir: Path, scratch: Path, p
     exe = shutil.which("bwrap") or "bwrap"
     root = root.resolve()
     args = [exe, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", *gpu_binds(),
-            "--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"]
-    if not spec.network:
+            "--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
+            "--cap-drop", "ALL"]
+    if not spec.network:  # (with the network, /run stays: resolv.conf often points into it)
         args.append("--unshare-net")
+        for hidden in HIDDEN_FOLDERS:
+            if os.path.isdir(hidden) and not os.path.islink(hidden):
+                args += ["--tmpfs", hidden]
     tmp = Path("/tmp")
-    interpreter = Path(shutil.which(python) or python).resolve()
-    for path in (root, interpreter.parent.parent):
+    interpreter = Path(shutil.which(python) or python).absolute()
+    # the interpreter's environment as named (a venv) and where its link leads (the base Python)
+    for path in (root, interpreter.parent.parent, interpreter.resolve().parent.parent):
         if _under(path, tmp) and path != tmp:  # under the private /tmp: make it visible again
             args += ["--ro-bind", str(path), str(path)]
     if spec.writable_tree:
@@ -137,7 +151,7 @@ def bwrap_command(spec: SandboxSpec, root: Path, run_dir: Path, scratch: Path, p
             folder.mkdir(parents=True, exist_ok=True)
         if folder.is_dir():
             args += ["--bind", str(folder), str(folder)]
-    for rel in spec.readonly:
+    for rel in spec.readonly:  # after the writable binds above, so these stay read-only inside them
         path = root / rel
         if path.exists() or path.is_symlink():
             args += ["--ro-bind", str(path), str(path)]
@@ -212,8 +226,10 @@ def drop_capabilities() -> None:
         return
     for cap in _BYPASS_CAPABILITIES:
         _prctl(_PR_CAPBSET_DROP, cap)
+    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
 
 
+STRAY_SCANS = 200  # rounds of scan-and-kill before giving up on a process that keeps re-forking
 STRAY_GRACE_S = 0.5  # a process still winding down (bwrap's own, a run's last child) gets this long to exit
 
 
@@ -269,15 +285,23 @@ def stop_strays(started_ticks: int | None, keep: frozenset[int] = frozenset()) -
             break
         time.sleep(0.02)
     doomed: list[int] = []
-    frontier = [pid for pid in roots if table[pid][2] != "Z"]
-    while frontier:
-        pid = frontier.pop()
-        doomed.append(pid)
-        frontier += [child for child, (ppid, _, _) in table.items() if ppid == pid and child not in doomed]
-    for pid in doomed:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    for pid in roots:  # our children now: reap them so no zombie is left
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, 0)
+    # A process that keeps forking and letting its parent exit has a new pid at every scan: scan and kill again
+    # until a scan finds nothing alive (each kill of a parent re-parents its children here).
+    for _ in range(STRAY_SCANS):
+        frontier = [pid for pid in roots if table[pid][2] != "Z"]
+        if not frontier:
+            break
+        killed: list[int] = []
+        while frontier:
+            pid = frontier.pop()
+            killed.append(pid)
+            frontier += [child for child, (ppid, _, _) in table.items() if ppid == pid and child not in killed]
+        for pid in killed:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in roots:  # our children now: reap them so no zombie is left
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, 0)
+        doomed += killed
+        table, roots = strays()
     return doomed

@@ -163,8 +163,17 @@ def redact_folder(folder: Path, env: Mapping[str, str] | None = None) -> list[st
     changed: list[str] = []
     if not needles:
         return changed
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_symlink() or not path.is_file():
+    folder = Path(folder)
+    paths = [folder] if folder.is_file() or folder.is_symlink() else sorted(folder.rglob("*"))
+    for path in paths:
+        if path.is_symlink():  # a link's target is committed as its content
+            target = os.readlink(path)
+            if any(n.decode("utf-8", "surrogateescape") in target for n in needles):
+                path.unlink()
+                os.symlink(redact(target, env), path)
+                changed.append(path.relative_to(folder).as_posix() if path != folder else path.name)
+            continue
+        if not path.is_file():
             continue
         try:
             with open(path, "rb") as fh:
@@ -179,5 +188,5 @@ def redact_folder(folder: Path, env: Mapping[str, str] | None = None) -> list[st
         for n in sorted(needles, key=len, reverse=True):
             data = data.replace(n, REDACTED.encode())
         write_bytes_atomic(path, data)
-        changed.append(path.relative_to(folder).as_posix())
+        changed.append(path.relative_to(folder).as_posix() if path != folder else path.name)
     return changed

@@ -89,6 +89,9 @@ CONFIG_KEYS = frozenset({
     "core.repositoryformatversion", "core.filemode", "core.bare", "core.logallrefupdates", "core.ignorecase",
     "core.precomposeunicode", "core.symlinks", "extensions.objectformat", "user.name", "user.email",
 })
+# Sections a user adds to share a session (`git remote add`, a tracking branch); the orchestrator never fetches or
+# pushes, so nothing in them runs.
+USER_SECTIONS = ("remote.", "branch.")
 # What git may see of the environment (secrets never: a planted filter or hook would run with it).
 GIT_ENV_NAMES = ("PATH", "HOME", "TMPDIR", "TZ", "SYSTEMROOT")
 
@@ -253,7 +256,7 @@ class Workspace:
         if proc.returncode != 0:
             return [".git/config cannot be parsed"]
         keys = {k.decode("utf-8", "replace") for k in proc.stdout.split(b"\0") if k}
-        bad = sorted(k for k in keys if k.lower() not in CONFIG_KEYS)
+        bad = sorted(k for k in keys if k.lower() not in CONFIG_KEYS and not k.lower().startswith(USER_SECTIONS))
         if not bad:
             self._config_seen = sig
         return bad
@@ -271,7 +274,7 @@ class Workspace:
                                   capture_output=True, env=_git_env(), timeout=GIT_TIMEOUT_S, check=False)
             for item in proc.stdout.split(b"\0"):
                 key, _, value = item.decode("utf-8", "surrogateescape").partition("\n")
-                if key and key.lower() in CONFIG_KEYS:
+                if key and (key.lower() in CONFIG_KEYS or key.lower().startswith(USER_SECTIONS)):
                     keep.append((key, value))
         else:
             keep = [("core.repositoryformatversion", "0"), ("core.filemode", "true"), ("core.bare", "false"),
@@ -415,6 +418,10 @@ class Workspace:
         if sha is None:
             raise GitError(f"{self.root}: the repository has no commit yet")
         return sha
+
+    def changed(self, paths: Sequence[str]) -> list[str]:
+        """The files under `paths` that differ from the last checkpoint, new untracked ones included (sorted)."""
+        return sorted(self._status_paths(list(paths))) if paths else []
 
     def is_dirty(self, paths: Sequence[str] | None = None) -> bool:
         """True if tracked files changed or untracked, non-ignored files exist (optionally only under `paths`).
