@@ -293,12 +293,18 @@ def plant_filter(marker: Path) -> str:
     """)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "auto-writable"])
 def test_a_git_filter_planted_by_a_run_never_executes(mode, tmp_path):
+    """`auto-writable`: a template whose runs may write the session folder; the repository stays out of reach."""
     marker = tmp_path / "filter_ran"
-    res, session = launch(tmp_path, [hostile(plant_filter(marker)), BENIGN], "--sandbox", mode)
+    template = make_template(tmp_path)
+    if mode == "auto-writable":
+        (template / "template.toml").write_text((template / "template.toml").read_text() + "writable = true\n")
+    sandbox = mode.split("-")[0]
+    res, session = launch(tmp_path, [hostile(plant_filter(marker)), BENIGN], "--sandbox", sandbox,
+                          template=template)
     assert_completed(res, session)
-    assert_mode_recorded(session, mode)
+    assert_mode_recorded(session, sandbox)
     for suffix in (".clean", ".smudge", ".hook"):
         assert not Path(str(marker) + suffix).exists(), f"git ran the planted {suffix[1:]} command"
     assert "lfsx" not in (session / ".git" / "config").read_text()
@@ -307,8 +313,14 @@ def test_a_git_filter_planted_by_a_run_never_executes(mode, tmp_path):
     assert "filter=lfsx" not in git(session, "log", "-p", "--all")
     if mode == "none":
         assert_tampered(session, ".git/config", ".gitattributes")
-    else:
+    elif mode == "auto":
         assert_blocked(session, ".git/config", ".gitattributes", ".git/hooks/pre-commit")
+    else:  # each write failed, or was caught and undone
+        first = experiment_finishes(session)[0]
+        caught = first["outcome"] == "tampered"
+        for target in (".git/config", ".gitattributes", ".git/hooks/pre-commit"):
+            assert f"ATTACK blocked {target}" in first["stdout_tail"] or (
+                caught and target in first.get("tampered", [])), first
     assert_no_key(session, res.stdout, res.stderr)
 
 
