@@ -89,8 +89,9 @@ def launch(tmp: Path, replies: list[str], *extra: str, template: Path | None = N
     script.write_text(json.dumps([*replies, DONE]), encoding="utf-8")
     res = cli("launch", make_idea(tmp), "--template", template, "--model", f"scripted:{script}",
               "--root", tmp / "sessions", "--no-plots", *extra, env={**KEYS, **(env or {})})
-    session = session_from(res)
-    return res, session
+    first = res.stdout.splitlines()[0].strip() if res.stdout.strip() else ""
+    assert first, f"launch printed no session folder (exit {res.returncode}):\n{res.stdout}{res.stderr}"
+    return res, session_from(res)
 
 
 def events(session: Path, kind: str) -> list[dict]:
@@ -299,7 +300,7 @@ def test_a_git_filter_planted_by_a_run_never_executes(mode, tmp_path):
     marker = tmp_path / "filter_ran"
     template = make_template(tmp_path)
     if mode == "auto-writable":
-        (template / "template.toml").write_text((template / "template.toml").read_text() + "writable = true\n")
+        (template / "template.toml").write_text("writable = true\n" + (template / "template.toml").read_text())
     sandbox = mode.split("-")[0]
     res, session = launch(tmp_path, [hostile(plant_filter(marker)), BENIGN], "--sandbox", sandbox,
                           template=template)
@@ -310,7 +311,7 @@ def test_a_git_filter_planted_by_a_run_never_executes(mode, tmp_path):
     assert "lfsx" not in (session / ".git" / "config").read_text()
     attributes = session / ".gitattributes"
     assert not attributes.exists() or "filter=lfsx" not in attributes.read_text()
-    assert "filter=lfsx" not in git(session, "log", "-p", "--all")
+    assert "filter=lfsx" not in git(session, "log", "-p", "--all", "--", ".gitattributes")
     if mode == "none":
         assert_tampered(session, ".git/config", ".gitattributes")
     elif mode == "auto":
@@ -385,8 +386,7 @@ def test_junk_appended_to_the_journal_is_undone_and_the_session_stays_readable(m
     assert_completed(res, session)  # status reads the journal
     assert_mode_recorded(session, mode)
     journal = (session / ".orchestrator" / "journal.jsonl").read_text(encoding="utf-8")
-    assert "not json" not in journal
-    assert all(isinstance(json.loads(line), dict) for line in journal.splitlines())
+    assert all(isinstance(json.loads(line), dict) for line in journal.splitlines())  # the junk line is gone
     again = cli("resume", session, env=KEYS)
     assert again.returncode == 0 and "already finished" in again.stdout, again.stdout + again.stderr
     report = cli("report", session, "-o", tmp_path / "report.html")
@@ -450,7 +450,8 @@ def test_a_sandboxed_run_cannot_write_outside_its_folders(tmp_path):
         assert_mode_recorded(session, "auto")
         for target in targets:
             assert not target.exists(), f"the run wrote {target}"
-        assert_blocked(session, *map(str, targets))
+        # beside the session (under /tmp) the run may write its private /tmp; elsewhere the write fails
+        assert_blocked(session, *[str(t) for t in targets if not t.is_relative_to("/tmp")])
     finally:
         shutil.rmtree(elsewhere, ignore_errors=True)
         home.unlink(missing_ok=True)
@@ -568,13 +569,15 @@ def test_a_run_over_its_disk_quota_is_stopped_with_outcome_quota(tmp_path):
 def test_a_benign_run_is_the_same_with_and_without_the_sandbox_and_missing_gpus_are_skipped(tmp_path):
     if list(Path("/dev").glob("nvidia*")):
         pytest.skip("this machine has /dev/nvidia*: the skip of missing GPU devices is not testable here")
-    results = {}
+    results, messages = {}, {}
     for mode in ("bwrap", "none"):
         res, session = launch(tmp_path / mode, [BENIGN], "--sandbox", mode)
-        assert_completed(res, session)
+        state = assert_completed(res, session)
         assert_mode_recorded(session, mode)
         results[mode] = [(session / f"run_{n}" / "final_info.json").read_bytes() for n in (0, 1)]
+        messages[mode] = [run_entry(state, n)["message"] for n in (0, 1)]
     assert results["bwrap"] == results["none"]
+    assert messages["bwrap"] == messages["none"] == ["exit 0: 2 metrics"] * 2  # nothing to report on either
 
 
 def path_without_bwrap(tmp: Path) -> str:
