@@ -184,11 +184,14 @@ def read_pid(pid_file: Path, proc: subprocess.Popen | None = None) -> int:
 
 # --------------------------------------------------------------------------------------------------- 1. catch-all
 
+# Run 1 leaves a file whose name git refuses (core.protectNTFS), so committing its results fails. (A run can no
+# longer break git by writing .git/index.lock: the sandbox makes .git/ read-only, and without it the lock is undone
+# as tampering.)
 LOCKING_RUN = (
     "    os.makedirs(args.out_dir, exist_ok=True)\n",
     "    os.makedirs(args.out_dir, exist_ok=True)\n"
     "    if args.out_dir == 'run_1':\n"
-    "        open(os.path.join('.git', 'index.lock'), 'w').close()\n",
+    "        open(os.path.join(args.out_dir, 'git~1'), 'w').close()\n",
 )
 
 
@@ -205,7 +208,7 @@ def test_an_unexpected_error_in_a_step_ends_the_session_interrupted_and_resumabl
     assert "Traceback" not in first.stderr and "Traceback" not in first.stdout
     state = status_json(session)["session"]
     assert state["status"] == "interrupted", state
-    assert state["reason"].startswith("GitError: ") and "index.lock" in state["reason"], state["reason"]
+    assert state["reason"].startswith("GitError: ") and "git~1" in state["reason"], state["reason"]
     named = [line for line in first.stdout.splitlines() if line.startswith("Session interrupted")]
     assert len(named) == 1 and "GitError: " in named[0], first.stdout
     assert f"orchestrator resume {session}" in first.stdout
@@ -214,7 +217,7 @@ def test_an_unexpected_error_in_a_step_ends_the_session_interrupted_and_resumabl
     assert interrupted[0]["data"]["error_type"] == "GitError"
     assert "Traceback" in interrupted[0]["data"]["traceback"] and "GitError" in interrupted[0]["data"]["traceback"]
 
-    (session / ".git" / "index.lock").unlink()
+    (session / "run_1" / "git~1").unlink()
     resumed = orchestrator("resume", str(session), env=MODEL_ENV, timeout=CLI_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     state = status_json(session)
