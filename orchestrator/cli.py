@@ -189,6 +189,7 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
 
     check_env_set(dict(settings.env))
     check_python(settings.python)
+    _check_sandbox(settings)
     model = _make_model(settings, 0, None)
     model.check_credentials()
     check_budget_enforceable(settings, model)
@@ -197,9 +198,26 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     return _drive(session, settings)
 
 
+def _check_sandbox(settings: Any) -> None:
+    """`--sandbox bwrap` where bubblewrap cannot run stops here (exit 2); `auto` falling back warns once."""
+    from orchestrator.sandbox import choose
+
+    choice = choose(settings.sandbox)
+    if choice.warning:
+        err.print(f"[yellow]{choice.warning}[/yellow]", soft_wrap=True, markup=True, highlight=False)
+
+
 # --------------------------------------------------------------------------------------------------- commands
 
 IdeaArg = Annotated[Path, typer.Argument(help="Idea file (JSON, TOML or YAML): one idea, or a list (pick with --idea).")]
+SandboxOpt = Annotated[str | None, typer.Option(
+    help="How runs are contained: auto (bubblewrap when it runs here, else none with a warning), bwrap (required), "
+         "or none. Sandboxed runs see a read-only tree except their run folder, a private /tmp, no network, and "
+         "die with their first process. Every mode restores guarded files a run changed (outcome tampered). "
+         "Default auto; ORCH_SANDBOX.")]
+AllowNetworkOpt = Annotated[bool | None, typer.Option(
+    "--allow-network/--no-network", help="Let sandboxed runs use the network (default: only if the template "
+                                         "declares network = true).")]
 
 
 @app.command()
@@ -225,6 +243,8 @@ def launch(
                                                            "with no edits that apply (default 6).")] = None,
     env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE for runs' environment (repeatable).")] = None,
     python: Annotated[str | None, typer.Option(help="Python interpreter for runs.")] = None,
+    sandbox: SandboxOpt = None,
+    allow_network: AllowNetworkOpt = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the plot and notes stage.")] = False,
     config: Annotated[Path | None, typer.Option(help="Settings file (default: ./orchestrator.toml).")] = None,
 ) -> None:
@@ -232,7 +252,8 @@ def launch(
     cli = {"model": _absolute_scripted(model), "api_base": api_base, "max_runs": max_runs, "root": root,
            "timeout_s": timeout, "gpus": gpus, "budget_usd": budget_usd, "wall_clock_s": wall_clock,
            "max_tokens_total": max_tokens_total, "stall_replies": stall_replies,
-           "env": _parse_env(env), "python": python, "plots": False if no_plots else None}
+           "env": _parse_env(env), "python": python, "plots": False if no_plots else None,
+           "sandbox": sandbox, "allow_network": allow_network}
     _guard(lambda: _launch(idea, idea_name, template, cli, config))
 
 
@@ -251,6 +272,8 @@ def resume(
     env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE for runs' environment (repeatable; added "
                                                        "to the saved ones).")] = None,
     python: Annotated[str | None, typer.Option(help="Python interpreter for runs.")] = None,
+    sandbox: SandboxOpt = None,
+    allow_network: AllowNetworkOpt = None,
 ) -> None:
     """Continue an interrupted session from its journal; journaled replies are never requested again.
 
@@ -284,11 +307,13 @@ def resume(
         settings = resume_settings(session, {
             "model": _absolute_scripted(model), "api_base": api_base, "budget_usd": budget_usd,
             "wall_clock_s": wall_clock, "max_tokens_total": max_tokens_total, "stall_replies": stall_replies,
-            "timeout_s": timeout, "gpus": gpus, "env": _parse_env(env), "python": python})
+            "timeout_s": timeout, "gpus": gpus, "env": _parse_env(env), "python": python,
+            "sandbox": sandbox, "allow_network": allow_network})
         from orchestrator.runner import check_env_set
 
         check_env_set(dict(settings.env))
         check_python(settings.python)
+        _check_sandbox(settings)
         llm = _make_model(settings, 0, None)
         llm.check_credentials()
         check_budget_enforceable(settings, llm)

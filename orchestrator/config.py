@@ -27,6 +27,7 @@ from pydantic_settings import (
 )
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.sandbox import SandboxMode
 from orchestrator.secrets import looks_secret
 
 CONFIG_FILE = "orchestrator.toml"
@@ -64,6 +65,8 @@ class Settings(BaseSettings):
     env: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     root: Path = Path("experiments")
     plots: bool = True
+    sandbox: SandboxMode = "auto"
+    allow_network: bool = False
     templates_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 
     @classmethod

@@ -219,8 +219,11 @@ class MetricChange(BaseModel):
 
 class AttemptRecord(BaseModel):
     attempt: int
-    outcome: str  # ok | error | timeout | oom | no_results | edits_failed | no_edits | running | stopped
+    # ok | error | timeout | oom | no_results | quota | tampered | edits_failed | no_edits | running | stopped
+    outcome: str
     message: str = ""
+    sandbox: str | None = None  # bwrap | none: how its run was contained (None: it never ran)
+    tampered: list[str] = Field(default_factory=list)  # guarded paths its run changed (restored)
     commit: str | None = None
     plan: str = ""
     duration_s: float | None = None
@@ -234,6 +237,7 @@ class RunRecord(BaseModel):
     attempts: int = 0
     outcome: str | None = None
     message: str = ""
+    sandbox: str | None = None  # bwrap | none, for its last attempt that ran
     plan: str = ""
     commit: str | None = None  # the checkpoint whose code produced the run
     results_commit: str | None = None  # the commit holding the run folder
@@ -271,6 +275,7 @@ class SessionInfo(BaseModel):
     plan: str | None = None
     template: str = ""
     model: str = ""
+    sandbox: str = ""  # bwrap | none: how the latest drive contained its runs ("" before the first)
     status: SessionStatus = "running"
     reason: str = ""
     phase: str = "starting"
@@ -361,6 +366,7 @@ class StateFold:
             self.segment_start = ev.ts
             info.status = "running"
             info.reason = ""
+            info.sandbox = d.get("sandbox", "none")
         self.last_ts = ev.ts
         info.updated_at = ev.ts
         stage = d.get("stage", "experiment")
@@ -450,7 +456,9 @@ class StateFold:
                 rec.status = "running"
         elif kind == "run_started":
             rec = self._record(n)
-            self._attempt(rec, d["attempt"]).outcome = "running"
+            a = self._attempt(rec, d["attempt"])
+            a.outcome = "running"
+            a.sandbox = rec.sandbox = d.get("sandbox", "none")
             rec.status = "running"
         elif kind == "run_finished":
             self._run_finished(d, n)
@@ -482,6 +490,7 @@ class StateFold:
         a = self._attempt(rec, d["attempt"])
         a.outcome = d["outcome"]
         a.message = d.get("message", "")
+        a.tampered = list(d.get("tampered", []))
         a.duration_s = d.get("duration_s")
         a.stderr_tail = d.get("stderr_tail", "")
         self.info.totals.run_seconds += float(d.get("duration_s") or 0.0)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from orchestrator import conversation, prompts
+from orchestrator import conversation, guard, prompts
 from orchestrator.atomic import write_text_atomic
 from orchestrator.config import ConfigError, Settings, public_dump
 from orchestrator.edits import apply_edits, plan_line
@@ -45,8 +45,9 @@ from orchestrator.journal import (
     write_snapshot,
 )
 from orchestrator.models import ContextWindowError, Model, ModelError, Reply
-from orchestrator.runner import RunRequest, RunResult, stop_orphan
+from orchestrator.runner import RunLimits, RunRequest, RunResult, stop_orphan
 from orchestrator.runner import start as start_run
+from orchestrator.sandbox import SandboxSpec, choose, protect_process, stop_strays
 from orchestrator.secrets import redact_obj
 from orchestrator.spec import IdeaSpec
 from orchestrator.template import Template, baseline_reusable, copy_template, record_baseline_hash
@@ -332,13 +333,17 @@ class Driver:
         `interrupted` after the run's process group is stopped (then KeyboardInterrupt is raised again)."""
         with session_lock(self.dir), _signals_stop_the_session():
             self._drive_t0 = time.time()
+            protect_process()  # non-dumpable (runs cannot read our environment) and a subreaper (see stop_strays)
+            self.sandbox = choose(self.settings.sandbox)
             self._load()
             before = self.state().session.status
             if before in FINAL_STATUSES and not (reopen and before in REOPENABLE_STATUSES):
                 return self.state()
             try:
                 self._record("drive_started", pid=os.getpid(),
-                             reopened=before if before in FINAL_STATUSES else None)
+                             reopened=before if before in FINAL_STATUSES else None,
+                             sandbox=self.sandbox.used, sandbox_requested=self.sandbox.requested,
+                             sandbox_warning=self.sandbox.warning or None)
                 self._recover()
                 status, reason = self._experiments()
                 if status in ("completed", "max_runs") and self.settings.plots:
@@ -402,6 +407,9 @@ class Driver:
         for e in events:
             if e.kind == "run_started" and e.key() not in finished:
                 stop_orphan(int(e.data["pid"]), e.data.get("proc_start_ticks"))
+        planted = self.ws.repair_config()  # a run of the crashed process may have planted a filter
+        if planted:
+            self._record("repository_repaired", keys=planted)
         stale = self.ws.clear_stale_locks(older_than=self._drive_t0)  # left by a git command killed with us
         if stale:
             self._record("git_locks_removed", files=stale)
@@ -622,13 +630,27 @@ class Driver:
             request = request.model_copy(update={"timeout_s": max(left or 0.0, 0.001)})
         # leaving the block before wait() returns (a journal that cannot be written, a signal) stops the run
         # gated: the experiment begins only once its pid is journaled, so a crash in between leaves no run behind
+        editable = self._editable_files(tuple(self.template.editable))
         with start_run(request, gate=True) as handle:
             _crash_point("run_spawned")
             self._record("run_started", **key, pid=handle.pid, pgid=handle.pgid,
                          proc_start_ticks=handle.proc_start_ticks, started_at=handle.started_at,
-                         command=request.command(), timeout_s=request.timeout_s)
+                         command=request.command(), timeout_s=request.timeout_s, sandbox=handle.sandbox)
+            before = guard.watch(self.dir, request.run_name, self._protected_files(), editable)
             handle.release()
             result: RunResult = handle.wait()
+        strays = stop_strays(handle.proc_start_ticks)
+        verdict = guard.settle(before, self.ws, editable)
+        notes = []
+        discarded = sorted({*result.discarded, *verdict.discarded})
+        if discarded:
+            notes.append(f"the run's own changes to {', '.join(discarded)} were discarded")
+        if strays:
+            notes.append(f"{len(strays)} process(es) it left running outside its group were stopped")
+        if verdict.tampered:
+            result = result.model_copy(update={"outcome": "tampered", "metrics": {}, "message": verdict.message()})
+        if notes:
+            result = result.model_copy(update={"message": f"{result.message} ({'; '.join(notes)})"})
         if cut_by_wall and result.outcome == "timeout":
             # not the run's fault: it runs again from a clean folder if the session is resumed with more time
             self._record("run_stopped", **key, message="stopped: the session's wall-clock budget ran out")
@@ -638,7 +660,8 @@ class Driver:
                      duration_s=result.duration_s,
                      metrics={n: m.model_dump(mode="json") for n, m in result.metrics.items()},
                      message=result.message, stderr_head=result.stderr_head, stderr_tail=result.stderr_tail,
-                     stdout_tail=result.stdout_tail)
+                     stdout_tail=result.stdout_tail, sandbox=result.sandbox, tampered=verdict.tampered,
+                     unrestored=verdict.unrestored, discarded=discarded, strays=len(strays))
         done = self.journal.find("run_finished", k)
         assert done is not None
         return done.data
@@ -646,9 +669,34 @@ class Driver:
     def _run_request(self, run_name: str, script: str = "experiment.py", args: list[str] | None = None,
                      results_file: str | None = "final_info.json") -> RunRequest:
         timeout = self.settings.timeout_s or self.template.timeout_s or DEFAULT_RUN_TIMEOUT_S
+        limits = self.template.limits
+        mb = 2**20
         return RunRequest(cwd=self.dir, run_name=run_name, python=self.settings.python, script=script, args=args,
                           timeout_s=timeout, env_allow=list(self.template.env), env_set=dict(self.settings.env),
-                          gpus=self.settings.gpus, results_file=results_file)
+                          gpus=self.settings.gpus, results_file=results_file,
+                          sandbox=self._sandbox_spec(run_name, writable=script == "plot.py"),
+                          limits=RunLimits(
+                              processes=limits.processes,
+                              file_bytes=None if limits.file_mb is None else int(limits.file_mb * mb),
+                              run_dir_bytes=None if limits.run_dir_mb is None else int(limits.run_dir_mb * mb)))
+
+    def _sandbox_spec(self, run_name: str, writable: bool) -> SandboxSpec | None:
+        """What a sandboxed run may touch; None when runs are not sandboxed. plot.py writes its figures into the
+        session folder, so its tree is writable (guarded paths stay read-only)."""
+        if self.sandbox.used != "bwrap":
+            return None
+        readonly = [".git", META_DIR, *guard.TREE_FILES, *self._protected_files(),
+                    *guard.earlier_runs(self.dir, run_name)]
+        return SandboxSpec(readonly=readonly, copy_on_write=self._editable_files(tuple(self.template.editable)),
+                           writable_tree=self.template.writable or writable,
+                           network=self.template.network or self.settings.allow_network,
+                           caches=[str(p) for p in self.template.cache_dirs(self.dir)])
+
+    def _protected_files(self) -> list[str]:
+        """The session's files that match the template's protected patterns."""
+        from fnmatch import fnmatchcase
+
+        return [rel for rel in self._tree_files() if any(fnmatchcase(rel, p) for p in self.template.protected)]
 
     def _record_run(self, run: int, outcome: str) -> None:
         k = ("experiment", run, None, None)
@@ -785,16 +833,21 @@ class Driver:
     def _editable_files(self, editable: tuple[str, ...]) -> list[str]:
         from fnmatch import fnmatchcase
 
-        found: list[str] = []
-        for path in sorted(self.dir.rglob("*")):
-            rel = path.relative_to(self.dir).as_posix()
-            if rel.startswith((".git/", f"{META_DIR}/", "run_", "plot_logs/")) or not path.is_file():
-                continue
-            if any(fnmatchcase(rel, p) for p in editable) and not any(
-                fnmatchcase(rel, p) for p in self.template.protected
-            ):
-                found.append(rel)
-        return found
+        return [rel for rel in self._tree_files()
+                if any(fnmatchcase(rel, p) for p in editable)
+                and not any(fnmatchcase(rel, p) for p in self.template.protected)]
+
+    def _tree_files(self) -> list[str]:
+        """The session's own files (sorted, '/'-separated): not under .git/, .orchestrator/ or a run folder."""
+        found = []
+        for here, dirs, files in os.walk(self.dir):
+            rel_here = Path(here).relative_to(self.dir).as_posix()
+            if rel_here == ".":
+                dirs[:] = [d for d in dirs if d not in (".git", META_DIR, "plot_logs") and not d.startswith("run_")]
+                found += [f for f in files if not f.startswith("run_")]
+            else:
+                found += [f"{rel_here}/{f}" for f in files]
+        return sorted(rel for rel in found if (self.dir / rel).is_file())
 
     def _files_text(self, editable: tuple[str, ...]) -> str:
         files = {p: (self.dir / p).read_text(encoding="utf-8", errors="replace") for p in self._editable_files(editable)}

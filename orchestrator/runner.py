@@ -30,6 +30,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -38,11 +39,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from orchestrator import sandbox as sandboxing
 from orchestrator.atomic import write_bytes_atomic
 from orchestrator.errors import OrchestratorError
-from orchestrator.secrets import looks_secret
+from orchestrator.sandbox import SandboxSpec, SandboxUsed
+from orchestrator.secrets import looks_secret, redact_bytes
 
-Outcome = Literal["ok", "error", "timeout", "oom", "no_results"]
+# quota: the run folder grew past its disk quota; tampered (set by the loop): the run changed guarded files
+Outcome = Literal["ok", "error", "timeout", "oom", "no_results", "quota", "tampered"]
 
 ALLOWED_NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "TERM", "VIRTUAL_ENV",
@@ -86,6 +90,14 @@ class Metric(BaseModel):
     stderr: float | None = None
 
 
+class RunLimits(BaseModel):
+    """Resource limits of one run (None: no limit)."""
+
+    processes: int | None = Field(None, ge=1)  # tasks the run's user may add (RLIMIT_NPROC; not for root)
+    file_bytes: int | None = Field(None, ge=1)  # largest file the run may write (RLIMIT_FSIZE)
+    run_dir_bytes: int | None = Field(None, ge=1)  # disk quota of the run folder, checked while it runs
+
+
 class RunRequest(BaseModel):
     cwd: Path  # the session folder
     run_name: str  # "run_3": the run folder, relative to cwd; its logs go there
@@ -99,6 +111,8 @@ class RunRequest(BaseModel):
     gpus: str | None = None  # -> CUDA_VISIBLE_DEVICES
     log_cap_bytes: int = 256 * 1024  # stdout.log and stderr.log each
     results_file: str | None = "final_info.json"  # relative to the run folder; None: exit 0 is "ok"
+    sandbox: SandboxSpec | None = None  # None: run directly (the defences in orchestrator.sandbox still hold)
+    limits: RunLimits = Field(default_factory=RunLimits)
 
     def command(self) -> list[str]:
         args = self.args if self.args is not None else [f"--out_dir={self.run_name}"]
@@ -116,6 +130,8 @@ class RunResult(BaseModel):
     stderr_head: str = ""  # empty when stderr_tail already holds all of stderr
     stderr_tail: str = ""
     message: str = ""  # one line, e.g. "exit 1: ValueError: bad shape"
+    sandbox: SandboxUsed = "none"
+    discarded: list[str] = Field(default_factory=list)  # copy-on-write files the run changed (changes dropped)
 
 
 # --------------------------------------------------------------------------------------------------- environment
@@ -426,7 +442,7 @@ class CappedLog:
 def _write_log(path: Path, data: bytes, durable: bool) -> None:
     """Replace `path` with `data` atomically (fsynced first when `durable`), keeping its mode. A run folder the
     experiment removed is made again."""
-    write_bytes_atomic(path, data, durable)
+    write_bytes_atomic(path, redact_bytes(data), durable)
 
 
 class _Pump:
@@ -535,8 +551,62 @@ def _summary_line(stderr: str) -> str:
 # --------------------------------------------------------------------------------------------------- running
 
 
-def _child_setup() -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def _user_tasks() -> int:
+    """Tasks (processes and threads) of this real user now: what RLIMIT_NPROC counts."""
+    uid, count = os.getuid(), 0
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    if os.stat(f"/proc/{name}").st_uid == uid:
+                        count += len(os.listdir(f"/proc/{name}/task"))
+                except OSError:
+                    continue
+    return count
+
+
+def _limit(which: int, value: int) -> None:
+    _soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(which, (value, value))
+
+
+def _child_setup(limits: RunLimits, nproc: int | None, sandboxed: bool) -> Callable[[], None]:
+    """What the child does between fork and exec: no core dumps, the run's limits, and (unsandboxed, as root)
+    no capability that reads the orchestrator's memory."""
+
+    def setup() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if nproc is not None:
+            _limit(resource.RLIMIT_NPROC, nproc)
+        if limits.file_bytes is not None:
+            _limit(resource.RLIMIT_FSIZE, limits.file_bytes)
+        if not sandboxed:
+            sandboxing.drop_capabilities()
+
+    return setup
+
+
+def _disk_bytes(folder: Path) -> int:
+    """Disk space the files under `folder` take (allocated blocks, so sparse files count what they use)."""
+    total = 0
+    stack = [folder]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                else:
+                    st = entry.stat(follow_symlinks=False)
+                    total += max(st.st_blocks * 512, 0)
+            except OSError:
+                continue
+    return total
 
 
 def _run_dir(req: RunRequest) -> Path:
@@ -553,8 +623,14 @@ class RunHandle:
     by an exception or not, stops the whole process group and reaps the child, so a run is never left behind."""
 
     def __init__(self, req: RunRequest, proc: subprocess.Popen[bytes], started_at: float, t0: float,
-                 logs: _Pump, gate: int | None = None) -> None:
+                 logs: _Pump, gate: int | None = None, scratch: Path | None = None,
+                 cow_before: dict[str, bytes] | None = None) -> None:
         self.req = req
+        self.sandbox: SandboxUsed = "bwrap" if req.sandbox is not None else "none"
+        self._scratch = scratch  # copy-on-write copies of the editable files (sandboxed runs)
+        self._cow_before = cow_before or {}
+        self._over_quota = False
+        self._discarded: list[str] = []
         self._gate = gate  # write end of the start gate (see `start`); None once released or closed
         self.proc = proc
         self.pid = proc.pid
@@ -653,6 +729,11 @@ class RunHandle:
                     timed_out = True
                     self._stop()
                     break
+                quota = req.limits.run_dir_bytes
+                if quota is not None and _disk_bytes(self.run_dir) > quota:
+                    self._over_quota = True
+                    self._stop()
+                    break
                 if on_tick is not None:
                     on_tick(elapsed)
             # the child is gone (or a zombie still holding the group id): stop whatever it left behind
@@ -680,20 +761,30 @@ class RunHandle:
         if fd is not None and fd >= 0:
             os.close(fd)
         self._pidfd = -1
+        scratch, self._scratch = self._scratch, None
+        if scratch is not None:
+            self._discarded = sandboxing.changed_in_scratch(self._cow_before, scratch)
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _outcome(self, returncode: int, duration: float, timed_out: bool) -> RunResult:
         req = self.req
+        if self.sandbox == "bwrap":
+            returncode = sandboxing.exit_status(returncode)
         stdout, stderr = (log.render().decode("utf-8", errors="replace") for _, log in self._logs.streams.values())
         tail = _excerpt_lines(stderr, TAIL_LINES, EXCERPT_CHARS, from_end=True)
         head = "" if tail == stderr.rstrip("\n") else _excerpt_lines(stderr, HEAD_LINES, EXCERPT_CHARS, False)
         base: dict[str, Any] = dict(
             returncode=returncode, duration_s=round(duration, 3), pid=self.pid, started_at=self.started_at,
             stdout_tail=_excerpt_lines(stdout, TAIL_LINES, EXCERPT_CHARS, from_end=True),
-            stderr_head=head, stderr_tail=tail)
+            stderr_head=head, stderr_tail=tail, sandbox=self.sandbox, discarded=list(self._discarded))
         last = _summary_line(stderr)
         metrics: dict[str, Metric] = {}
-        if timed_out:
-            outcome: Outcome = "timeout"
+        if self._over_quota:
+            outcome: Outcome = "quota"
+            mb = (req.limits.run_dir_bytes or 0) / 2**20
+            message = f"stopped: {req.run_name}/ grew past its {mb:g} MB disk quota"
+        elif timed_out:
+            outcome = "timeout"
             message = f"timed out after {req.timeout_s:g} s; the process group was stopped"
         elif self._killed:
             outcome = "error"
@@ -765,21 +856,37 @@ def start(req: RunRequest, gate: bool = False) -> RunHandle:
     logs = [run_dir / "stdout.log", run_dir / "stderr.log"]
     for path in logs:
         path.touch()
+    command = req.command()
+    scratch: Path | None = None
+    cow_before: dict[str, bytes] = {}
+    if req.sandbox is not None:
+        scratch = Path(tempfile.mkdtemp(prefix="orch-cow-"))
+        try:
+            cow_before = sandboxing.prepare_scratch(req.sandbox, cwd, scratch)
+            command = [*sandboxing.bwrap_command(req.sandbox, cwd, run_dir, scratch, req.python), *command]
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        env.setdefault("MPLCONFIGDIR", "/tmp/matplotlib")  # the home folder is read-only in the sandbox
+        env["TMPDIR"] = "/tmp"
+    nproc = None if req.limits.processes is None else _user_tasks() + req.limits.processes
+    setup = _child_setup(req.limits, nproc, sandboxed=req.sandbox is not None)
     (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
     gate_r, gate_w = os.pipe() if gate else (None, None)
-    command = req.command()
     if gate_r is not None:
         command = [sys.executable, "-S", "-c", _GATE_SHIM, str(gate_r), *command]
     try:
         started_at = time.time()
         t0 = time.monotonic()
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_w,
-                                stderr=err_w, start_new_session=True, preexec_fn=_child_setup, close_fds=True,
+                                stderr=err_w, start_new_session=True, preexec_fn=setup, close_fds=True,
                                 pass_fds=() if gate_r is None else (gate_r,))
     except BaseException as exc:
         for fd in (out_r, err_r, gate_w):
             if fd is not None:
                 os.close(fd)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         if isinstance(exc, OSError):
             raise RunStartError(f"cannot start {req.python}: {exc.strerror or exc}") from None
         raise
@@ -797,8 +904,10 @@ def start(req: RunRequest, gate: bool = False) -> RunHandle:
         proc.wait()
         for fd in (out_r, err_r):
             os.close(fd)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         raise
-    return RunHandle(req, proc, started_at, t0, pump, gate_w)
+    return RunHandle(req, proc, started_at, t0, pump, gate_w, scratch, cow_before)
 
 
 def run(req: RunRequest, on_start: Callable[[RunHandle], None] | None = None) -> RunResult:

@@ -136,3 +136,10 @@ def redact_obj(obj: Any, env: Mapping[str, str] | None = None) -> Any:
         items = [redact_obj(v, env) for v in obj]
         return items if isinstance(obj, list) else tuple(items)
     return obj
+
+
+def redact_bytes(data: bytes, env: Mapping[str, str] | None = None) -> bytes:
+    """`redact` for bytes of any encoding (undecodable bytes pass through unchanged)."""
+    if not data:
+        return data
+    return redact(data.decode("utf-8", "surrogateescape"), env).encode("utf-8", "surrogateescape")

@@ -43,6 +43,16 @@ class TemplateError(OrchestratorError, ValueError):
     """A template that cannot be used; the message is one line naming the template and the problem."""
 
 
+class TemplateLimits(BaseModel):
+    """`[limits]` of template.toml: resource limits of every run (absent: no limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    processes: int | None = Field(None, ge=1)  # tasks (processes and threads) a run may add (RLIMIT_NPROC)
+    file_mb: float | None = Field(None, gt=0)  # the largest file a run may write
+    run_dir_mb: float | None = Field(None, gt=0)  # disk quota of the run folder, checked while it runs
+
+
 class TemplateToml(BaseModel):
     """The keys `template.toml` may hold; any other key is an error naming it."""
 
@@ -56,6 +66,10 @@ class TemplateToml(BaseModel):
     exclude: list[str] = Field(default_factory=list)
     key_metrics: list[str] = Field(default_factory=list)
     metrics: dict[str, Direction] = Field(default_factory=dict)
+    network: bool = False  # runs may use the network (sandboxed runs have none otherwise)
+    writable: bool = False  # sandboxed runs may write anywhere in the session folder except guarded paths
+    caches: list[str] = Field(default_factory=list)  # folders bound writable into the sandbox (~ and $VARS)
+    limits: TemplateLimits = Field(default_factory=TemplateLimits)
 
     @field_validator("editable", "protected", "exclude")
     @classmethod
@@ -94,6 +108,20 @@ class Template(BaseModel):
     system_prompt: str = ""
     task_description: str = ""
     has_plot: bool
+    network: bool = False
+    writable: bool = False
+    caches: list[str] = Field(default_factory=list)
+    limits: TemplateLimits = Field(default_factory=TemplateLimits)
+
+    def cache_dirs(self, session: Path) -> list[Path]:
+        """The declared caches as absolute folders: ~ and $VARS expanded (entries still holding a $ are dropped),
+        relative ones inside the session folder."""
+        out = []
+        for entry in self.caches:
+            path = os.path.expandvars(os.path.expanduser(entry))
+            if "$" not in path:
+                out.append(Path(session) / path if not os.path.isabs(path) else Path(path))
+        return out
 
     def direction(self, metric: str) -> Direction | None:
         """Whether higher or lower is better for `metric`: its exact name first, then glob patterns in order."""
@@ -290,6 +318,10 @@ def load_template(folder: Path) -> Template:
         system_prompt=system,
         task_description=task,
         has_plot=(folder / PLOT_FILE).is_file(),
+        network=cfg.network,
+        writable=cfg.writable,
+        caches=cfg.caches,
+        limits=cfg.limits,
     )
 
 

@@ -8,7 +8,11 @@ have written into the folder:
   repository never reaches the outer one;
 - system and global configuration are ignored and the identity is given on every call, so commits work on a
   machine with no git identity and whatever HOME is;
-- hooks, fsmonitor, external diff drivers, textconv, signing and automatic gc are switched off;
+- hooks, fsmonitor, external diff drivers, textconv, signing and automatic gc are switched off, the user's
+  attributes and excludes files are not read, and git's environment is an allowlist (no key or token reaches it);
+- `.git/config` may hold only the keys git and this module write there: a filter, diff or merge driver, an
+  include or any other key a run planted makes every call refuse with `RepositoryTampered` (filters and drivers
+  cannot be switched off from the command line) until `repair_config` removes it;
 - text from the model (commit and tag messages) goes through stdin, never as an option; paths are passed after
   `--` and, except for `diff`, as literal paths (no glob or pathspec magic).
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -49,6 +54,8 @@ _CONFIG = (
     f"user.email={IDENTITY_EMAIL}",
     "core.hooksPath=/dev/null",
     "core.fsmonitor=false",
+    "core.attributesFile=/dev/null",
+    "core.excludesFile=/dev/null",
     "core.autocrlf=false",
     "core.safecrlf=false",
     "core.quotePath=false",
@@ -73,6 +80,19 @@ class GitError(OrchestratorError, RuntimeError):
     """A git operation failed, or the folder is not a session repository. The message is one line."""
 
 
+class RepositoryTampered(GitError):
+    """`.git/config` holds keys the orchestrator did not write (a filter, hook path, include ...)."""
+
+
+# The keys `git init` and `Workspace.init` write; anything else in .git/config was planted.
+CONFIG_KEYS = frozenset({
+    "core.repositoryformatversion", "core.filemode", "core.bare", "core.logallrefupdates", "core.ignorecase",
+    "core.precomposeunicode", "core.symlinks", "extensions.objectformat", "user.name", "user.email",
+})
+# What git may see of the environment (secrets never: a planted filter or hook would run with it).
+GIT_ENV_NAMES = ("PATH", "HOME", "TMPDIR", "TZ", "SYSTEMROOT")
+
+
 class RunCommit(NamedTuple):
     """What `commit_run` did."""
 
@@ -88,7 +108,7 @@ class CommitInfo(BaseModel):
 
 
 def _git_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env = {k: os.environ[k] for k in GIT_ENV_NAMES if k in os.environ}
     env.update(
         GIT_CONFIG_NOSYSTEM="1",
         GIT_CONFIG_GLOBAL=os.devnull,
@@ -164,6 +184,7 @@ class Workspace:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self.git_dir = self.root / ".git"
+        self._config_seen: tuple[int, ...] | None = None  # .git/config's stat when it last passed the check
 
     # ------------------------------------------------------------------------------------------- open / init
 
@@ -212,8 +233,73 @@ class Workspace:
 
     # ------------------------------------------------------------------------------------------- plumbing
 
+    def config_problems(self) -> list[str]:
+        """Keys in .git/config that the orchestrator did not write (sorted); [] for a clean repository."""
+        path = self.git_dir / "config"
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return []
+        sig = (st.st_mode, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        if sig == self._config_seen:
+            return []
+        if not path.is_file() or path.is_symlink():
+            return [".git/config is not a plain file"]
+        try:
+            proc = subprocess.run(["git", "config", "--file", str(path), "--no-includes", "--list", "--name-only",
+                                   "-z"], capture_output=True, env=_git_env(), timeout=GIT_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise GitError(f"git config could not be read in {self.root}: {err}") from None
+        if proc.returncode != 0:
+            return [".git/config cannot be parsed"]
+        keys = {k.decode("utf-8", "replace") for k in proc.stdout.split(b"\0") if k}
+        bad = sorted(k for k in keys if k.lower() not in CONFIG_KEYS)
+        if not bad:
+            self._config_seen = sig
+        return bad
+
+    def repair_config(self) -> list[str]:
+        """Remove every key `config_problems` names (an unparsable config is rewritten with git's defaults plus
+        ours); returns what was removed."""
+        bad = self.config_problems()
+        if not bad:
+            return []
+        path = self.git_dir / "config"
+        keep: list[tuple[str, str]] = []
+        if bad[0] not in (".git/config is not a plain file", ".git/config cannot be parsed"):
+            proc = subprocess.run(["git", "config", "--file", str(path), "--no-includes", "--list", "-z"],
+                                  capture_output=True, env=_git_env(), timeout=GIT_TIMEOUT_S, check=False)
+            for item in proc.stdout.split(b"\0"):
+                key, _, value = item.decode("utf-8", "surrogateescape").partition("\n")
+                if key and key.lower() in CONFIG_KEYS:
+                    keep.append((key, value))
+        else:
+            keep = [("core.repositoryformatversion", "0"), ("core.filemode", "true"), ("core.bare", "false"),
+                    ("core.logallrefupdates", "true")]
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        for key, value in keep:
+            subprocess.run(["git", "config", "--file", str(path), key, value], capture_output=True,
+                           env=_git_env(), timeout=GIT_TIMEOUT_S, check=True)
+        self._config_seen = None
+        left = self.config_problems()
+        if left:
+            raise RepositoryTampered(f"{self.root}: .git/config could not be repaired ({', '.join(left)})")
+        return bad
+
+    def _check_config(self) -> None:
+        bad = self.config_problems()
+        if bad:
+            raise RepositoryTampered(
+                f"{self.root}: .git/config holds keys the orchestrator did not write ({', '.join(bad[:5])}); "
+                f"git is not run on a tampered repository (`orchestrator resume` repairs it)")
+
     def _git(self, *args: str, input: str | None = None, ok_codes: Sequence[int] = (0,),
              cwd_only: bool = False) -> subprocess.CompletedProcess[str]:
+        if not cwd_only:
+            self._check_config()
         cmd = ["git"]
         for item in _CONFIG:
             cmd += ["-c", item]
