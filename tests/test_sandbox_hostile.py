@@ -457,6 +457,98 @@ def test_a_sandboxed_run_cannot_write_outside_its_folders(tmp_path):
         home.unlink(missing_ok=True)
 
 
+def plant_links(victim: Path) -> str:
+    return code(f"""\
+    for name in ("stdout.log", "stderr.log", "final_info.json", "notes.log"):
+        link = os.path.join(args.out_dir, name)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink({str(victim)!r}, link)
+    print("ATTACK planted links; this line would overwrite the victim", flush=True)
+    print("ATTACK stderr would overwrite the victim too", file=sys.stderr, flush=True)
+    sys.exit(0)
+    """)
+
+
+def test_links_a_sandboxed_run_plants_in_its_folder_never_make_the_orchestrator_write_outside(tmp_path):
+    """The run's folder is writable in the sandbox, but the orchestrator (outside it) writes the logs there and
+    commits the folder: links pointing out of the session must never be written through, nor read into git."""
+    victim = tmp_path / "victim.txt"
+    original = f"a file of the user's\nwith a key-shaped line: sk-victim-{uuid.uuid4().hex}\n"
+    victim.write_text(original)
+    res, session = launch(tmp_path, [hostile("import sys\n" + plant_links(victim)), BENIGN], "--sandbox", "auto")
+    assert_completed(res, session)
+    assert_mode_recorded(session, "auto")
+    assert victim.read_text() == original
+    assert "sk-victim-" not in git(session, "log", "-p", "--all")
+
+
+def phone_home(port: int, token: str) -> str:
+    return code(f"""\
+    import socket
+    try:
+        with socket.create_connection(("127.0.0.1", {port}), timeout=5) as conn:
+            conn.sendall({token!r}.encode())
+        print("ATTACK wrote network", flush=True)
+    except OSError as exc:
+        print("ATTACK blocked network", exc, flush=True)
+    """)
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[int, list[bytes]]]:
+    """A TCP server on 127.0.0.1 (a thread of this process) that keeps whatever it is sent."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    received: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    received.append(conn.recv(4096))
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], received
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        server.close()
+
+
+@pytest.mark.parametrize("network", ["undeclared", "template", "flag"])
+def test_a_sandboxed_run_reaches_the_network_only_when_allowed(network, tmp_path, listener):
+    port, received = listener
+    token = f"hostile-beacon-{uuid.uuid4().hex}"
+    template = make_template(tmp_path)
+    if network == "template":
+        (template / "template.toml").write_text("network = true\n" + (template / "template.toml").read_text())
+    extra = ["--allow-network"] if network == "flag" else []
+    res, session = launch(tmp_path, [hostile(phone_home(port, token)), BENIGN], "--sandbox", "auto", *extra,
+                          template=template)
+    assert_completed(res, session)
+    assert_mode_recorded(session, "auto")
+    if network == "undeclared":
+        assert_blocked(session, "network")
+        assert token.encode() not in b"".join(received)
+    else:
+        assert "ATTACK wrote network" in run1_stdout(session)
+        wait_for(lambda: token.encode() in b"".join(received), "the allowed connection to arrive", 10)
+
+
 # --------------------------------------------------------------------------------------------------- 5. setsid
 
 
@@ -509,6 +601,19 @@ def test_status_show_and_the_report_name_the_sandbox_of_each_run(mode, tmp_path)
     assert report.returncode == 0, report.stderr
     html = (tmp_path / "report.html").read_text()
     assert "sandbox" in html.lower() and expected in html
+
+
+def test_resume_can_change_the_sandbox_and_each_run_shows_its_own(tmp_path):
+    first, session = launch(tmp_path, [BENIGN], "--sandbox", "none", env={"ORCH_TEST_CRASH_AT": "reply:1"})
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    resumed = cli("resume", session, "--sandbox", "auto", env=KEYS)
+    state = assert_completed(resumed, session)
+    assert [d.get("sandbox") for d in events(session, "drive_started")] == ["none", "bwrap"]
+    assert [(r["run"], r.get("sandbox")) for r in events(session, "run_started")] == [(0, "none"), (1, "bwrap")]
+    assert [run_entry(state, n).get("sandbox") for n in (0, 1)] == ["none", "bwrap"]
+    for run, expected in ((0, "none"), (1, "bwrap")):
+        shown = cli("show", session, str(run))
+        assert shown.returncode == 0 and expected in shown.stdout, shown.stdout
 
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
