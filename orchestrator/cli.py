@@ -100,7 +100,9 @@ class _ProgressHooks:
         line = (f"{phase:<9} {where}{attempt} | {clock}"
                 f"{p.prompt_tokens + p.completion_tokens:,} tokens | ${p.cost_usd:.4f}")
         if p.message and p.phase in ("finished", "interrupted", "run_finished"):
-            line += f" | {p.message}"
+            from orchestrator.terminal import safe
+
+            line += f" | {safe(p.message)}"
         if self.live:
             self.bar.update(self.task, description=escape(line))
         elif line != self.last:
@@ -361,8 +363,12 @@ def diff(
         rec, base, text = run_diff(session, state, run, against)
         header = f"run_{rec.run} against " + (f"run_{base.run}" if base else "the template")
         if out.is_terminal:
-            out.print(f"[bold]{header}[/bold]: {rec.plan}")
-            out.print(Syntax(text or "(no code change)\n", "diff", theme="ansi_dark"))
+            from rich.markup import escape
+
+            from orchestrator.terminal import safe
+
+            out.print(f"[bold]{header}[/bold]: {escape(safe(rec.plan))}")
+            out.print(Syntax(safe(text) or "(no code change)\n", "diff", theme="ansi_dark"))
         else:
             sys.stdout.write(text if text else f"# {header}: no code change\n")
         return EXIT_FINISHED

@@ -48,7 +48,7 @@ from orchestrator.models import ContextWindowError, Model, ModelError, Reply
 from orchestrator.runner import RunLimits, RunRequest, RunResult, stop_orphan
 from orchestrator.runner import start as start_run
 from orchestrator.sandbox import SandboxSpec, choose, protect_process, stop_strays
-from orchestrator.secrets import redact_obj
+from orchestrator.secrets import redact_folder, redact_obj
 from orchestrator.spec import IdeaSpec
 from orchestrator.template import Template, baseline_reusable, copy_template, record_baseline_hash
 from orchestrator.workspace import Workspace
@@ -702,6 +702,7 @@ class Driver:
         k = ("experiment", run, None, None)
         if self.journal.find("run_recorded", k) is not None:
             return
+        redact_folder(self.dir / f"run_{run}")  # a key value never reaches a commit, whatever file holds it
         committed = self.ws.commit_run(f"run_{run}", f"run {run}: results ({outcome})")
         self.ws.tag(f"run_{run}", committed.sha, f"run {run}")
         self._record("run_recorded", stage="experiment", run=run, commit=committed.sha, tag=f"run_{run}",
@@ -779,6 +780,8 @@ class Driver:
         good = f"run_{self.last_good_run}"
         paths = self._reset_editable(good)
         logs = [f"run_{run}"] if (self.dir / f"run_{run}").exists() else []
+        if logs:
+            redact_folder(self.dir / logs[0])
         sha = self.ws.commit(f"run {run}: restore code to {good} after {attempts} failed attempts",
                              paths=[*paths, *logs])
         self._record("run_given_up", stage="experiment", run=run, commit=sha, restored_to=good, message=message)
@@ -807,6 +810,7 @@ class Driver:
                 if self.journal.find("figures") is None:
                     after = _figure_stamps(self.dir)
                     figures = sorted(p for p, t in after.items() if before.get(p) != t) or sorted(after)
+                    redact_folder(self.dir / "plot_logs")
                     sha = self.ws.commit("plots: figures from plot.py", paths=[*figures, "plot_logs"])
                     self._record("figures", stage="plots", files=figures, commit=sha)
                 return

@@ -16,6 +16,7 @@ from rich.text import Text
 from orchestrator.errors import OrchestratorError
 from orchestrator.journal import META_DIR, AttemptRecord, JournalError, RunRecord, SessionState, load_state
 from orchestrator.secrets import redact
+from orchestrator.terminal import safe
 from orchestrator.workspace import GitError, Workspace
 
 # Paths that are results or logs, not code: left out of code diffs.
@@ -64,6 +65,11 @@ def metric_cell(rec: RunRecord, name: str) -> Text:
     return text
 
 
+# Outcomes a reviewer must not miss in the results table: the run changed guarded files, or filled its disk quota.
+ALARMING_OUTCOMES = ("tampered", "quota")
+SANDBOX_WORDS = {"bwrap": "bwrap", "none": "none (not contained)"}
+
+
 def results_table(state: SessionState) -> Table:
     info = state.session
     title = f"{info.title or info.name} - {info.status}" + (f": {info.reason}" if info.reason else "")
@@ -80,6 +86,10 @@ def results_table(state: SessionState) -> Table:
         direction = next((r.metrics[name].direction for r in state.runs if name in r.metrics), None)
         arrow = {"higher": " ↑", "lower": " ↓"}.get(direction or "", "")
         table.add_column((name.rpartition(".")[2] if strip else name) + arrow, justify="right")
+    modes = sorted({rec.sandbox for rec in state.runs if rec.sandbox})
+    per_run_mode = len(modes) > 1
+    if per_run_mode:
+        table.add_column("sandbox")
     table.add_column("time", justify="right")
     table.add_column("tokens", justify="right")
     table.add_column("cost", justify="right")
@@ -88,11 +98,16 @@ def results_table(state: SessionState) -> Table:
         if rec.status == "pending" and not rec.attempts:
             continue  # a run slot the model closed with ALL_COMPLETED: its call is in the totals below
         marker = " *" if rec.run == info.best_run and rec.run != 0 else ""
+        status = Text(rec.status, style=status_style.get(rec.status, ""))
+        if rec.status != "ok" and any(a.outcome in ALARMING_OUTCOMES for a in rec.history):
+            worst = next(a.outcome for a in rec.history if a.outcome in ALARMING_OUTCOMES)
+            status.append(f" ({worst})", style="bold red")
         table.add_row(
             f"run_{rec.run}{marker}",
-            Text(rec.status, style=status_style.get(rec.status, "")),
+            status,
             str(rec.attempts or (1 if rec.run == 0 else 0)),
             *[metric_cell(rec, n) for n in names],
+            *([rec.sandbox or "-"] if per_run_mode else []),
             _duration(rec.duration_s),
             f"{rec.prompt_tokens + rec.completion_tokens:,}",
             f"${rec.cost_usd:.4f}",
@@ -101,7 +116,8 @@ def results_table(state: SessionState) -> Table:
     cost = f"${t.cost_usd:.4f}" + (f" (+{t.cost_unknown_calls} calls of unknown cost)" if t.cost_unknown_calls else "")
     table.caption = (f"{t.calls} model calls, {t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion tokens "
                      f"({t.cached_tokens:,} cached), {cost}; runs {_duration(t.run_seconds)}"
-                     + ("; * best run" if info.best_run else ""))
+                     + ("; * best run" if info.best_run else "")
+                     + (f"; runs sandboxed: {SANDBOX_WORDS.get(modes[0], modes[0])}" if len(modes) == 1 else ""))
     table.caption_justify = "left"
     return table
 
@@ -208,7 +224,7 @@ def error_summary(attempt: AttemptRecord) -> str:
     text = attempt.message or (tail[-1] if tail else "")
     if attempt.message and tail and tail[-1] not in attempt.message:
         text += f" | {tail[-1]}"
-    return redact(text)
+    return safe(redact(text))
 
 
 def _change(delta: float | None, better: bool | None) -> Text:
@@ -247,9 +263,11 @@ def show_renderables(view: SessionState) -> list[RenderableType]:
     parts.append(head)
     commit = rec.commit or _last_commit(rec)
     facts = [
-        ("plan", rec.plan or (rec.history[-1].plan if rec.history else "") or ("baseline" if rec.run == 0 else "-")),
+        ("plan", safe(rec.plan or (rec.history[-1].plan if rec.history else "")) or ("baseline" if rec.run == 0
+                                                                                      else "-")),
         ("commit", (commit[:12] if commit else "-") + (f" (tag {rec.tag})" if rec.tag else "")),
-        ("outcome", f"{rec.outcome or '-'}" + (f": {redact(rec.message)}" if rec.message else "")),
+        ("outcome", f"{rec.outcome or '-'}" + (f": {safe(redact(rec.message))}" if rec.message else "")),
+        ("sandbox", rec.sandbox or "-"),
         ("attempts", str(rec.attempts or (1 if rec.run == 0 else 0))),
         ("duration", _duration(rec.duration_s)),
         ("tokens", f"{rec.prompt_tokens:,} prompt + {rec.completion_tokens:,} completion "
@@ -270,15 +288,15 @@ def show_renderables(view: SessionState) -> list[RenderableType]:
         for col in ("attempt", "outcome", "duration", "plan", "error"):
             table.add_column(col)
         for a in failed:
-            table.add_row(str(a.attempt), Text(a.outcome, style="red"), _duration(a.duration_s), a.plan or "-",
-                          error_summary(a))
+            table.add_row(str(a.attempt), Text(a.outcome, style="red"), _duration(a.duration_s),
+                          safe(a.plan) or "-", error_summary(a))
         parts.append(table)
     if rec.stderr_tail.strip():
         parts.append(Text("stderr (tail)", style="bold"))
-        parts.append(Text(redact(rec.stderr_tail.rstrip()), style="dim"))
+        parts.append(Text(safe(redact(rec.stderr_tail.rstrip())), style="dim"))
     parts.append(Text("diff" + (" (against the previous successful run)" if rec.run else ""), style="bold"))
     if rec.diff:
-        parts.append(Syntax(rec.diff, "diff", theme="ansi_dark", word_wrap=True))
+        parts.append(Syntax(safe(rec.diff), "diff", theme="ansi_dark", word_wrap=True))
     else:
         parts.append(Text("(no code change)" if rec.diff == "" else
                           "(no diff: the run has no commit, or the session's git history cannot be read)", style="dim"))
@@ -394,17 +412,17 @@ def transcript_renderables(entries: list[LogEntry]) -> list[RenderableType]:
         where = _where(e.stage, e.run, e.attempt, e.retry)
         if e.kind == "system":
             parts.append(Rule("system", align="left", style="dim"))
-            parts.append(_folded("system prompt", e.text, lines=2))
+            parts.append(_folded("system prompt", safe(e.text), lines=2))
         elif e.kind == "user":
             parts.append(Rule(f"user · {where}", align="left", style="cyan"))
-            parts.append(Markdown(e.text))
+            parts.append(Markdown(safe(e.text)))
         elif e.kind == "assistant":
             cost = "cost unknown" if e.cost_usd is None else f"${e.cost_usd:.4f}"
             parts.append(Rule(f"assistant · {where} · {e.prompt_tokens:,}+{e.completion_tokens:,} tokens · {cost}",
                               align="left", style="magenta"))
             if e.reasoning:
-                parts.append(_folded("reasoning", e.reasoning))
-            parts.append(Markdown(e.text))
+                parts.append(_folded("reasoning", safe(e.reasoning)))
+            parts.append(Markdown(safe(e.text)))
         else:
-            parts.append(Text(f"• {e.text}", style="yellow" if "fail" in e.text or "error" in e.text else "dim"))
+            parts.append(Text(f"• {safe(e.text)}", style="yellow" if "fail" in e.text or "error" in e.text else "dim"))
     return parts

@@ -32,7 +32,7 @@ from orchestrator.journal import (
     rebuild,
     write_text_atomic,
 )
-from orchestrator.report import _duration, _fmt, error_summary, safe_run_diff, shown_metrics
+from orchestrator.report import SANDBOX_WORDS, _duration, _fmt, error_summary, safe_run_diff, shown_metrics
 from orchestrator.secrets import redact
 from orchestrator.workspace import GitError, Workspace
 
@@ -228,6 +228,7 @@ def _header(session: Path, state: SessionState) -> str:
         ("plan", _e(redact(info.plan)) if info.plan else "-"),
         ("model", f"<code>{_e(redact(info.model))}</code>"),
         ("template", _e(info.template) or "-"),
+        ("sandbox", _e(SANDBOX_WORDS.get(info.sandbox, info.sandbox or "-"))),
         ("runs", f"{ok} successful of {info.max_runs} allowed"
                  + (f"; best: <a href=\"#run-{info.best_run}\">run_{info.best_run}</a>" if info.best_run else "")),
         ("model calls", f"{t.calls}: {t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion tokens "
@@ -258,6 +259,12 @@ def _arrow(state: SessionState, name: str) -> str:
     return {"higher": " ↑", "lower": " ↓"}.get(d or "", "")
 
 
+def _alarm_badge(rec: RunRecord) -> str:
+    """A red badge when an attempt of this run changed guarded files (tampered) or filled its disk quota."""
+    worst = next((a.outcome for a in rec.history if a.outcome in ("tampered", "quota")), None)
+    return f' <span class="badge bad" title="{_e(worst)}">{_e(worst)}</span>' if worst else ""
+
+
 def _results(state: SessionState, runs: list[ReportRun]) -> str:
     if not state.runs:
         return '<h2 id="results">Results</h2><p class="dim">No runs yet.</p>'
@@ -270,7 +277,7 @@ def _results(state: SessionState, runs: list[ReportRun]) -> str:
         best = ' class="best"' if rec.run == state.session.best_run and rec.run != 0 else ""
         rows.append(
             f'<tr{best}><td class="l"><a href="#run-{rec.run}">run_{rec.run}</a></td>'
-            f'<td class="l"><span class="badge {cls}">{_e(r.label)}</span></td>'
+            f'<td class="l"><span class="badge {cls}">{_e(r.label)}</span>{_alarm_badge(rec)}</td>'
             f"<td>{rec.attempts or (1 if rec.run == 0 else 0)}</td>"
             + "".join(_metric_cell(rec, n) for n in names)
             + f"<td>{_duration(rec.duration_s)}</td><td>{rec.prompt_tokens + rec.completion_tokens:,}</td>"
@@ -466,6 +473,7 @@ def _run_section(state: SessionState, r: ReportRun, formatter: HtmlFormatter) ->
         ("tag", f"<code>{_e(rec.tag)}</code>" if rec.tag else "-"),
         ("outcome", _e(rec.outcome or "-") + (f": {_e(redact(rec.message))}" if rec.message else "")),
         ("attempts", str(rec.attempts or (1 if rec.run == 0 else 0))),
+        ("sandbox", _e(SANDBOX_WORDS.get(rec.sandbox or "", rec.sandbox or "-"))),
         ("duration", _duration(rec.duration_s)),
         ("tokens", f"{rec.prompt_tokens:,} prompt + {rec.completion_tokens:,} completion "
                    f"({rec.cached_tokens:,} cached), {rec.calls} calls"),
@@ -495,6 +503,9 @@ def _run_section(state: SessionState, r: ReportRun, formatter: HtmlFormatter) ->
         if r.attempt_diffs.get(a.attempt):
             body.append(f"<p class=\"dim\">Edits of this attempt:</p>{_diff_html(r.attempt_diffs[a.attempt], formatter)}")
         summary = f"attempt {a.attempt} failed: {a.outcome}" + (f" ({_duration(a.duration_s)})" if a.duration_s else "")
+        if a.tampered:
+            body.insert(0, f'<p class="banner">The run changed guarded files (restored, results not counted): '
+                           f'{_e(", ".join(a.tampered))}</p>')
         out.append(f'<details class="attempt"><summary>{_e(summary)}</summary>{"".join(body)}</details>')
     if r.edit_feedback:
         items = "".join(f'<pre class="wrap">{_e(_cut(f, MAX_LOG_CHARS, tail=False))}</pre>' for f in r.edit_feedback)

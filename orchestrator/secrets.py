@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 REDACTED = "[REDACTED]"
@@ -143,3 +144,40 @@ def redact_bytes(data: bytes, env: Mapping[str, str] | None = None) -> bytes:
     if not data:
         return data
     return redact(data.decode("utf-8", "surrogateescape"), env).encode("utf-8", "surrogateescape")
+
+
+def secret_values(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The values of the secret-named variables of `env` (default: os.environ) that `redact` replaces."""
+    return _secret_values(os.environ if env is None else env)
+
+
+def redact_folder(folder: Path, env: Mapping[str, str] | None = None) -> list[str]:
+    """Replace every secret value (see `secret_values`) in the files under `folder` with [REDACTED], in place and
+    atomically; returns the files changed (relative, sorted). Files are searched through a memory map, so a large
+    file costs a scan, not a copy, unless it holds a secret."""
+    import mmap
+
+    from orchestrator.atomic import write_bytes_atomic
+
+    needles = [v.encode("utf-8", "surrogateescape") for v in secret_values(env)]
+    changed: list[str] = []
+    if not needles:
+        return changed
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            with open(path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size == 0:
+                    continue
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                    if not any(view.find(n) >= 0 for n in needles):
+                        continue
+            data = path.read_bytes()
+        except (OSError, ValueError):
+            continue
+        for n in sorted(needles, key=len, reverse=True):
+            data = data.replace(n, REDACTED.encode())
+        write_bytes_atomic(path, data)
+        changed.append(path.relative_to(folder).as_posix())
+    return changed

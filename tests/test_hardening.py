@@ -184,40 +184,31 @@ def read_pid(pid_file: Path, proc: subprocess.Popen | None = None) -> int:
 
 # --------------------------------------------------------------------------------------------------- 1. catch-all
 
-# Run 1 leaves a file whose name git refuses (core.protectNTFS), so committing its results fails. (A run can no
-# longer break git by writing .git/index.lock: the sandbox makes .git/ read-only, and without it the lock is undone
-# as tampering.)
-LOCKING_RUN = (
-    "    os.makedirs(args.out_dir, exist_ok=True)\n",
-    "    os.makedirs(args.out_dir, exist_ok=True)\n"
-    "    if args.out_dir == 'run_1':\n"
-    "        open(os.path.join(args.out_dir, 'git~1'), 'w').close()\n",
-)
-
-
 def test_an_unexpected_error_in_a_step_ends_the_session_interrupted_and_resumable(tmp_path, fake_provider):
+    # A run that plants .git/index.lock is caught by the guard now (outcome tampered, see test_sandbox_hostile), so
+    # the unexpected error here is injected: the step after run 1 is recorded fails with an OSError (a full disk).
     replies = [
-        {"content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1: LR 0.2.") + edit(*LOCKING_RUN, plan="")},
+        {"content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1: LR 0.2.")},
         {"content": edit("LR = 0.2\n", "LR = 0.3\n", plan="Run 2: LR 0.3.")},
         {"content": "ALL_COMPLETED"},
     ]
     server = fake_provider.start({"replies": replies}, api_key=TEST_KEY)
-    first = orchestrator(*launch_args(tmp_path, server.url, "--no-plots"), env=MODEL_ENV, timeout=CLI_TIMEOUT_S)
+    first = orchestrator(*launch_args(tmp_path, server.url, "--no-plots"),
+                         env={**MODEL_ENV, "ORCH_TEST_CRASH_AT": "run_recorded:2:raise"}, timeout=CLI_TIMEOUT_S)
     session = session_from(first)
     assert first.returncode == 1, first.stdout + first.stderr
     assert "Traceback" not in first.stderr and "Traceback" not in first.stdout
     state = status_json(session)["session"]
     assert state["status"] == "interrupted", state
-    assert state["reason"].startswith("GitError: ") and "git~1" in state["reason"], state["reason"]
+    assert state["reason"] == "OSError: injected fault at run_recorded", state["reason"]
     named = [line for line in first.stdout.splitlines() if line.startswith("Session interrupted")]
-    assert len(named) == 1 and "GitError: " in named[0], first.stdout
+    assert len(named) == 1 and "OSError: " in named[0], first.stdout
     assert f"orchestrator resume {session}" in first.stdout
     interrupted = events(session, "interrupted")
     assert len(interrupted) == 1
-    assert interrupted[0]["data"]["error_type"] == "GitError"
-    assert "Traceback" in interrupted[0]["data"]["traceback"] and "GitError" in interrupted[0]["data"]["traceback"]
+    assert interrupted[0]["data"]["error_type"] == "OSError"
+    assert "Traceback" in interrupted[0]["data"]["traceback"] and "_crash_point" in interrupted[0]["data"]["traceback"]
 
-    (session / "run_1" / "git~1").unlink()
     resumed = orchestrator("resume", str(session), env=MODEL_ENV, timeout=CLI_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     state = status_json(session)
