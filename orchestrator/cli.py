@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -33,6 +34,21 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False)
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_MODEL = "deepseek/deepseek-reasoner"  # shown in --help; a test checks it is config.Settings' default
+
+
+def _version(show: bool) -> None:
+    if show:
+        from orchestrator import __version__
+
+        print(f"orchestrator {__version__}")
+        raise typer.Exit(EXIT_FINISHED)
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Agentic ML research sessions (see the commands below)."""
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -193,10 +209,16 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     check_python(settings.python)
     _check_sandbox(settings)
     model = _make_model(settings, 0, None)
-    model.check_credentials()
+    model.check_credentials()  # known providers at once; others (and unknown names) after litellm's import
     check_budget_enforceable(settings, model)
-    session = create_session(idea, template, settings, max_runs)
-    print(session, flush=True)
+
+    def claimed(session: Path) -> None:
+        print(session, flush=True)  # the first line: before the template copy, git and the baseline
+        start_warm_up(settings.model, settings.api_base)  # litellm's import overlaps them
+
+    from orchestrator.models import start_warm_up
+
+    session = create_session(idea, template, settings, max_runs, on_claimed=claimed)
     return _drive(session, settings)
 
 
@@ -227,8 +249,10 @@ def launch(
     idea: IdeaArg,
     idea_name: Annotated[str | None, typer.Option("--idea", help="Which idea of a list, by name.")] = None,
     template: Annotated[str | None, typer.Option(help="Template name or folder (default: the idea's, else sae).")] = None,
-    model: Annotated[str | None, typer.Option(help="litellm model name, e.g. deepseek/deepseek-reasoner, "
-                                                   "openai/gpt-4o, ollama/qwen2.5-coder, or scripted:FILE.")] = None,
+    model: Annotated[str | None, typer.Option(help="litellm model name as provider/model, e.g. "
+                                                   "deepseek/deepseek-reasoner, openai/gpt-4o, "
+                                                   "ollama/qwen2.5-coder, or scripted:FILE. "
+                                                   f"(default: {DEFAULT_MODEL})")] = None,
     api_base: Annotated[str | None, typer.Option(help="Base URL of an OpenAI-compatible server.")] = None,
     max_runs: Annotated[int | None, typer.Option(help="Runs after the baseline (at most 10; default 10).")] = None,
     root: Annotated[Path | None, typer.Option(help="Folder for session folders (default: experiments/).")] = None,
@@ -250,7 +274,17 @@ def launch(
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the plot and notes stage.")] = False,
     config: Annotated[Path | None, typer.Option(help="Settings file (default: ./orchestrator.toml).")] = None,
 ) -> None:
-    """Launch an idea: copy the template into ROOT/<time>_<idea>/, run the baseline, then let the model work."""
+    """Launch an idea: copy the template into ROOT/<time>_<idea>/, run the baseline, then let the model work.
+
+    Every option can also be set in [bold]orchestrator.toml[/bold] in the current folder (or --config FILE),
+    one setting per line by its name (model = "openai/gpt-4o", budget_usd = 2, and an \\[env] table for the
+    runs' variables), or in an [bold]ORCH_*[/bold] environment variable named after the setting (ORCH_MODEL,
+    ORCH_MAX_RUNS, ORCH_BUDGET_USD, ORCH_API_BASE, ORCH_ROOT, ORCH_ENV=K=V,K2=V2 ...). A flag wins over the
+    variable, which wins over the file.
+
+    The model's API key comes from the provider's own variable (DEEPSEEK_API_KEY, OPENAI_API_KEY, ...) and is
+    checked before anything starts; a server on this machine or the local network given with --api-base needs
+    none for openai/ models."""
     cli = {"model": _absolute_scripted(model), "api_base": api_base, "max_runs": max_runs, "root": root,
            "timeout_s": timeout, "gpus": gpus, "budget_usd": budget_usd, "wall_clock_s": wall_clock,
            "max_tokens_total": max_tokens_total, "stall_replies": stall_replies,
@@ -306,19 +340,24 @@ def resume(
                       + (f": {state.session.reason}" if state.session.reason else "") + "); nothing to do"
                       + (f" (go on with resume {hint})" if hint else "") + ".", soft_wrap=True)
             return EXIT_FINISHED
+        from orchestrator.runner import check_env_set
+
+        def usable(settings: Any) -> None:  # checked before the new settings are saved
+            check_env_set(dict(settings.env))
+            check_python(settings.python)
+            _check_sandbox(settings)
+            llm = _make_model(settings, 0, None)
+            llm.check_credentials()
+            check_budget_enforceable(settings, llm)
+
         settings = resume_settings(session, {
             "model": _absolute_scripted(model), "api_base": api_base, "budget_usd": budget_usd,
             "wall_clock_s": wall_clock, "max_tokens_total": max_tokens_total, "stall_replies": stall_replies,
             "timeout_s": timeout, "gpus": gpus, "env": _parse_env(env), "python": python,
-            "sandbox": sandbox, "allow_network": allow_network})
-        from orchestrator.runner import check_env_set
+            "sandbox": sandbox, "allow_network": allow_network}, check=usable)
+        from orchestrator.models import start_warm_up
 
-        check_env_set(dict(settings.env))
-        check_python(settings.python)
-        _check_sandbox(settings)
-        llm = _make_model(settings, 0, None)
-        llm.check_credentials()
-        check_budget_enforceable(settings, llm)
+        start_warm_up(settings.model, settings.api_base)
         return _drive(session, settings, reopen=extended)
 
     _guard(run)
@@ -383,6 +422,8 @@ def list_(root: Annotated[Path, typer.Argument(help="Folder holding session fold
     def run() -> int:
         from orchestrator.report import list_sessions, sessions_table
 
+        if not root.is_dir():
+            _fail(f"{root} is not a folder" if root.exists() else f"{root} does not exist")
         states = list_sessions(root)
         if not states:
             out.print(f"No sessions under {root}.")
@@ -423,7 +464,8 @@ def demo(
     root: Annotated[Path, typer.Option(help="Folder for the session folder.")] = Path("experiments"),
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the plot and notes stage.")] = False,
 ) -> None:
-    """Run the Median-MAD idea on the SAE template with SCRIPTED model replies (no API key, about two minutes)."""
+    """Run the Median-MAD idea on the SAE template with SCRIPTED model replies (no API key; about two minutes on 2 idle
+    CPU cores, longer on a busy machine)."""
 
     def run() -> int:
         from orchestrator.template import find_template
@@ -433,7 +475,8 @@ def demo(
         replies = sae.path / "demo" / "median_mad_replies.yaml"
         err.print("[bold]Demo[/bold]: the model's replies are scripted (recorded in "
                   f"{replies.name}); no model is called. Runs use the CPU's fast preset, whatever the machine "
-                  "or the SAE_* variables, so the numbers match the README.", soft_wrap=True)
+                  "or the SAE_* variables, so the numbers match the README. Expect about 2 minutes on 2 idle CPU "
+                  "cores (its runs are CPU-bound training), longer on a busy machine.", soft_wrap=True)
         cli = {"model": f"scripted:{replies}", "root": root, "env": DEMO_ENV,
                "plots": False if no_plots else None, "max_runs": 5}
         return _launch(idea, None, "sae", cli, None)
@@ -504,7 +547,32 @@ def report(
 
 def main() -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    app()
+    try:
+        app()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    _exit_now(code)
+
+
+def _exit_now(code: object) -> NoReturn:
+    """End the process as soon as its output is out. A normal interpreter exit lingers for seconds after the last
+    line once litellm is loaded (tearing down its modules, its atexit hooks); nothing of ours needs either:
+    journal and snapshot are written and fsynced as they go, and the session lock goes with the process."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        sys.stderr.write(f"{code}\n")
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said there
+            pass
+    logging.shutdown()
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -387,6 +387,10 @@ class StateFold:
             info.reason = d.get("reason", "")
             info.phase = "finished"
             self._nothing_runs()
+            # A run number that never got an attempt (the model closed the session with ALL_COMPLETED, or a limit
+            # ended it at the ask) is no run: its calls stay in the session's totals.
+            for n in [n for n, rec in self.runs.items() if n and rec.status == "pending" and not rec.attempts]:
+                del self.runs[n]
         elif ev.kind == "interrupted":
             info.status = "interrupted"
             info.reason = d.get("reason", "interrupted")
@@ -545,11 +549,40 @@ def _best_run(runs: dict[int, RunRecord], key_metrics: list[str], directions: di
 
 
 def load_state(session_dir: Path) -> SessionState:
-    """Rebuild the snapshot of a session folder from its journal (raises JournalError when it is not one)."""
+    """Rebuild the snapshot of a session folder from its journal (raises JournalError when it is not one).
+
+    A session recorded `running` that no process drives (its driver was killed, or the machine went down, before
+    it could record why) is shown as what it is: `interrupted`, its running run `stopped`; `resume` goes on."""
     journal = Journal(session_dir)
     if not journal.exists():
         raise JournalError(f"{session_dir} is not a session folder (no {META_DIR}/{JOURNAL_FILE})")
-    return rebuild(journal.events(), session_dir)
+    events = journal.events()
+    fold = StateFold(session_dir)
+    for event in events:
+        fold.add(event)
+    if fold.info.status == "running" and any(e.kind == "drive_started" for e in events) \
+            and not _driven(Path(session_dir)):
+        fold.info.status = "interrupted"
+        fold.info.reason = "the orchestrator process ended without recording why (killed?); resume goes on"
+        fold._nothing_runs()
+    return fold.state()
+
+
+def _driven(session_dir: Path) -> bool:
+    """Whether a process holds the session's lock (`.orchestrator/lock`, taken by whoever drives it)."""
+    import fcntl
+
+    try:
+        fd = os.open(session_dir / META_DIR / "lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # held (exclusively) by a driver
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock this probe took
+    return False
 
 
 def write_snapshot(session_dir: Path, state: SessionState) -> None:

@@ -129,9 +129,12 @@ def claim_session_dir(root: Path, name: str) -> Path:
 
 
 def create_session(idea: IdeaSpec, template: Template, settings: Settings, max_runs: int,
-                   now: datetime | None = None) -> Path:
-    """Copy the template into a fresh session folder, make it a git repo and journal the launch."""
+                   now: datetime | None = None, on_claimed: Callable[[Path], None] | None = None) -> Path:
+    """Copy the template into a fresh session folder, make it a git repo and journal the launch. `on_claimed` is
+    called with the folder as soon as it exists (the CLI prints it there, before the copy and git)."""
     session = claim_session_dir(Path(settings.root), session_dir_name(idea, now))
+    if on_claimed is not None:
+        on_claimed(session)
     try:
         copy_template(template, session)
     except BaseException:
@@ -168,9 +171,11 @@ def check_budget_enforceable(settings: Settings, model: Model) -> None:
                           "add --max-tokens-total N to bound the session")
 
 
-def resume_settings(session: Path, overrides: dict[str, Any]) -> Settings:
+def resume_settings(session: Path, overrides: dict[str, Any],
+                    check: Callable[[Settings], None] | None = None) -> Settings:
     """The settings a session was launched with, under ORCH_* variables and the flags given to `resume` (the
-    result is saved again). A saved `api_base` whose credentials were masked is never used as a URL."""
+    result is saved again). A saved `api_base` whose credentials were masked is never used as a URL. `check` is
+    called with the result before it is saved: whatever it raises leaves the session's settings as they were."""
     from orchestrator.config import env_overrides, load_settings
 
     path = Path(session) / META_DIR / SETTINGS_FILE
@@ -193,6 +198,8 @@ def resume_settings(session: Path, overrides: dict[str, Any]) -> Settings:
     if masked and settings.api_base is None:
         raise ConfigError("the session's api_base held credentials, which are never saved: give it again with "
                           "resume --api-base URL (or ORCH_API_BASE)")
+    if check is not None:
+        check(settings)
     write_text_atomic(path, _json(public_dump(settings) | {"max_runs": max_runs}))
     return settings
 

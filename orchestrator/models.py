@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -101,16 +102,48 @@ class ModelError(OrchestratorError, Exception):
 
 
 class MissingAPIKeyError(ModelError):
-    def __init__(self, model: str, env_vars: Sequence[str]) -> None:
+    def __init__(self, model: str, env_vars: Sequence[str], api_base: str | None = None) -> None:
         self.model = model
         self.env_vars = list(env_vars)
         if self.env_vars:
             first, *others = self.env_vars
             also = f" (or set {' or '.join(others)})" if others else ""
             how = f"set the environment variable {first}{also}, e.g. export {first}=<your key>"
+            if api_base and model.startswith("openai/"):
+                how += f" (any value will do if the server at {api_base} checks no key)"
         else:
             how = "set the provider's API key environment variable (litellm's provider docs name it)"
         super().__init__(f"model {model!r} needs an API key: {how}")
+
+
+class UnknownModelError(ModelError):
+    """litellm cannot tell which provider serves the model name."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        super().__init__(f"unknown model {model!r}: litellm cannot tell its provider; name it as provider/model, "
+                         "e.g. deepseek/deepseek-reasoner, openai/gpt-4o or anthropic/claude-sonnet-4-5")
+
+
+# Providers whose API key variable is known here, so their key is checked at once, without litellm (whose import
+# takes seconds). Any one of a provider's variables, set and not blank, is its key. A test checks that litellm's
+# own `validate_environment` asks for the same variables. Other providers are checked with litellm.
+PROVIDER_KEY_VARS: dict[str, tuple[str, ...]] = {
+    "deepseek": ("DEEPSEEK_API_KEY",),
+    "openai": ("OPENAI_API_KEY",),
+    "anthropic": ("ANTHROPIC_API_KEY",),
+    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    "mistral": ("MISTRAL_API_KEY",),
+    "groq": ("GROQ_API_KEY",),
+    "together_ai": ("TOGETHERAI_API_KEY",),
+    "openrouter": ("OPENROUTER_API_KEY",),
+    "xai": ("XAI_API_KEY",),
+    "fireworks_ai": ("FIREWORKS_AI_API_KEY",),
+    "cohere": ("COHERE_API_KEY",),
+    "perplexity": ("PERPLEXITYAI_API_KEY",),
+    "deepinfra": ("DEEPINFRA_API_KEY",),
+    "cerebras": ("CEREBRAS_API_KEY",),
+}
 
 
 class ContextWindowError(ModelError):
@@ -153,7 +186,9 @@ def _one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
 @runtime_checkable
 class Model(Protocol):
     name: str
-    profile: Profile
+
+    @property
+    def profile(self) -> Profile: ...
 
     def complete(self, messages: Sequence[Message]) -> Reply: ...
 
@@ -206,13 +241,59 @@ def _install_log_redaction() -> None:
 
 
 def _litellm() -> Any:
-    """Import litellm on first use: offline cost map, no debug banners, redacted log records."""
+    """Import litellm on first use: offline cost map, no debug banners, redacted log records. When a warm-up
+    (`start_warm_up`) is under way on another thread, wait for it first: litellm's lazy set-up is not made to run
+    on two threads at once."""
+    warm = _WARM_UP
+    if warm is not None and warm.thread is not threading.current_thread():
+        warm.thread.join()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
 
     litellm.suppress_debug_info = True
     _install_log_redaction()
     return litellm
+
+
+class _WarmUp:
+    def __init__(self, thread: threading.Thread) -> None:
+        self.thread = thread
+        self.error: BaseException | None = None
+
+
+_WARM_UP: _WarmUp | None = None
+
+
+def start_warm_up(name: str, api_base: str | None = None) -> None:
+    """Import litellm and do its lazy per-provider set-up for model `name` on a background (daemon) thread, so
+    that it overlaps the session's start (template copy, git, baseline run) and the first model call costs what
+    later ones do. Nothing goes out on the network: the warm-up call is answered by litellm's `mock_response`.
+    Any later use of litellm in this module waits for it; a failure here is ignored (the real call will say)."""
+    global _WARM_UP
+    if _WARM_UP is not None or name.startswith(SCRIPTED_PREFIX):
+        return
+
+    def work() -> None:
+        try:
+            litellm = _litellm()
+            model = LiteLLMModel(name, api_base=api_base)
+            model.context_limit()
+            model.count_tokens([Message(role="user", content="warm up")])
+            model.price_known()
+            litellm.completion(**{**model._request_kwargs([{"role": "user", "content": "warm up"}]),
+                                  "api_key": LOCAL_PLACEHOLDER_KEY, "mock_response": "ok"})
+            # What a mocked call skips: the default tokenizer most provider routes load on their first real call
+            # (module attribute `encoding`, loaded lazily), and the HTTP transport under the clients.
+            import litellm.main
+
+            getattr(litellm.main, "encoding", None)
+            import httpcore  # noqa: F401
+        except BaseException as exc:  # a warm-up never fails the session
+            assert _WARM_UP is not None
+            _WARM_UP.error = exc
+
+    _WARM_UP = _WarmUp(threading.Thread(target=work, name="litellm-warm-up", daemon=True))
+    _WARM_UP.thread.start()
 
 
 def _header(headers: Any, name: str) -> str | None:
@@ -273,7 +354,9 @@ def retry_after_s(exc: BaseException) -> float | None:
 
 
 def is_local_api_base(api_base: str | None) -> bool:
-    """Whether a base URL points at this machine (localhost, 127.x.x.x, ::1)."""
+    """Whether a base URL points at this machine (localhost, 127.x.x.x, ::1) or at a private address of the local
+    network (10.x, 172.16-31.x, 192.168.x, fc00::/7, link-local), where OpenAI-compatible servers usually check no
+    key."""
     if not api_base:
         return False
     try:
@@ -285,9 +368,11 @@ def is_local_api_base(api_base: str | None) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    # this machine, or one on the local network (10/8, 172.16/12, 192.168/16, fc00::/7, link-local)
+    return address.is_loopback or ((address.is_private or address.is_link_local) and not address.is_unspecified)
 
 
 def provider_text(exc: BaseException) -> str:
@@ -417,7 +502,9 @@ class LiteLLMModel:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.on_retry = on_retry
-        self.profile: Profile = profile_for(name, profile)
+        # An override is checked at once; otherwise the profile may need litellm's model map, so it is looked up
+        # on first use (litellm's import takes seconds, and is done on a background thread meanwhile).
+        self._profile: Profile | None = profile_for(name, profile) if profile else None
         self.context_tokens = context_tokens  # overrides litellm's map (a local model it does not know)
         self._credentials_checked = False
         self._info: dict[str, Any] | None = None
@@ -425,6 +512,14 @@ class LiteLLMModel:
 
     def __repr__(self) -> str:  # never shows the key
         return f"LiteLLMModel(name={self.name!r}, api_base={self.api_base!r}, profile={self.profile.name!r})"
+
+    @property
+    def profile(self) -> Profile:
+        """The message rules for this model: the override, else from its name or litellm's model map."""
+        if self._profile is None:
+            _litellm()  # waits for a warm-up under way (litellm's lazy set-up is not made for two threads)
+            self._profile = profile_for(self.name)
+        return self._profile
 
     # ---------------------------------------------------------------------------------------------- helpers
 
@@ -435,7 +530,7 @@ class LiteLLMModel:
         return utf8_safe(redact(text, env))
 
     def _needs_no_key(self) -> bool:
-        """An openai/ model served on this machine: local OpenAI-compatible servers check no key."""
+        """An openai/ model served on this machine or the local network: such servers usually check no key."""
         base = self.api_base or os.environ.get("OPENAI_API_BASE") or os.environ.get("OPENAI_BASE_URL")
         return self.name.startswith("openai/") and is_local_api_base(base)
 
@@ -493,10 +588,26 @@ class LiteLLMModel:
         return wait
 
     def check_credentials(self) -> None:
-        """Raise MissingAPIKeyError (without any network) when the provider's key is not available."""
-        if self._api_key or self._credentials_checked or self._needs_no_key():
+        """Raise MissingAPIKeyError (without any network) when the provider's key is not available, and
+        UnknownModelError when litellm cannot tell the model's provider. A provider of PROVIDER_KEY_VARS is
+        checked at once; any other waits for litellm's import."""
+        if self._credentials_checked:
+            return
+        provider = self.name.split("/", 1)[0] if "/" in self.name else ""
+        known = PROVIDER_KEY_VARS.get(provider)
+        if known is not None and self.name.split("/", 1)[1].strip():
+            if not (self._api_key or self._needs_no_key() or any(os.environ.get(v, "").strip() for v in known)):
+                raise MissingAPIKeyError(self.name, known, api_base=self.api_base)
+            self._credentials_checked = True
             return
         litellm = _litellm()
+        try:
+            litellm.get_llm_provider(model=self.name, api_base=self.api_base)
+        except Exception:  # litellm's multi-line "LLM Provider NOT provided" and friends
+            raise UnknownModelError(self.name) from None
+        if self._api_key or self._needs_no_key():
+            self._credentials_checked = True
+            return
         # litellm counts a variable set to "" as present; for us an empty key is a missing key.
         empty = {k: v for k, v in os.environ.items() if is_secret_env_name(k) and not v.strip()}
         for k in empty:
@@ -509,7 +620,7 @@ class LiteLLMModel:
             os.environ.update(empty)
         missing = [k for k in report.get("missing_keys", []) if is_secret_env_name(k)]
         if missing:
-            raise MissingAPIKeyError(self.name, missing)
+            raise MissingAPIKeyError(self.name, missing, api_base=self.api_base)
         self._credentials_checked = True
 
     def _request_kwargs(self, wire: list[dict[str, str]]) -> dict[str, Any]:

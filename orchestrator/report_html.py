@@ -20,6 +20,7 @@ from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import DiffLexer
 
+from orchestrator.errors import OrchestratorError
 from orchestrator.journal import (
     FINAL_STATUSES,
     META_DIR,
@@ -66,6 +67,8 @@ def write_report(session: Path, output: Path | None = None) -> Path:
     path = Path(output) if output is not None else session / REPORT_FILE
     if path.is_dir():
         path = path / REPORT_FILE
+    if not path.parent.is_dir():  # a typo in -o should not silently make folders
+        raise OrchestratorError(f"cannot write {path}: the folder {path.parent} does not exist")
     write_text_atomic(path, text)
     return path
 

@@ -217,7 +217,7 @@ class Workspace:
             raise GitError(f"{ws.root}: not a folder")
         if not (ws.git_dir / "HEAD").is_file():
             raise GitError(f"{ws.root}: not a session folder (no git repository in it)")
-        ws._git("rev-parse", "--git-dir")
+        ws._git("rev-parse", "--git-dir", reads_only=True)
         return ws
 
     def _ensure_gitignore(self) -> None:
@@ -297,8 +297,10 @@ class Workspace:
                 f"git is not run on a tampered repository (`orchestrator resume` repairs it)")
 
     def _git(self, *args: str, input: str | None = None, ok_codes: Sequence[int] = (0,),
-             cwd_only: bool = False) -> subprocess.CompletedProcess[str]:
-        if not cwd_only:
+             cwd_only: bool = False, reads_only: bool = False) -> subprocess.CompletedProcess[str]:
+        """One git call. `reads_only`: a command that runs no filter or driver (rev-parse), allowed on a tampered
+        repository so it can be opened and repaired."""
+        if not (cwd_only or reads_only):
             self._check_config()
         cmd = ["git"]
         for item in _CONFIG:

@@ -11,6 +11,7 @@ import pytest
 
 from orchestrator.conversation import Message, append
 from orchestrator.models import (
+    PROVIDER_KEY_VARS,
     ContextWindowError,
     LiteLLMModel,
     MissingAPIKeyError,
@@ -580,3 +581,60 @@ def test_a_real_key_never_reaches_the_fake_providers_log(
     LiteLLMModel(UNKNOWN_OPENAI, api_base=fake.url, **FAST).complete(history("go"))
     (req,) = fake.requests()
     assert req["authorization"] == "(a key)" and KEY not in fake.log_path.read_text()
+
+
+# --------------------------------------------------------------------------------------------------- start-up
+
+
+@pytest.mark.parametrize("provider", sorted(PROVIDER_KEY_VARS))
+def test_the_key_table_asks_for_what_litellm_asks_for(monkeypatch: pytest.MonkeyPatch, provider: str) -> None:
+    """Keys of the providers in PROVIDER_KEY_VARS are checked without litellm: the table must agree with litellm's
+    own check, both ways (no key: both refuse, naming the same variables; any one of them: both accept)."""
+    import litellm
+
+    names = PROVIDER_KEY_VARS[provider]
+    name = f"{provider}/some-model"
+    for var in names:
+        monkeypatch.delenv(var, raising=False)
+    asked = litellm.validate_environment(model=name)
+    assert not asked["keys_in_environment"] and set(asked["missing_keys"]) == set(names)
+    with pytest.raises(MissingAPIKeyError) as excinfo:
+        LiteLLMModel(name).check_credentials()
+    assert excinfo.value.env_vars == list(names)
+    for var in names:
+        monkeypatch.setenv(var, KEY)
+        assert litellm.validate_environment(model=name)["keys_in_environment"]
+        LiteLLMModel(name).check_credentials()
+        monkeypatch.delenv(var)
+
+
+@pytest.mark.parametrize("name", ["gpt4o", "claude-sonnet", "no-such-provider/model"])
+def test_a_name_litellm_cannot_place_is_one_clear_error(name: str) -> None:
+    from orchestrator.models import UnknownModelError
+
+    with pytest.raises(UnknownModelError) as excinfo:
+        LiteLLMModel(name).check_credentials()
+    assert "\n" not in str(excinfo.value) and "provider/model" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("host", ["192.168.1.20", "10.0.0.5", "172.16.3.4", "[fd00::1]"])
+def test_a_server_on_the_local_network_needs_no_key(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    LiteLLMModel(UNKNOWN_OPENAI, api_base=f"http://{host}:8000/v1").check_credentials()
+
+
+def test_the_warm_up_sends_nothing_and_the_first_call_then_works(
+    fake_provider: StartFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator import models
+
+    monkeypatch.setattr(models, "_WARM_UP", None)
+    monkeypatch.setenv("DEEPSEEK_API_KEY", KEY)
+    fake = fake_provider(["ok"], api_key=KEY)
+    models.start_warm_up("deepseek/deepseek-chat", fake.url)
+    warm = models._WARM_UP
+    assert warm is not None
+    m = LiteLLMModel("deepseek/deepseek-chat", api_base=fake.url, **FAST)
+    assert m.complete(history("go")).content == "ok"  # waits for the warm-up, then calls
+    assert not warm.thread.is_alive() and warm.error is None
+    assert [r["status"] for r in fake.requests()] == [200]

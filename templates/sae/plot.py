@@ -16,8 +16,9 @@ import matplotlib.pyplot as plt
 FIGURES = {
     "feature_recovery.png": ("Feature recovery (MCC, higher is better)",
                              [("mcc_clean", "clean"), ("mcc_contaminated", "contaminated")]),
-    "explained_variance.png": ("Explained variance on clean data (higher is better)",
-                               [("ev_clean", "clean"), ("ev_contaminated", "contaminated")]),
+    "explained_variance.png": ("Explained variance, SAEs trained on clean and on contaminated data "
+                               "(held-out clean data; higher is better)",
+                               [("ev_clean", "trained clean"), ("ev_contaminated", "trained contaminated")]),
     "sparsity.png": ("L0: active latents per sample (true L0 = planted features per sample)",
                      [("l0_clean", "clean"), ("l0_contaminated", "contaminated"), ("true_l0", "true")]),
     "lm.png": ("LM activations", [("ce_loss_recovered", "CE loss recovered"),

@@ -1,0 +1,120 @@
+"""What the command line says about itself and about mistakes: --version, --help, one-line errors, honest rows."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import DEFAULT_MODEL
+from orchestrator.config import Settings
+from tests.report_helpers import completed_session
+from tests.session_helpers import REPO, orchestrator, status_json
+
+
+def one_error_line(res) -> str:
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    return lines[0]
+
+
+def test_version():
+    from orchestrator import __version__
+
+    res = orchestrator("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"orchestrator {__version__}"
+
+
+def test_launch_help_names_the_default_model_and_where_settings_come_from():
+    assert Settings.model_fields["model"].default == DEFAULT_MODEL
+    res = orchestrator("launch", "--help", env={"COLUMNS": "200"})
+    text = " ".join(res.stdout.replace("│", " ").split())
+    assert res.returncode == 0
+    assert f"(default: {DEFAULT_MODEL})" in text
+    assert "orchestrator.toml" in text and "ORCH_MODEL" in text and "ORCH_*" in text and "[env]" in text
+
+
+def test_list_of_a_missing_folder_is_an_error(tmp_path):
+    assert "does not exist" in one_error_line(orchestrator("list", str(tmp_path / "nowhere")))
+    (tmp_path / "file").write_text("x")
+    assert "not a folder" in one_error_line(orchestrator("list", str(tmp_path / "file")))
+    res = orchestrator("list", str(tmp_path))
+    assert res.returncode == 0 and "No sessions" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return completed_session(tmp_path_factory.mktemp("messages") / "completed")
+
+
+def test_report_to_a_missing_folder_is_an_error_and_makes_no_folders(session, tmp_path):
+    target = tmp_path / "missing" / "dir" / "x.html"
+    assert "does not exist" in one_error_line(orchestrator("report", str(session), "-o", str(target)))
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_session_closed_with_all_completed_has_no_pending_run(session):
+    state = status_json(session)
+    assert state["session"]["status"] == "completed"
+    assert {r["status"] for r in state["runs"]} <= {"ok", "failed"}
+    assert sum(r["calls"] for r in state["runs"]) < state["session"]["totals"]["calls"]  # the closing reply
+    res = orchestrator("report", str(session), "-o", str(session / "r.html"))
+    assert res.returncode == 0, res.stderr
+    html = (session / "r.html").read_text()
+    assert "not run" not in html and not re.search(r">\s*pending\s*<", html)
+
+
+def test_the_sae_explained_variance_figure_is_titled_for_both_conditions():
+    text = (REPO / "templates" / "sae" / "plot.py").read_text()
+    title = re.search(r'"explained_variance.png": \("([^"]+)"\s*"([^"]*)"', text)
+    assert title and "contaminated" in title.group(1) + title.group(2)
+
+
+def test_a_killed_session_is_not_shown_as_running(tmp_path):
+    """SIGKILL leaves no record of why the session stopped: status shows it interrupted, its run stopped."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.session_helpers import WAITING_EXPERIMENT_PATCH, edit, make_idea, make_template, pid_alive
+
+    go = tmp_path / "go"
+    script = tmp_path / "replies.json"
+    script.write_text(json.dumps([edit(*WAITING_EXPERIMENT_PATCH, plan="Run 1: wait for the go file.")]))
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "launch", str(make_idea(tmp_path)), "--template",
+         str(make_template(tmp_path)), "--model", f"scripted:{script}", "--root", str(tmp_path / "sessions"),
+         "--no-plots", "--env", f"TOY_GO_FILE={go}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    run_pid = None
+    try:
+        deadline = time.monotonic() + 120
+        pid_file = Path(f"{go}.pid")
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, "run 1 never started"
+            time.sleep(0.05)
+        run_pid = int(pid_file.read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        (session,) = (tmp_path / "sessions").iterdir()
+        state = status_json(session)
+        assert state["session"]["status"] == "interrupted" and "killed" in state["session"]["reason"]
+        run1 = next(r for r in state["runs"] if r["run"] == 1)
+        assert run1["status"] == "stopped"
+    finally:
+        go.touch()  # the orphaned run ends by itself; stopped by pid if it does not
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if run_pid is not None:
+            deadline = time.monotonic() + 30
+            while pid_alive(run_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(run_pid):
+                os.kill(run_pid, signal.SIGKILL)

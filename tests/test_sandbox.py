@@ -1,0 +1,256 @@
+"""The sandbox's parts, each on its own: the guard's snapshot and repair, the checked .git/config, the runner's
+limits and network rule, redaction of run folders, terminal-safe text, and a benign run giving the same results
+with and without bubblewrap. The hostile end-to-end sessions are in test_sandbox_hostile.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from orchestrator import guard
+from orchestrator.runner import RunLimits, RunRequest, start
+from orchestrator.sandbox import SandboxSpec, bwrap_command, bwrap_problem, choose, gpu_binds
+from orchestrator.secrets import REDACTED, redact_folder
+from orchestrator.terminal import safe
+from orchestrator.workspace import RepositoryTampered, Workspace, _git_env
+
+NO_BWRAP = bwrap_problem()
+# CI installs bubblewrap (.ci/run sets ORCH_REQUIRE_BWRAP=1): there a missing bwrap fails instead of skipping.
+needs_bwrap = pytest.mark.skipif(NO_BWRAP is not None and os.environ.get("ORCH_REQUIRE_BWRAP") != "1",
+                                 reason=f"bubblewrap cannot run here: {NO_BWRAP}")
+KEY = "sk-sandbox-test-7d1e0b9c4a2f6e8d0c3b"
+
+
+def run_once(session: Path, code: str, name: str = "run_1", spec: SandboxSpec | None = None,
+             limits: RunLimits | None = None, timeout: float = 60):
+    (session / "experiment.py").write_text(code)
+    req = RunRequest(cwd=session, run_name=name, results_file=None, sandbox=spec, timeout_s=timeout,
+                     limits=limits or RunLimits())
+    with start(req, gate=True) as handle:
+        handle.release()
+        return handle.wait()
+
+
+@pytest.fixture
+def session(tmp_path):
+    folder = tmp_path / "session"
+    folder.mkdir()
+    (folder / "experiment.py").write_text("pass\n")
+    (folder / "evaluate.py").write_text("SCALE = 1\n")
+    Workspace.init(folder)
+    return folder
+
+
+MODES = [pytest.param(None, id="none"), pytest.param(SandboxSpec(), id="bwrap", marks=needs_bwrap)]
+
+
+# --------------------------------------------------------------------------------------------------- guard
+
+
+def test_a_rewritten_file_is_caught_even_with_its_mtime_and_size_put_back(session):
+    target = session / "evaluate.py"
+    before = guard.take(session, ["evaluate.py"], [], keep=[])
+    st = target.stat()
+    target.write_text("SCALE = 9\n")  # same size
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert guard.changes(before) == ["evaluate.py"]
+
+
+def test_repair_puts_kept_files_back_removes_new_ones_and_never_writes_through_a_planted_link(session, tmp_path):
+    meta = session / ".orchestrator"
+    meta.mkdir()
+    (meta / "journal.jsonl").write_text('{"seq": 1}\n')
+    before = guard.take(session, [], [".orchestrator"], keep=[".orchestrator"])
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    os.rename(meta, session / "moved")
+    os.symlink(outside, meta)  # the folder is now a link to a place outside the session
+    (outside / "planted.txt").write_text("x")
+    changed = guard.changes(before)
+    assert ".orchestrator" in changed
+    repaired, left = guard.repair(before, changed)
+    assert not left
+    assert meta.is_dir() and not meta.is_symlink()
+    assert (meta / "journal.jsonl").read_text() == '{"seq": 1}\n'
+    assert not (outside / "journal.jsonl").exists(), "the repair wrote through the planted link"
+    assert sorted(p.name for p in meta.iterdir()) == ["journal.jsonl"]
+
+
+def test_settle_restores_tracked_files_from_the_last_checkpoint_and_names_them(session):
+    ws = Workspace.open(session)
+    before = guard.watch(session, "run_1", ["evaluate.py"], ["experiment.py"])
+    (session / "evaluate.py").write_text("SCALE = 1000\n")
+    (session / "experiment.py").write_text("print('changed while running')\n")
+    verdict = guard.settle(before, ws, ["experiment.py"])
+    assert verdict.tampered == ["evaluate.py"]
+    assert verdict.discarded == ["experiment.py"]
+    assert (session / "evaluate.py").read_text() == "SCALE = 1\n"
+    assert (session / "experiment.py").read_text() == "pass\n"
+    assert "evaluate.py" in verdict.message() and "do not count" in verdict.message()
+
+
+# --------------------------------------------------------------------------------------------------- git
+
+
+def test_a_planted_filter_makes_git_refuse_until_the_config_is_repaired(session, tmp_path):
+    marker = tmp_path / "filter-ran"
+    with open(session / ".git" / "config", "a") as fh:
+        fh.write(f'[filter "evil"]\n\tclean = touch {marker}; cat\n')
+    (session / ".gitattributes").write_text("* filter=evil\n")
+    ws = Workspace.open(session)
+    with pytest.raises(RepositoryTampered, match="filter.evil.clean"):
+        ws.commit("after the run")
+    assert not marker.exists()
+    assert ws.repair_config() == ["filter.evil.clean"]
+    ws.commit("after the repair", paths=[".gitattributes"])
+    assert not marker.exists(), "the planted filter ran"
+    assert ws.config_problems() == []
+
+
+def test_git_never_sees_a_secret_variable(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("MY_SERVICE_TOKEN", KEY)
+    env = _git_env()
+    assert KEY not in env.values()
+    assert env["GIT_CONFIG_GLOBAL"] == os.devnull and env["GIT_CONFIG_NOSYSTEM"] == "1"
+
+
+# --------------------------------------------------------------------------------------------------- runner
+
+
+@pytest.mark.parametrize("spec", MODES)
+def test_a_run_folder_past_its_quota_is_stopped_with_outcome_quota(session, spec):
+    code = ("import os, sys, time\nos.makedirs(sys.argv[1].split('=')[1], exist_ok=True)\n"
+            "with open(os.path.join(sys.argv[1].split('=')[1], 'big.bin'), 'wb') as fh:\n"
+            "    for _ in range(400):\n        fh.write(os.urandom(1 << 16)); fh.flush(); time.sleep(0.01)\n"
+            "time.sleep(60)\n")
+    result = run_once(session, code, spec=spec, limits=RunLimits(run_dir_bytes=2 * 2**20))
+    assert result.outcome == "quota", result.message
+    assert "quota" in result.message and result.duration_s < 30
+
+
+@pytest.mark.parametrize("spec", MODES)
+def test_a_file_larger_than_the_limit_cannot_be_written(session, spec):
+    code = ("import sys\nopen('run_1/f.bin', 'wb').write(b'x' * (3 << 20))\n")
+    result = run_once(session, code, spec=spec, limits=RunLimits(file_bytes=1 << 20))
+    assert result.outcome == "error", result.message
+    assert (session / "run_1" / "f.bin").stat().st_size <= 1 << 20
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"hello")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def loopback_server():
+    server = HTTPServer(("127.0.0.1", 0), _Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@needs_bwrap
+@pytest.mark.parametrize("network", [False, True])
+def test_sandboxed_runs_reach_the_network_only_when_declared(session, loopback_server, network):
+    code = ("import urllib.request\n"
+            f"print(urllib.request.urlopen('http://127.0.0.1:{loopback_server}/', timeout=5).read().decode())\n")
+    result = run_once(session, code, spec=SandboxSpec(network=network))
+    log = (session / "run_1" / "stdout.log").read_text()
+    if network:
+        assert result.outcome == "ok" and "hello" in log, result.message
+    else:
+        assert result.outcome == "error" and "hello" not in log
+
+
+@needs_bwrap
+def test_a_machine_without_gpu_devices_binds_none_and_runs(session):
+    if any(Path("/dev").glob("nvidia*")):
+        pytest.skip("this machine has GPU device nodes")
+    assert gpu_binds() == []
+    args = bwrap_command(SandboxSpec(), session, session / "run_1", session / "scratch", sys.executable)
+    assert not any("nvidia" in a or "/dev/dri" in a for a in args)
+    assert run_once(session, "print('ok')\n", spec=SandboxSpec()).outcome == "ok"
+
+
+def test_choose_bwrap_without_bubblewrap_is_one_clear_error(monkeypatch, tmp_path):
+    from orchestrator import sandbox
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
+    sandbox.bwrap_problem.cache_clear()
+    try:
+        with pytest.raises(sandbox.SandboxUnavailable, match="bubblewrap"):
+            choose("bwrap")
+        fallback = choose("auto")
+        assert fallback.used == "none" and "not sandboxed" in fallback.warning and "\n" not in fallback.warning
+        assert choose("none").warning == ""
+    finally:
+        sandbox.bwrap_problem.cache_clear()
+
+
+@pytest.mark.parametrize("spec", MODES)
+def test_a_secret_a_run_prints_or_writes_never_stays_in_its_folder(session, spec, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    code = (f"import os\nprint('key:', {KEY!r})\nos.makedirs('run_1/sub', exist_ok=True)\n"
+            f"open('run_1/sub/notes.bin', 'wb').write(b'\\x00\\x01' + {KEY!r}.encode() + b'\\xff')\n")
+    result = run_once(session, code, spec=spec)
+    assert result.outcome == "ok", result.message
+    assert KEY not in (session / "run_1" / "stdout.log").read_text()
+    assert REDACTED in (session / "run_1" / "stdout.log").read_text()
+    assert redact_folder(session / "run_1") == ["sub/notes.bin"]
+    assert (session / "run_1" / "sub" / "notes.bin").read_bytes() == b"\x00\x01" + REDACTED.encode() + b"\xff"
+
+
+# --------------------------------------------------------------------------------------------------- terminal
+
+
+def test_terminal_text_loses_escape_sequences_but_keeps_its_words():
+    hostile = "a\x1b]0;pwned\x07b \x1b[2J\x1b[31mred\x1b[0m \x9b1;1H\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\ tab\tend\r\n"
+    assert safe(hostile) == "ab red link tab\tend\n"
+    assert safe("10%\r20%") == "10%\n20%"
+
+
+# --------------------------------------------------------------------------------------------------- benign results
+
+
+def _without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if "seconds" not in k}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+@needs_bwrap
+def test_the_sae_fast_preset_gives_the_same_results_with_and_without_the_sandbox(tmp_path):
+    from orchestrator.template import copy_template, find_template
+
+    sae = find_template("sae")
+    session = tmp_path / "sae"
+    copy_template(sae, session)
+    env = {"SAE_FAST": "1", "SAE_PRESET": "cpu", "SAE_DEVICE": "cpu", "SAE_SEEDS": "1"}
+    results = {}
+    for name, spec in (("run_1", None), ("run_2", SandboxSpec(readonly=sae.protected, caches=[]))):
+        req = RunRequest(cwd=session, run_name=name, sandbox=spec, env_allow=list(sae.env), env_set=env,
+                         timeout_s=600)
+        with start(req, gate=True) as handle:
+            handle.release()
+            result = handle.wait()
+        assert result.outcome == "ok", result.message + result.stderr_tail
+        results[name] = json.loads((session / name / "final_info.json").read_text())
+    # wall-clock timings differ between any two runs; everything else must be identical
+    direct, boxed = (json.dumps(_without_timings(results[n]), sort_keys=True) for n in ("run_1", "run_2"))
+    assert direct == boxed
