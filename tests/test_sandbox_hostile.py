@@ -47,7 +47,9 @@ DEADLINE_S = 60.0
 # Keys in the orchestrator's own environment (the scripted model needs none: any key the orchestrator inherits is
 # what a hostile run goes after). The second one is not key-shaped: only its variable's name marks it secret.
 KEYS = {"DEEPSEEK_API_KEY": TEST_KEY, "OPENAI_API_KEY": "oa-hostile-7c1e9b24d8f3a056e2b4"}
-MODES = ["auto", "none"]
+HAS_BWRAP = shutil.which("bwrap") is not None  # .ci/run installs it; elsewhere the sandboxed cases are skipped
+BWRAP = pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap (bwrap) is not installed")
+MODES = [pytest.param("auto", marks=BWRAP), "none"]
 RECORDED = {"auto": "bwrap", "bwrap": "bwrap", "none": "none"}
 HOSTILE_AT = "    os.makedirs(args.out_dir, exist_ok=True)\n"
 BENIGN = edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 2: LR 0.2, a plain run.")
@@ -294,7 +296,7 @@ def plant_filter(marker: Path) -> str:
     """)
 
 
-@pytest.mark.parametrize("mode", [*MODES, "auto-writable"])
+@pytest.mark.parametrize("mode", [*MODES, pytest.param("auto-writable", marks=BWRAP)])
 def test_a_git_filter_planted_by_a_run_never_executes(mode, tmp_path):
     """`auto-writable`: a template whose runs may write the session folder; the repository stays out of reach."""
     marker = tmp_path / "filter_ran"
@@ -475,6 +477,35 @@ def test_a_run_editing_gitignore_cannot_keep_its_results_out_of_git(mode, tmp_pa
         assert_blocked(session, ".gitignore")
 
 
+SELF_EDIT = """\
+with open("experiment.py") as fh:
+    source = fh.read()
+try:
+    with open("experiment.py", "w") as fh:
+        fh.write(source.replace("LR = 0.1\\n", "LR = 0.3  # edited by " + "the run itself\\n"))
+    print("ATTACK wrote experiment.py", flush=True)
+except OSError as exc:
+    print("ATTACK blocked experiment.py", exc, flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_run_rewriting_its_own_code_changes_nothing_that_was_reviewed(mode, tmp_path):
+    """The code that ran is the code committed and shown in review: a run's own edits to experiment.py are
+    discarded (and noted), never carried into the next run or a checkpoint."""
+    res, session = launch(tmp_path, [hostile(SELF_EDIT), BENIGN], "--sandbox", mode)
+    state = assert_completed(res, session)
+    assert_mode_recorded(session, mode)
+    assert "edited by the run itself" not in (session / "experiment.py").read_text()
+    assert "edited by the run itself" not in git(session, "log", "-p", "--all")
+    assert git(session, "status", "--porcelain", "experiment.py") == ""
+    first = experiment_finishes(session)[0]
+    assert "experiment.py" in first.get("discarded", []), first
+    assert "discarded" in first["message"], first["message"]
+    assert_counted_runs_are_honest(state)  # the benign reply's edit applied: LR = 0.2 ran, scoring 0.9
+
+
+@BWRAP
 def test_a_sandboxed_run_cannot_write_outside_its_folders(tmp_path):
     """Only under the sandbox: the README says `none` does not cover writes outside the session folder."""
     template = make_template(tmp_path)
@@ -508,6 +539,7 @@ def plant_links(victim: Path) -> str:
     """)
 
 
+@BWRAP
 def test_links_a_sandboxed_run_plants_in_its_folder_never_make_the_orchestrator_write_outside(tmp_path):
     """The run's folder is writable in the sandbox, but the orchestrator (outside it) writes the logs there and
     commits the folder: links pointing out of the session must never be written through, nor read into git."""
@@ -568,6 +600,7 @@ def listener() -> Iterator[tuple[int, list[bytes]]]:
 
 
 @pytest.mark.parametrize("network", ["undeclared", "template", "flag"])
+@BWRAP
 def test_a_sandboxed_run_reaches_the_network_only_when_allowed(network, tmp_path, listener):
     port, received = listener
     token = f"hostile-beacon-{uuid.uuid4().hex}"
@@ -641,6 +674,7 @@ def test_status_show_and_the_report_name_the_sandbox_of_each_run(mode, tmp_path)
     assert "sandbox" in html.lower() and expected in html
 
 
+@BWRAP
 def test_resume_can_change_the_sandbox_and_each_run_shows_its_own(tmp_path):
     first, session = launch(tmp_path, [BENIGN], "--sandbox", "none", env={"ORCH_TEST_CRASH_AT": "reply:1"})
     assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
@@ -690,6 +724,7 @@ time.sleep(45)
 """
 
 
+@BWRAP
 def test_a_run_over_its_disk_quota_is_stopped_with_outcome_quota(tmp_path):
     template = make_template(tmp_path)
     toml = template / "template.toml"
@@ -709,6 +744,7 @@ def test_a_run_over_its_disk_quota_is_stopped_with_outcome_quota(tmp_path):
 # --------------------------------------------------------------------------------------------------- GPUs, fallback
 
 
+@BWRAP
 def test_a_benign_run_is_the_same_with_and_without_the_sandbox_and_missing_gpus_are_skipped(tmp_path):
     if list(Path("/dev").glob("nvidia*")):
         pytest.skip("this machine has /dev/nvidia*: the skip of missing GPU devices is not testable here")
