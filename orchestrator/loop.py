@@ -639,13 +639,18 @@ class Driver:
         # gated: the experiment begins only once its pid is journaled, so a crash in between leaves no run behind
         editable = self._editable_files(tuple(self.template.editable))
         with start_run(request, gate=True) as handle:
-            _crash_point("run_spawned")
-            self._record("run_started", **key, pid=handle.pid, pgid=handle.pgid,
-                         proc_start_ticks=handle.proc_start_ticks, started_at=handle.started_at,
-                         command=request.command(), timeout_s=request.timeout_s, sandbox=handle.sandbox)
-            before = guard.watch(self.dir, request.run_name, self._protected_files(), editable)
-            handle.release()
-            result: RunResult = handle.wait()
+            try:
+                _crash_point("run_spawned")
+                self._record("run_started", **key, pid=handle.pid, pgid=handle.pgid,
+                             proc_start_ticks=handle.proc_start_ticks, started_at=handle.started_at,
+                             command=request.command(), timeout_s=request.timeout_s, sandbox=handle.sandbox)
+                before = guard.watch(self.dir, request.run_name, self._protected_files(), editable)
+                handle.release()
+                result: RunResult = handle.wait()
+            except BaseException:  # Ctrl-C, a signal, a journal that cannot be written: nothing may outlive us
+                handle.kill()
+                stop_strays(handle.proc_start_ticks, keep=frozenset({handle.pid}))  # the leader: reaped on exit
+                raise
         strays = stop_strays(handle.proc_start_ticks)
         verdict = guard.settle(before, self.ws, editable)
         notes = []

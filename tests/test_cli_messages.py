@@ -86,7 +86,8 @@ def test_a_killed_session_is_not_shown_as_running(tmp_path):
     go = tmp_path / "go"
     script = tmp_path / "replies.json"
     script.write_text(json.dumps([edit(*WAITING_EXPERIMENT_PATCH, plan="Run 1: wait for the go file.")]))
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO)}
+    # unsandboxed: the run writes its pid file into this test's folder, which a sandboxed run cannot see
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO), "ORCH_SANDBOX": "none"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "launch", str(make_idea(tmp_path)), "--template",
          str(make_template(tmp_path)), "--model", f"scripted:{script}", "--root", str(tmp_path / "sessions"),
