@@ -4,8 +4,8 @@ Each test is a real session: the CLI in a subprocess, a scripted model whose fir
 a hostile experiment (the attack runs only while `LR == 0.1`), whose second reply sets `LR = 0.2` (a benign run
 that also switches the attack off, whether it lands as a retry of run 1 or as run 2), then `ALL_COMPLETED`.
 
-The tampering cases run under `--sandbox auto` (bubblewrap is installed here, so the journal must say `bwrap`:
-the write fails, read-only) and `--sandbox none` (the fallback defences: the run ends `tampered`, the files are
+The tampering cases run under `--sandbox auto` (with bubblewrap installed, as .ci/run does, the journal must say
+`bwrap`: the write fails, read-only; without it these cases are skipped) and `--sandbox none` (the fallback defences: the run ends `tampered`, the files are
 restored, its metrics never count). Processes a test starts are stopped by pid at teardown; nothing sleeps, every
 wait polls with a deadline.
 """
