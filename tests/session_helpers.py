@@ -63,6 +63,12 @@ WAITING_EXPERIMENT_PATCH = (
 )
 
 
+# For sessions whose runs must reach the host: write files the test reads (TOY_GO_FILE, pid files in the test's
+# tmp folder), or be seen, signalled and outlive the orchestrator by their pid. The default sandbox gives a run a
+# private /tmp, a read-only tree and its own PID namespace, and kills it with its orchestrator.
+UNSANDBOXED = {"ORCH_SANDBOX": "none"}
+
+
 def make_template(root: Path) -> Path:
     t = root / "toy_template"
     t.mkdir(parents=True)

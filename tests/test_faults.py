@@ -35,6 +35,7 @@ from orchestrator.journal import load_state
 from tests.session_helpers import (
     REPO,
     TEST_KEY,
+    UNSANDBOXED,
     edit,
     git,
     make_idea,
@@ -48,7 +49,8 @@ pytestmark = pytest.mark.slow
 SEED = int(os.environ.get("ORCH_FAULT_SEED", "20261129"))
 KILLS = int(os.environ.get("ORCH_FAULT_KILLS", "20"))
 PROCESS_DEADLINE_S = 180.0  # one launch or resume that runs longer than this is hung
-MODEL_ENV = {"DEEPSEEK_API_KEY": TEST_KEY}
+# The runs log their pids to $FAULT_DIR in the test's tmp folder, and orphans must be seen by the test's pid checks.
+MODEL_ENV = {"DEEPSEEK_API_KEY": TEST_KEY, **UNSANDBOXED}
 
 # --------------------------------------------------------------------------------------------------- the toy
 

@@ -23,6 +23,7 @@ import pytest
 from tests.session_helpers import (
     REPO,
     TEST_KEY,
+    UNSANDBOXED,
     WAITING_EXPERIMENT_PATCH,
     edit,
     git,
@@ -261,7 +262,8 @@ def test_sigterm_and_sighup_stop_the_run_and_leave_a_resumable_session(signum, t
     go = tmp_path / "go"
     reaper.watch_run(go)
     server = fake_provider.start({"replies": waiting_replies()}, api_key=TEST_KEY)
-    env = {**MODEL_ENV, "TOY_GO_FILE": str(go)}
+    # the run talks to the test through files in tmp and its pid
+    env = {**MODEL_ENV, **UNSANDBOXED, "TOY_GO_FILE": str(go)}
     proc = reaper.spawn(launch_args(tmp_path, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}"), env,
                         tmp_path / "launch")
     run_pid = read_pid(Path(str(go) + ".pid"), proc)
@@ -292,7 +294,8 @@ def test_a_failure_to_journal_run_started_stops_the_run_it_started(tmp_path, fak
     go = tmp_path / "go"  # never touched: the run would wait forever
     reaper.watch_run(go)
     server = fake_provider.start({"replies": waiting_replies()}, api_key=TEST_KEY)
-    env = {**MODEL_ENV, "TOY_GO_FILE": str(go), "ORCH_TEST_CRASH_AT": "run_started:2:raise"}
+    # the run talks to the test through files in tmp and its pid
+    env = {**MODEL_ENV, **UNSANDBOXED, "TOY_GO_FILE": str(go), "ORCH_TEST_CRASH_AT": "run_started:2:raise"}
     res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}"), env=env,
                        timeout=CLI_TIMEOUT_S)
     assert res.returncode == 1, res.stdout + res.stderr
@@ -325,7 +328,8 @@ def test_a_kill_between_starting_a_run_and_journaling_it_leaves_no_run_behind(tm
     go = tmp_path / "go"
     reaper.watch_run(go)
     server = fake_provider.start({"replies": waiting_replies()}, api_key=TEST_KEY)
-    env = {**MODEL_ENV, "TOY_GO_FILE": str(go)}
+    # the run talks to the test through files in tmp and its pid
+    env = {**MODEL_ENV, **UNSANDBOXED, "TOY_GO_FILE": str(go)}
     args = launch_args(tmp_path, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}")
     res = orchestrator(*args, env={**env, "ORCH_TEST_CRASH_AT": "run_spawned:2"}, timeout=CLI_TIMEOUT_S)
     assert res.returncode == -signal.SIGKILL, res.stdout + res.stderr
@@ -420,7 +424,8 @@ def test_the_wall_clock_stops_a_run_that_would_never_end_and_resume_runs_it_agai
     go = tmp_path / "go"
     reaper.watch_run(go)
     server = fake_provider.start({"replies": waiting_replies()}, api_key=TEST_KEY)
-    env = {**MODEL_ENV, "TOY_GO_FILE": str(go)}
+    # the run talks to the test through files in tmp and its pid
+    env = {**MODEL_ENV, **UNSANDBOXED, "TOY_GO_FILE": str(go)}
     res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}",
                                     "--wall-clock", "30"), env=env, timeout=CLI_TIMEOUT_S)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -530,8 +535,9 @@ def test_recovery_and_giving_up_a_run_never_delete_untracked_files(tmp_path, fak
     back = edit("    [][1]\n", "    1 / 0\n", plan="And again.")
     replies = [{"content": r} for r in (crash, again, back, again, "ALL_COMPLETED")]
     server = fake_provider.start({"replies": replies}, api_key=TEST_KEY)
+    env = {**MODEL_ENV, **UNSANDBOXED}  # the runs write caches beside experiment.py, outside their run folder
     first = orchestrator(*launch_args(tmp_path, server.url, "--no-plots", template=template),
-                         env={**MODEL_ENV, "ORCH_TEST_CRASH_AT": "edits_written:1"}, timeout=CLI_TIMEOUT_S)
+                         env={**env, "ORCH_TEST_CRASH_AT": "edits_written:1"}, timeout=CLI_TIMEOUT_S)
     assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
     session = session_from(first)
     blob = session / "cache" / "blob.bin"
@@ -539,7 +545,7 @@ def test_recovery_and_giving_up_a_run_never_delete_untracked_files(tmp_path, fak
     written = blob.read_bytes()
     assert "cache/blob.bin" not in git(session, "ls-files").split()  # untracked: git could not bring it back
 
-    resumed = orchestrator("resume", str(session), env=MODEL_ENV, timeout=CLI_TIMEOUT_S)
+    resumed = orchestrator("resume", str(session), env=env, timeout=CLI_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     state = status_json(session)
     assert state["session"]["status"] == "completed"
@@ -708,7 +714,8 @@ def test_a_second_ctrl_c_during_the_clean_up_still_ends_the_session_recorded(tmp
     replies = [{"content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1.") + edit(*stubborn, plan="")},
                {"content": "ALL_COMPLETED"}]
     server = fake_provider.start({"replies": replies}, api_key=TEST_KEY)
-    env = {**MODEL_ENV, "TOY_GO_FILE": str(go)}
+    # the run talks to the test through files in tmp and its pid
+    env = {**MODEL_ENV, **UNSANDBOXED, "TOY_GO_FILE": str(go)}
     proc = reaper.spawn(launch_args(tmp_path, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}"), env,
                         tmp_path / "launch")
     run_pid = read_pid(Path(str(go) + ".pid"), proc)

@@ -16,6 +16,7 @@ import pytest
 from tests.session_helpers import (
     REPO,
     TEST_KEY,
+    UNSANDBOXED,
     WAITING_EXPERIMENT_PATCH,
     edit,
     git,
@@ -95,7 +96,8 @@ def test_a_whole_session_survives_failed_edits_crashes_timeouts_and_429s(tmp_pat
     server = fake_provider.start(
         {"replies": replies, "faults": {"2": {"status": 429, "retry_after": 1}}}, api_key=TEST_KEY
     )
-    res = orchestrator(*launch_args(tmp_path, server.url, "--timeout", "4"), env=MODEL_ENV)
+    # the hanging run writes its and its grandchild's pids into the test's tmp folder
+    res = orchestrator(*launch_args(tmp_path, server.url, "--timeout", "4"), env={**MODEL_ENV, **UNSANDBOXED})
     assert res.returncode == 0, res.stdout + res.stderr
     session = session_from(res)
 
@@ -201,7 +203,8 @@ def outcome(session: Path) -> tuple[dict[str, str], dict[int, dict]]:
 def run_session(tmp: Path, fake_provider, crash_at: str | None) -> tuple[Path, object]:
     go = tmp / "go"
     server = fake_provider.start({"replies": crash_replies()}, api_key=TEST_KEY)
-    env = {**MODEL_ENV, "TOY_GO_FILE": str(go)}
+    # the run waits for a file in the test's tmp folder; one must outlive its SIGKILLed orchestrator
+    env = {**MODEL_ENV, **UNSANDBOXED, "TOY_GO_FILE": str(go)}
     args = [*launch_args(tmp, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}")]
     if crash_at == "during_run":
         proc = subprocess.Popen(
@@ -310,7 +313,7 @@ def test_resuming_a_finished_session_changes_nothing(tmp_path, fake_provider):
 def test_ctrl_c_leaves_a_resumable_session_and_stops_the_run(tmp_path, fake_provider):
     go = tmp_path / "go"
     server = fake_provider.start({"replies": crash_replies()}, api_key=TEST_KEY)
-    env = {**MODEL_ENV, "TOY_GO_FILE": str(go)}
+    env = {**MODEL_ENV, **UNSANDBOXED, "TOY_GO_FILE": str(go)}  # the run talks to the test through files in tmp
     args = launch_args(tmp_path, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}")
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=REPO, text=True,
