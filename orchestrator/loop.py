@@ -211,6 +211,22 @@ def _json(obj: Any) -> str:
 _HELD_LOCKS: set[tuple[Path, int]] = set()  # (session, thread): re-entrant for the thread that holds it
 
 
+LOCK_PATIENCE_S = 1.0  # `status` probes the lock with a shared lock for a moment (journal._driven): wait that out
+
+
+def _flock_within(fd: int, patience_s: float) -> bool:
+    """Take an exclusive flock on `fd`, retrying for `patience_s` seconds; False if still held by someone else."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
 @contextmanager
 def session_lock(session: Path) -> Iterator[None]:
     """Hold the session's lock (`.orchestrator/lock`, flock) for the block; re-entrant within one thread (another
@@ -229,9 +245,7 @@ def session_lock(session: Path) -> Iterator[None]:
     except FileNotFoundError:
         raise JournalError(f"{session} is not a session folder (no {META_DIR}/)") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_within(fd, LOCK_PATIENCE_S):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             who = f" (pid {holder})" if holder.isdigit() else ""
             raise SessionBusy(f"{session} is being driven by another orchestrator process{who}") from None

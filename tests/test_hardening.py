@@ -242,7 +242,7 @@ def test_a_torn_journal_line_is_repaired_and_the_journal_stays_valid_jsonl(tmp_p
     with open(journal, "ab") as fh:  # a crash in the middle of an append
         fh.write(b'{"seq": 999, "ts": 1.0, "kind": "pha')
 
-    assert status_json(session)["session"]["status"] == "running"
+    assert status_json(session)["session"]["status"] == "interrupted"  # killed: nobody drives it
     resumed = orchestrator("resume", str(session), env=MODEL_ENV, timeout=CLI_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert status_json(session)["session"]["status"] == "completed"
@@ -638,7 +638,7 @@ def test_resume_repairs_saved_settings_and_asks_again_for_a_masked_api_base(tmp_
     refused = orchestrator("resume", str(session), env=MODEL_ENV, timeout=CLI_TIMEOUT_S)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "--api-base" in one_line(refused.stderr)
-    assert status_json(session)["session"]["status"] == "running"
+    assert status_json(session)["session"]["status"] == "interrupted"  # refused before driving: still not driven
 
     done = orchestrator("resume", str(session), "--api-base", server.url, env=MODEL_ENV, timeout=CLI_TIMEOUT_S)
     assert done.returncode == 0, done.stdout + done.stderr

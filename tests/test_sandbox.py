@@ -254,3 +254,38 @@ def test_the_sae_fast_preset_gives_the_same_results_with_and_without_the_sandbox
     # wall-clock timings differ between any two runs; everything else must be identical
     direct, boxed = (json.dumps(_without_timings(results[n]), sort_keys=True) for n in ("run_1", "run_2"))
     assert direct == boxed
+
+
+@needs_bwrap
+def test_a_sandboxed_run_cannot_remount_its_read_only_view(session):
+    code = ("import subprocess\n"
+            "r = subprocess.run(['mount', '-o', 'remount,bind,rw', '.git'], capture_output=True, text=True)\n"
+            "print('mount exit', r.returncode)\n"
+            "open('.git/description', 'a').write('pwned')\n")
+    result = run_once(session, code, spec=SandboxSpec(readonly=[".git"]))
+    assert result.outcome == "error" and "Read-only file system" in result.stderr_tail, result.message
+    assert "pwned" not in (session / ".git" / "description").read_text()
+    assert "mount exit 0" not in (session / "run_1" / "stdout.log").read_text()
+
+
+def test_a_package_or_byte_code_shadowing_a_protected_module_is_tampering(session):
+    ws = Workspace.open(session)
+    before = guard.watch(session, "run_1", ["evaluate.py"], ["experiment.py"])
+    (session / "evaluate").mkdir()
+    (session / "evaluate" / "__init__.py").write_text("SCALE = 1000\n")
+    (session / "__pycache__").mkdir()
+    (session / "__pycache__" / "evaluate.cpython-311.pyc").write_bytes(b"\x00" * 16)
+    verdict = guard.settle(before, ws, ["experiment.py"])
+    assert {"evaluate", "evaluate/__init__.py", "__pycache__"} <= set(verdict.tampered)
+    assert not (session / "evaluate").exists() and not (session / "__pycache__").exists()
+
+
+def test_a_change_to_git_objects_cannot_be_undone_and_is_reported_unrestored(session):
+    ws = Workspace.open(session)
+    before = guard.watch(session, "run_1", ["evaluate.py"], ["experiment.py"])
+    obj = next(p for p in (session / ".git" / "objects").rglob("*") if p.is_file())
+    obj.chmod(0o644)
+    obj.write_bytes(b"forged")
+    verdict = guard.settle(before, ws, ["experiment.py"])
+    rel = obj.relative_to(session).as_posix()
+    assert rel in verdict.tampered and rel in verdict.unrestored
