@@ -84,6 +84,7 @@ class Progress(BaseModel):
     completion_tokens: int = 0
     cost_usd: float = 0.0
     message: str = ""
+    outcome: str | None = None  # run_finished: ok, error, timeout ...
 
 
 class Hooks(Protocol):
@@ -393,6 +394,7 @@ class Driver:
                 completion_tokens=info.totals.completion_tokens,
                 cost_usd=info.totals.cost_usd,
                 message=str(data.get("message") or data.get("reason") or ""),
+                outcome=data.get("outcome") if kind == "run_finished" else None,
             ))
 
     def _show(self, progress: Progress) -> None:
