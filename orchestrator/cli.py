@@ -120,10 +120,28 @@ class _ProgressHooks:
 
             line += f" | {safe(p.message)}"
         if self.live:
+            if p.phase == "run_finished":  # a permanent line above the live one: crashes and fixes stay visible
+                from rich.text import Text
+
+                self.console.print(Text(self.finished_line(p), style="" if p.outcome == "ok" else "red"),
+                                   soft_wrap=True)
             self.bar.update(self.task, description=escape(line))
         elif line != self.last:
             self.console.print(line, soft_wrap=True, markup=False)
         self.last = line
+
+    @staticmethod
+    def finished_line(p: Any) -> str:
+        """One attempt's end, e.g. `run 1 attempt 1: error: exit 1: ValueError: bad shape`."""
+        from orchestrator.terminal import safe
+
+        if p.stage == "experiment" and p.run == 0:
+            where = "baseline"
+        elif p.stage == "experiment" and p.run is not None:
+            where = f"run {p.run}" + (f" attempt {p.attempt}" if p.attempt else "")
+        else:
+            where = p.stage + (f" attempt {p.attempt}" if p.attempt else "")
+        return f"{where}: {p.outcome or 'finished'}" + (f": {safe(p.message)}" if p.message else "")
 
     def retry(self, event: Any) -> None:
         from rich.markup import escape

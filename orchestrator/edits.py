@@ -352,8 +352,13 @@ def _clean_path(text: str, allow_prefix: bool = True, known: _Known | None = Non
     return s
 
 
-def plan_line(reply: str) -> str:
-    """The first line of prose before the first block, without markdown markers, at most 72 characters."""
+PLAN_CHARS = 400  # a plan as kept in the journal (shown whole by `show`, `status --json` and the report)
+SUBJECT_CHARS = 72  # a plan in a commit subject
+
+
+def plan_line(reply: str, limit: int = SUBJECT_CHARS) -> str:
+    """The reply's first paragraph of prose before the first block, without markdown markers; when longer than
+    `limit`, cut at the last sentence (else word) boundary that fits, with an ellipsis."""
     try:
         parsed = _parse(reply)
         end = parsed.first_header
@@ -363,16 +368,25 @@ def plan_line(reply: str) -> str:
     if end is None:
         end = next((n for n, line in enumerate(lines) if _SEARCH_RE.match(line)), len(lines))
     in_fence = False
+    paragraph: list[str] = []
     for line in lines[:end]:
         if _FENCE_RE.match(line):
+            if paragraph:
+                break
             in_fence = not in_fence
             continue
         if in_fence:
             continue
+        if paragraph and (not line.strip() or _starts_block(line)):
+            break  # a paragraph ends at a blank line, a heading, a list item or a quote
         text = _strip_markdown(line)
         if text:
-            return _shorten(text, 72)
-    return ""
+            paragraph.append(text)
+    return shorten(" ".join(paragraph), limit)
+
+
+def _starts_block(line: str) -> bool:
+    return re.match(r"\s*(?:#+\s|>|[-*+]\s|\d+[.)]\s)", line) is not None
 
 
 def _strip_markdown(line: str) -> str:
@@ -384,14 +398,19 @@ def _strip_markdown(line: str) -> str:
     return " ".join(s.split())
 
 
-def _shorten(text: str, limit: int) -> str:
+def shorten(text: str, limit: int) -> str:
+    """`text` when it fits in `limit` characters; else its longest head that ends a sentence (or, when that
+    keeps less than half, a word), followed by an ellipsis. Never cuts mid-word unless one word fills `limit`."""
     if len(text) <= limit:
         return text
-    cut = text[:limit]
-    space = cut.rfind(" ")
-    if space >= limit // 2:
-        cut = cut[:space]
-    return cut.rstrip(" ,;:-")
+    sentences = [m.end() for m in re.finditer(r"[.!?](?=\s)", text[:limit])]
+    if sentences and sentences[-1] >= limit // 2:
+        end = sentences[-1]
+        return text[:end] + (" …" if end <= limit - 2 else "…")
+    head = text[: limit - 1]  # room for "…"
+    if not text[limit - 1].isspace() and " " in head.strip():
+        head = head[: head.rstrip().rfind(" ")]  # the last whole word
+    return head.rstrip(" ,;:-") + "…"
 
 
 # ---------------------------------------------------------------------------------------------- documents

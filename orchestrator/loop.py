@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from orchestrator import conversation, guard, prompts
 from orchestrator.atomic import write_text_atomic
 from orchestrator.config import ConfigError, Settings, public_dump
-from orchestrator.edits import apply_edits, plan_line
+from orchestrator.edits import PLAN_CHARS, SUBJECT_CHARS, apply_edits, plan_line, shorten
 from orchestrator.errors import OrchestratorError
 from orchestrator.journal import (
     FINAL_STATUSES,
@@ -84,6 +84,7 @@ class Progress(BaseModel):
     completion_tokens: int = 0
     cost_usd: float = 0.0
     message: str = ""
+    outcome: str | None = None  # run_finished: ok, error, timeout ...
 
 
 class Hooks(Protocol):
@@ -407,6 +408,7 @@ class Driver:
                 completion_tokens=info.totals.completion_tokens,
                 cost_usd=info.totals.cost_usd,
                 message=str(data.get("message") or data.get("reason") or ""),
+                outcome=data.get("outcome") if kind == "run_finished" else None,
             ))
 
     def _show(self, progress: Progress) -> None:
@@ -600,8 +602,8 @@ class Driver:
             return _Applied(kind="no_change")
         _crash_point("edits_written")
         label = f"run {run}" if stage == "experiment" else stage
-        plan = plan_line(reply) or "edits"
-        sha = self.ws.commit(f"{label} attempt {attempt}: {plan}", paths=result.changed)
+        plan = plan_line(reply, PLAN_CHARS) or "edits"  # kept whole (up to PLAN_CHARS) for show and the report
+        sha = self.ws.commit(f"{label} attempt {attempt}: {shorten(plan, SUBJECT_CHARS)}", paths=result.changed)
         # feedback on success is a note the model should read (e.g. a misnamed file applied where it matched)
         self._record("edits_applied", **key, commit=sha, changed=result.changed, plan=plan,
                      already_applied=result.already_applied, feedback=result.feedback)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ _CSS = """
 * { box-sizing: border-box; }
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328; margin: 0;
        background: #fff; }
-main { max-width: 1180px; margin: 0 auto; padding: 24px 28px 60px; }
+main { max-width: 1320px; margin: 0 auto; padding: 24px 28px 60px; }
 h1 { font-size: 1.7em; margin: 0 0 4px; } h2 { border-bottom: 1px solid var(--line); padding-bottom: 4px;
 margin-top: 2.2em; } h3 { margin: 0; font-size: 1.15em; }
 code, pre, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 13px; }
@@ -159,6 +160,7 @@ pre.wrap { white-space: pre-wrap; word-break: break-word; }
 .facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 12px 0; }
 .facts dt { color: var(--dim); } .facts dd { margin: 0; }
 table { border-collapse: collapse; margin: 8px 0; font-variant-numeric: tabular-nums; }
+.table-box { overflow-x: auto; } .se { white-space: nowrap; } /* a phone scrolls the table; a desktop window shows all of it */
 th, td { border: 1px solid var(--line); padding: 4px 9px; text-align: right; vertical-align: top; }
 th { background: var(--bg2); } td.l, th.l { text-align: left; }
 td.better { background: #dafbe1; } td.worse { background: #ffebe9; }
@@ -251,7 +253,7 @@ def _metric_cell(rec: RunRecord, name: str) -> str:
     cls = "better" if m.better else "worse" if m.better is False else ""
     text = _e(_fmt(m.value))
     if m.stderr:
-        text += f' <span class="dim">± {_e(_fmt(m.stderr))}</span>'
+        text += f' <span class="dim se">± {_e(f"{m.stderr:.2g}")}</span>'
     if rec.run != 0 and m.vs_baseline is not None:
         text += f'<br><span class="delta">{m.vs_baseline:+.3g} vs run_0</span>'
     return f'<td class="{cls}">{text}</td>'
@@ -272,7 +274,7 @@ def _results(state: SessionState, runs: list[ReportRun]) -> str:
     if not state.runs:
         return '<h2 id="results">Results</h2><p class="dim">No runs yet.</p>'
     names = shown_metrics(state)
-    head = "".join(f"<th>{_e(n)}{_arrow(state, n)}</th>" for n in names)
+    head = "".join(f"<th>{_breakable(n)}{_arrow(state, n)}</th>" for n in names)
     rows = []
     for r in runs:
         rec = r.record
@@ -285,8 +287,8 @@ def _results(state: SessionState, runs: list[ReportRun]) -> str:
             + "".join(_metric_cell(rec, n) for n in names)
             + f"<td>{_duration(rec.duration_s)}</td><td>{rec.prompt_tokens + rec.completion_tokens:,}</td>"
             f"<td>${rec.cost_usd:.4f}</td></tr>")
-    table = ('<table id="results-table"><thead><tr><th class="l">run</th><th class="l">status</th><th>attempts</th>'
-             f"{head}<th>time</th><th>tokens</th><th>cost</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    table = ('<div class="table-box"><table id="results-table"><thead><tr><th class="l">run</th><th class="l">status</th><th>attempts</th>'
+             f"{head}<th>time</th><th>tokens</th><th>cost</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
     legend = ('<p class="dim">Changes are against the baseline run_0; green is better and red worse by each '
               "metric's direction (↑ higher is better, ↓ lower is better); ★ marks the best run.</p>")
     every = sorted({n for r in state.runs for n in r.metrics} - set(names))
@@ -300,6 +302,11 @@ def _results(state: SessionState, runs: list[ReportRun]) -> str:
                 f'<table><thead><tr><th class="l">run</th>{head2}</tr></thead><tbody>{body}</tbody></table>'
                 "</div></details>")
     return f'<h2 id="results">Results</h2>{table}{legend}{more}'
+
+
+def _breakable(name: str) -> str:
+    """A metric name that may wrap after its dots and underscores (long names keep a table narrow)."""
+    return re.sub(r"([._])", r"\1<wbr>", _e(name))
 
 
 # --------------------------------------------------------------------------------------------------- chart

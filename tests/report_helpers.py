@@ -202,10 +202,12 @@ def load_page(page: Path, workdir: Path) -> PageLoad:
     return PageLoad(dom=proc.stdout, console=console, requests=_page_requests(netlog))
 
 
-def screenshot(page: Path, out: Path, workdir: Path) -> None:
+def screenshot(page: Path, out: Path, workdir: Path, size: tuple[int, int] = (1280, 2000),
+               scrollbars: bool = False) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([*_chromium_args(workdir / "profile-shot"), f"--screenshot={out}", "--window-size=1280,2000",
-                    "--hide-scrollbars", page.resolve().as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run([*_chromium_args(workdir / "profile-shot"), f"--screenshot={out}",
+                    f"--window-size={size[0]},{size[1]}", *([] if scrollbars else ["--hide-scrollbars"]),
+                    page.resolve().as_uri()], capture_output=True, timeout=120, check=True)
 
 
 class _Links(HTMLParser):
@@ -230,3 +232,66 @@ def text_of(html: str, element_id: str) -> str:
     name = re.match(r"<(\w+)", html[tag:]).group(1)  # type: ignore[union-attr]
     end = html.index(f"</{name}>", start)
     return re.sub(r"<[^>]+>", " ", html[start:end])
+
+
+# --------------------------------------------------------------------------------------------------- a wide table
+
+WIDE_METRICS = ["summary.mcc_clean", "summary.mcc_contaminated", "summary.mcc_drop", "summary.ev_contaminated",
+                "summary.explained_variance_clean"]
+
+
+def wide_session(root: Path, runs: int = 10) -> Path:
+    """A 10-run session whose results table is as wide as real ones get: five long key metric names (as the SAE
+    template's), values with standard errors and changes against the baseline, large token counts and costs."""
+    root.mkdir(parents=True, exist_ok=True)
+    template = report_template(root)
+    toml = (template / "template.toml").read_text()
+    toml = re.sub(r"key_metrics = \[.*\]", "key_metrics = " + json.dumps(WIDE_METRICS), toml)
+    toml = toml.split("[metrics]")[0] + "[metrics]\n" + "".join(
+        f'"{m}" = "{"lower" if m.endswith("drop") else "higher"}"\n' for m in WIDE_METRICS)
+    (template / "template.toml").write_text(toml)
+    code = (template / "experiment.py").read_text()
+    old = '    info = {"toy": {"means": {"score": score, "gap": abs(LR - 0.3)}, "stderrs": {"score": 0.01, "gap": 0.0}}}\n'
+    assert old in code
+    names = [m.split(".", 1)[1] for m in WIDE_METRICS]
+    code = code.replace(old, old.rstrip("}\n") + "}},\n"
+                        f'            "summary": {{"means": {{n: score * (k + 1.123456) / 7.654321 for k, n in '
+                        f"enumerate({names!r})}},\n"
+                        f'                        "stderrs": {{n: 0.00123456 * (k + 1) for k, n in '
+                        f"enumerate({names!r})}}}}}}\n")
+    (template / "experiment.py").write_text(code)
+    replies = []
+    lr = 0.1
+    for i in range(runs):
+        new = round(lr + 0.0123, 4)
+        replies.append({"content": edit(f"LR = {lr}\n", f"LR = {new}\n", plan=f"Run {i + 1}: LR {new}."),
+                        "prompt_tokens": 1_234_567, "completion_tokens": 98_765, "cost_usd": 12.345678})
+        lr = new
+    return drive_scripted(root, replies, max_runs=runs, plots=False, template=template)
+
+
+def measure_results_table(page: Path, workdir: Path, width: int = 1400) -> dict:
+    """Lay the report out in headless Chromium at `width` px and measure its results table: the page's and the
+    table's scroll widths against their visible widths, and each header cell's right edge against the viewport.
+    Works on a copy with one measuring script (the report itself runs none; its CSP is relaxed for that script)."""
+    from orchestrator.report_html import CSP
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    script = ("<script>addEventListener('load',()=>{const t=document.getElementById('results-table');"
+              "let box=t.parentElement;const d=document.documentElement;"
+              "const r={viewport:innerWidth,page_scroll:d.scrollWidth,page_client:d.clientWidth,"
+              "table_right:t.getBoundingClientRect().right,"
+              "box_scroll:box.scrollWidth,box_client:box.clientWidth,box_right:box.getBoundingClientRect().right,"
+              "headers:[...t.querySelectorAll('thead th')].map(h=>[h.textContent,h.getBoundingClientRect().right])};"
+              "document.body.setAttribute('data-layout',JSON.stringify(r));});</script>")
+    text = page.read_text(encoding="utf-8").replace(CSP, CSP + "; script-src 'unsafe-inline'")
+    copy = workdir / "measured.html"
+    copy.write_text(text.replace("</body>", script + "</body>"), encoding="utf-8")
+    proc = subprocess.run([*_chromium_args(workdir / "profile-measure"), f"--window-size={width},900", "--dump-dom",
+                           copy.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r'data-layout="([^"]*)"', proc.stdout)
+    assert found, "the measuring script did not run"
+    import html as html_mod
+
+    return json.loads(html_mod.unescape(found.group(1)))

@@ -159,3 +159,18 @@ def pid_alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def stopped_after_first_reply(args: list[str], env: dict[str, str]) -> tuple[Path, float]:
+    """Launch a session and stop it (SIGKILL, by fault injection) as soon as the model's first reply is journaled:
+    the baseline and that reply are done, run 1 is next. Returns the session and the active seconds it used.
+
+    The wall-clock tests resume from here with a budget of these seconds plus a margin: what the margin must cover
+    is then only the resume's own way to run 1 (no interpreter and litellm start-up, no baseline, no model call),
+    so a busy machine cannot use the budget up before run 1 starts."""
+    import signal
+
+    first = orchestrator(*args, env={**env, "ORCH_TEST_CRASH_AT": "reply:1"}, timeout=300)
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    session = session_from(first)
+    return session, float(status_json(session)["session"]["totals"]["active_seconds"])

@@ -119,3 +119,67 @@ def test_a_killed_session_is_not_shown_as_running(tmp_path):
                 time.sleep(0.05)
             if pid_alive(run_pid):
                 os.kill(run_pid, signal.SIGKILL)
+
+
+def run_in_a_terminal(args: list[str], env: dict[str, str], deadline_s: float = 180) -> tuple[int, str]:
+    """Run the command line with a pseudo-terminal as stdout and stderr (as a user sees it); its exit status and
+    everything it wrote. Reads until the process has ended and the terminal is drained, within a generous deadline."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=slave, env=env, cwd=REPO, close_fds=True)
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + deadline_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer has closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None and not select.select([master], [], [], 0.5)[0]:
+                break
+        assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return proc.returncode, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_a_crashed_attempt_stays_on_the_terminal(tmp_path):
+    """In a terminal the live view is one overwritten line; each finished attempt also leaves a permanent line
+    with its outcome and the error's last line, so a crash and its fix can be seen afterwards."""
+    import json
+    import os
+
+    from tests.session_helpers import edit, make_idea, make_template
+
+    crash = edit("LR = 0.1\n", "LR = 0.2\nraise ValueError('bad shape')\n", plan="Run 1: LR 0.2.")
+    fix = edit("raise ValueError('bad shape')\n", "", plan="Fix the crash.")
+    script = tmp_path / "replies.json"
+    script.write_text(json.dumps([crash, fix, {"content": "ALL_COMPLETED"}]))
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO), "TERM": "xterm-256color",
+           "COLUMNS": "160", "LINES": "40"}
+    env.pop("NO_COLOR", None)
+    code, text = run_in_a_terminal(
+        ["launch", str(make_idea(tmp_path)), "--template", str(make_template(tmp_path)), "--model",
+         f"scripted:{script}", "--root", str(tmp_path / "sessions"), "--no-plots"], env)
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", text).replace("\r", "\n")
+    assert code == 0, plain
+    lines = [line.strip() for line in plain.splitlines()]
+    assert any(line.startswith("run 1 attempt 1: error") and "ValueError: bad shape" in line for line in lines), plain
+    assert any(line.startswith("run 1 attempt 2: ok") for line in lines), plain
+    assert any(line.startswith("baseline: ok") for line in lines), plain

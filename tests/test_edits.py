@@ -15,6 +15,7 @@ from orchestrator.edits import (
     apply_edits,
     parse_edits,
     plan_line,
+    shorten,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -573,12 +574,30 @@ def test_dot_slash_path_is_the_same_file(tmp_path):
         ("- `lr` goes down\n\nexperiment.py\n" + BODY, "lr goes down"),
         ("experiment.py\n```python\n" + BODY + "```\nDone.\n", ""),
         ("```bash\nls\n```\n\n> Plan: *tune* it\n" + "experiment.py\n" + BODY, "Plan: *tune* it"),
-        ("word " * 40, ("word " * 14).strip()),
+        ("word " * 40, ("word " * 14).strip() + "…"),
+        ("A plan wrapped\nover two lines.\n\nA second paragraph.\n\nexperiment.py\n" + BODY,
+         "A plan wrapped over two lines."),
+        ("Intro:\n- first item\n- second\n\nexperiment.py\n" + BODY, "Intro:"),
     ],
 )
 def test_plan_line(reply, expected):
     assert plan_line(reply) == expected
     assert len(plan_line(reply)) <= 72
+
+
+LONG_PLAN = ("Run 2: raise the learning rate to 0.3 because the baseline underfits. We also add warmup for the first "
+             "100 steps so that the larger rate stays stable. Expect the score to rise.")
+
+
+def test_a_long_plan_is_cut_at_a_sentence_or_word_with_an_ellipsis_and_kept_whole_where_there_is_room():
+    reply = LONG_PLAN + "\n\nexperiment.py\n" + BODY
+    assert plan_line(reply, 400) == LONG_PLAN
+    assert plan_line(reply) == "Run 2: raise the learning rate to 0.3 because the baseline underfits. …"
+    one_sentence = LONG_PLAN.split(". ")[1]  # no sentence ends within 72 characters: cut at a word
+    cut = plan_line(one_sentence + "\n\nexperiment.py\n" + BODY)
+    assert cut.endswith("…") and len(cut) <= 72 and one_sentence.startswith(cut[:-1])
+    assert one_sentence[len(cut) - 1] == " "  # the cut falls between words
+    assert shorten("x" * 100, 72) == "x" * 71 + "…"  # one word longer than the room: cut, still marked
 
 
 # ------------------------------------------------------------------------------------- shapes of real replies

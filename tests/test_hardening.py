@@ -33,6 +33,7 @@ from tests.session_helpers import (
     pid_alive,
     session_from,
     status_json,
+    stopped_after_first_reply,
 )
 
 pytestmark = pytest.mark.slow
@@ -424,14 +425,15 @@ def test_the_wall_clock_stops_a_run_that_would_never_end_and_resume_runs_it_agai
     go = tmp_path / "go"
     reaper.watch_run(go)
     server = fake_provider.start({"replies": waiting_replies()}, api_key=TEST_KEY)
-    # the run talks to the test through files in tmp and its pid
-    env = {**MODEL_ENV, **UNSANDBOXED, "TOY_GO_FILE": str(go)}
-    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}",
-                                    "--wall-clock", "30"), env=env, timeout=CLI_TIMEOUT_S)
+    # unsandboxed: the run writes its pid file into this test's folder, and the test checks that pid
+    env = {**MODEL_ENV, "TOY_GO_FILE": str(go), "ORCH_SANDBOX": "none"}
+    # no race between the budget and the run's start: the budget is set once run 1 is next (see the helper)
+    session, used = stopped_after_first_reply(
+        launch_args(tmp_path, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}"), env)
+    res = orchestrator("resume", str(session), "--wall-clock", f"{used + 30:.1f}", env=env, timeout=CLI_TIMEOUT_S)
     assert res.returncode == 0, res.stdout + res.stderr
-    session = session_from(res)
     pid_file = Path(str(go) + ".pid")
-    assert pid_file.exists(), "run 1 never started within the 30 s budget (baseline and one reply took longer)"
+    assert pid_file.exists(), "run 1 never started: the resume used its 30 s margin before run 1"
     run_pid = int(pid_file.read_text())
     wait_for(lambda: not pid_alive(run_pid), "the run cut by the wall clock to be stopped")
     state = status_json(session)

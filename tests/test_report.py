@@ -26,9 +26,11 @@ from tests.report_helpers import (
     interrupted_session,
     link_targets,
     load_page,
+    measure_results_table,
     report_template,
     screenshot,
     text_of,
+    wide_session,
 )
 from tests.session_helpers import edit
 
@@ -169,6 +171,21 @@ def test_a_ten_run_report_stays_under_5_mb(tmp_path):
     path = write_report(session)
     assert path.stat().st_size < 5_000_000
     assert all(f'id="run-{n}"' in path.read_text() for n in range(11))
+
+
+@pytest.mark.slow
+def test_every_column_of_a_wide_ten_run_results_table_is_visible_at_1400_px(tmp_path):
+    """Five long key metric names with standard errors and changes, large token counts and costs: at 1400 px the
+    whole results table (tokens and cost included) is on screen, with no horizontal scroll of the page or table."""
+    path = write_report(wide_session(tmp_path / "wide"), tmp_path / "wide.html")
+    layout = measure_results_table(path, tmp_path / "chromium", width=1400)
+    assert [h for h, _ in layout["headers"]][-3:] == ["time", "tokens", "cost"]
+    assert layout["page_scroll"] <= layout["page_client"], layout
+    assert layout["box_scroll"] <= layout["box_client"], layout
+    assert all(right <= min(layout["box_right"], layout["viewport"]) + 0.5 for _, right in layout["headers"]), layout
+    shot = ARTIFACTS / "report_wide_1400.png"
+    screenshot(path, shot, tmp_path / "chromium", size=(1400, 900), scrollbars=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------------------------------- plot and notes

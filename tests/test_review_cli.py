@@ -113,3 +113,25 @@ def test_an_interrupted_session_can_be_reviewed(tmp_path):
     assert "session interrupted: model error" in log
     cli("report", str(session))
     assert "Interrupted:" in (session / "report.html").read_text()
+
+
+def test_a_long_plan_is_shown_whole_in_show_json_and_the_report(tmp_path):
+    """A plan of several sentences is kept whole where there is room (show, status --json, the HTML report); only
+    the commit subject is shortened, at a sentence boundary with an ellipsis."""
+    import html
+
+    from orchestrator.report_html import render_report
+    from tests.report_helpers import drive_scripted
+    from tests.session_helpers import edit, git
+
+    plan = ("Run 1: raise the learning rate to 0.3 because the baseline underfits. We also keep the seed fixed so "
+            "that the comparison with the baseline stays fair. Expect the score to rise to about 1.0.")
+    session = drive_scripted(tmp_path, [{"content": edit("LR = 0.1\n", "LR = 0.3\n", plan=plan)},
+                                        {"content": "ALL_COMPLETED"}], plots=False)
+    shown = " ".join(cli("show", str(session), "1").split())  # rich wraps long values: compare words
+    assert plan in shown
+    run1 = next(r for r in status_json(session)["runs"] if r["run"] == 1)
+    assert run1["plan"] == plan and all(a["plan"] == plan for a in run1["history"])
+    assert plan in html.unescape(render_report(session))
+    subjects = git(session, "log", "--format=%s", "run_1", "--").splitlines()
+    assert "run 1 attempt 1: Run 1: raise the learning rate to 0.3 because the baseline underfits. …" in subjects

@@ -27,6 +27,7 @@ from tests.session_helpers import (
     pid_alive,
     session_from,
     status_json,
+    stopped_after_first_reply,
 )
 
 pytestmark = pytest.mark.slow
@@ -310,32 +311,58 @@ def test_resuming_a_finished_session_changes_nothing(tmp_path, fake_provider):
 # --------------------------------------------------------------------------------------------------- limits, Ctrl-C, baseline
 
 
+# The child resets SIGINT to its default before it becomes the orchestrator: a pytest started from a background job
+# (or under `nohup`) inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt.
+_SIGINT_DEFAULT_EXEC = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+EVENT_DEADLINE_S = 300.0  # generous: only a hang reaches it, however busy the machine
+
+
 def test_ctrl_c_leaves_a_resumable_session_and_stops_the_run(tmp_path, fake_provider):
     go = tmp_path / "go"
     server = fake_provider.start({"replies": crash_replies()}, api_key=TEST_KEY)
-    env = {**MODEL_ENV, **UNSANDBOXED, "TOY_GO_FILE": str(go)}  # the run talks to the test through files in tmp
+    # unsandboxed: the run writes its pid file into this test's folder, and the test checks that pid
+    env = {**MODEL_ENV, "TOY_GO_FILE": str(go), "ORCH_SANDBOX": "none"}
     args = launch_args(tmp_path, server.url, "--no-plots", "--env", f"TOY_GO_FILE={go}")
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": pythonpath, **env})
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("w") as out_fh, err.open("w") as err_fh:  # files, not pipes: nothing blocks on a full pipe
+        proc = subprocess.Popen([sys.executable, "-c", _SIGINT_DEFAULT_EXEC, "-m", "orchestrator", *args], cwd=REPO,
+                                stdin=subprocess.DEVNULL, stdout=out_fh, stderr=err_fh,
+                                env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": pythonpath,
+                                     **env})
     pid_file = Path(str(go) + ".pid")
-    deadline = time.monotonic() + 120
-    while not pid_file.exists() or not pid_file.read_text():
-        assert time.monotonic() < deadline and proc.poll() is None, "the run never started"
-        time.sleep(0.05)
-    run_pid = int(pid_file.read_text())
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stdout + stderr
-    assert "orchestrator resume" in stdout
-    session = Path(stdout.splitlines()[0])
-    assert not pid_alive(run_pid)
-    assert status_json(session)["session"]["status"] == "interrupted"
-    go.touch()
-    resumed = orchestrator("resume", str(session), env=env)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert status_json(session)["session"]["status"] == "completed"
+    run_pid: int | None = None
+    try:
+        deadline = time.monotonic() + EVENT_DEADLINE_S
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert proc.poll() is None, f"the orchestrator ended before run 1 started:\n{err.read_text()}"
+            assert time.monotonic() < deadline, "run 1 never started"
+            time.sleep(0.05)
+        run_pid = int(pid_file.read_text())
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=EVENT_DEADLINE_S)
+        stdout, stderr = out.read_text(), err.read_text()
+        assert proc.returncode == 130, stdout + stderr
+        assert "orchestrator resume" in stdout
+        session = Path(stdout.splitlines()[0])
+        assert not pid_alive(run_pid)
+        assert status_json(session)["session"]["status"] == "interrupted"
+        go.touch()
+        resumed = orchestrator("resume", str(session), env=env, timeout=EVENT_DEADLINE_S)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert status_json(session)["session"]["status"] == "completed"
+    finally:  # on failure, nothing is left running: the orchestrator and its run are stopped by pid
+        go.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if run_pid is not None:
+            deadline = time.monotonic() + 30
+            while pid_alive(run_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(run_pid):
+                os.kill(run_pid, signal.SIGKILL)
 
 
 def test_the_budget_is_checked_before_every_call(tmp_path, fake_provider):
@@ -386,11 +413,12 @@ def test_the_wall_clock_budget_stops_a_run_that_would_outlast_it(tmp_path, fake_
     slow = edit("    os.makedirs(args.out_dir, exist_ok=True)\n",
                 "    os.makedirs(args.out_dir, exist_ok=True)\n    import time\n    time.sleep(600)\n", plan="A slow run.")
     server = fake_provider.start({"replies": [{"content": slow}, {"content": "ALL_COMPLETED"}]}, api_key=TEST_KEY)
-    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots", "--wall-clock", "45", "--timeout", "500"),
-                       env=MODEL_ENV,
-                       timeout=300)
+    # no race between the budget and the run's start: the budget is set once run 1 is next (see the helper)
+    session, used = stopped_after_first_reply(launch_args(tmp_path, server.url, "--no-plots"), MODEL_ENV)
+    res = orchestrator("resume", str(session), "--wall-clock", f"{used + 45:.1f}", "--timeout", "500",
+                       env=MODEL_ENV, timeout=EVENT_DEADLINE_S)
     assert res.returncode == 0, res.stdout + res.stderr
-    state = status_json(session_from(res))
+    state = status_json(session)
     assert state["session"]["status"] == "wall_clock" and "wall-clock" in state["session"]["reason"]
     # the run was cut at the budget (not after its 500 s timeout) and will run again on resume
     assert [r["status"] for r in state["runs"]] == ["ok", "stopped"]
