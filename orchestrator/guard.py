@@ -1,14 +1,14 @@
 """What a run must not change: the state of guarded paths before it, what differs after it, and the repair.
 
 A run executes model-written code. Whatever the sandbox, the loop takes a `Snapshot` of the guarded paths just
-before the run begins (protected files, `.gitignore`, `.gitattributes`, the repository's control files under
+before the run begins (protected files and what could shadow them, `.gitignore`, `.gitattributes`, all of
 `.git/`, `.orchestrator/`, earlier run folders, the editable files) and compares after it ends. A file counts as
 changed when its type, size, mode, inode, modification time or change time differ, or it appeared or vanished:
 the change time (ctime) cannot be set back by a process, so rewriting a file and restoring its mtime still shows.
 
-Files whose bytes are kept (repository control files, the orchestrator's records, editable files) are put back
-from the snapshot; the others (protected files, earlier run folders) are put back from the session's last
-checkpoint by the caller.
+Files whose bytes are kept (git's control files, the orchestrator's records, protected and editable files) are put
+back from the snapshot; earlier run folders from the session's last checkpoint; what neither can restore (git's
+object store, a file too large to keep) is reported, and the loop then ends the session.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _state(path: Path, keep: bool) -> FileState | None:
     return FileState("file", sig, content=content)
 
 
-def _walk(root: Path, rel: str, skip_top: frozenset[str] = frozenset()) -> Iterable[str]:
+def _walk(root: Path, rel: str) -> Iterable[str]:
     """Relative paths of everything under root/rel (folders included, symlinks not followed)."""
     stack = [rel]
     while stack:
@@ -85,8 +85,6 @@ def _walk(root: Path, rel: str, skip_top: frozenset[str] = frozenset()) -> Itera
         except OSError:
             continue
         for entry in entries:
-            if here == rel and entry.name in skip_top:
-                continue
             sub = f"{here}/{entry.name}"
             yield sub
             with contextlib.suppress(OSError):
@@ -157,7 +155,8 @@ def _remove(path: Path) -> None:
 def repair(snap: Snapshot, changed: Iterable[str]) -> tuple[list[str], list[str]]:
     """Put back what the snapshot can: new paths removed, kept files rewritten (same mode), folders and links
     re-made. Returns (repaired, left): `left` are the changed paths it cannot put back itself (no kept bytes).
-    Whatever stands in the way goes first, shallowest first, so nothing is written through a planted link."""
+    Whatever stands in the way goes first, shallowest first, and the folders above every snapshotted file are in
+    the snapshot too, so a folder swapped for a link is removed before anything is written below it."""
     order = sorted(set(changed), key=lambda r: (r.count("/"), r))
     for rel in order:
         before, now = snap.states.get(rel), _state(snap.root / rel, keep=False)
