@@ -231,12 +231,14 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     check_budget_enforceable(settings, model)
 
     def claimed(session: Path) -> None:
-        print(session, flush=True)  # the first line: before the template copy, git and the baseline
-        start_warm_up(settings.model, settings.api_base)  # litellm's import overlaps them
+        start_warm_up(settings.model, settings.api_base)  # litellm's import overlaps the copy, git and baseline
 
     from orchestrator.models import start_warm_up
 
     session = create_session(idea, template, settings, max_runs, on_claimed=claimed)
+    # The first line, once the journal exists: a folder announced is always one that status and resume can read,
+    # whenever the process is killed.
+    print(session, flush=True)
     return _drive(session, settings)
 
 

@@ -132,7 +132,7 @@ def claim_session_dir(root: Path, name: str) -> Path:
 def create_session(idea: IdeaSpec, template: Template, settings: Settings, max_runs: int,
                    now: datetime | None = None, on_claimed: Callable[[Path], None] | None = None) -> Path:
     """Copy the template into a fresh session folder, make it a git repo and journal the launch. `on_claimed` is
-    called with the folder as soon as it exists (the CLI prints it there, before the copy and git)."""
+    called with the folder as soon as it exists (the CLI starts litellm's import there, to overlap the copy)."""
     session = claim_session_dir(Path(settings.root), session_dir_name(idea, now))
     if on_claimed is not None:
         on_claimed(session)
