@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +161,21 @@ def pid_alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def stop_waiting_run(go: Path, proc: subprocess.Popen, run_pid: int | None, grace_s: float = 30) -> None:
+    """A test's clean-up, pass or fail: let a WAITING_EXPERIMENT_PATCH run end (touch its go file), kill the
+    orchestrator if it still runs, and SIGKILL the run by pid if it has not ended within `grace_s`."""
+    go.touch()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if run_pid is not None:
+        deadline = time.monotonic() + grace_s
+        while pid_alive(run_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(run_pid):
+            os.kill(run_pid, signal.SIGKILL)
 
 
 def stopped_after_first_reply(args: list[str], env: dict[str, str]) -> tuple[Path, float]:

@@ -81,7 +81,13 @@ def test_a_killed_session_is_not_shown_as_running(tmp_path):
     import sys
     import time
 
-    from tests.session_helpers import WAITING_EXPERIMENT_PATCH, edit, make_idea, make_template, pid_alive
+    from tests.session_helpers import (
+        WAITING_EXPERIMENT_PATCH,
+        edit,
+        make_idea,
+        make_template,
+        stop_waiting_run,
+    )
 
     go = tmp_path / "go"
     script = tmp_path / "replies.json"
@@ -109,16 +115,7 @@ def test_a_killed_session_is_not_shown_as_running(tmp_path):
         run1 = next(r for r in state["runs"] if r["run"] == 1)
         assert run1["status"] == "stopped"
     finally:
-        go.touch()  # the orphaned run ends by itself; stopped by pid if it does not
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if run_pid is not None:
-            deadline = time.monotonic() + 30
-            while pid_alive(run_pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if pid_alive(run_pid):
-                os.kill(run_pid, signal.SIGKILL)
+        stop_waiting_run(go, proc, run_pid)  # the orphaned run ends by itself; stopped by pid if it does not
 
 
 def run_in_a_terminal(args: list[str], env: dict[str, str], deadline_s: float = 180) -> tuple[int, str]:

@@ -27,6 +27,7 @@ from tests.session_helpers import (
     pid_alive,
     session_from,
     status_json,
+    stop_waiting_run,
     stopped_after_first_reply,
 )
 
@@ -353,16 +354,7 @@ def test_ctrl_c_leaves_a_resumable_session_and_stops_the_run(tmp_path, fake_prov
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert status_json(session)["session"]["status"] == "completed"
     finally:  # on failure, nothing is left running: the orchestrator and its run are stopped by pid
-        go.touch()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if run_pid is not None:
-            deadline = time.monotonic() + 30
-            while pid_alive(run_pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if pid_alive(run_pid):
-                os.kill(run_pid, signal.SIGKILL)
+        stop_waiting_run(go, proc, run_pid)
 
 
 def test_the_budget_is_checked_before_every_call(tmp_path, fake_provider):
