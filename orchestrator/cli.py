@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.journal import FINAL_STATUSES as FINAL
 from orchestrator.journal import REOPENABLE_STATUSES
 
 app = typer.Typer(
@@ -180,6 +181,7 @@ def _absolute_scripted(model: str | None) -> str | None:
 
 
 def _drive(session: Path, settings: Any, reopen: bool = False) -> int:
+    from orchestrator.executors import executor_for
     from orchestrator.journal import load_state
     from orchestrator.loop import Driver, session_lock
     from orchestrator.report import results_table
@@ -187,7 +189,7 @@ def _drive(session: Path, settings: Any, reopen: bool = False) -> int:
     with session_lock(session), _ProgressHooks(out) as hooks:  # the lock before the journal is read
         replies_done = load_state(session).session.totals.calls
         model = _make_model(settings, replies_done, hooks)
-        driver = Driver(session, model, settings, hooks=hooks)
+        driver = Driver(session, model, settings, hooks=hooks, executor=executor_for(settings))
         try:
             state = driver.drive(reopen=reopen)
         except KeyboardInterrupt as exc:
@@ -314,6 +316,252 @@ def launch(
 
 
 @app.command()
+def batch(
+    ideas: Annotated[Path, typer.Argument(help="Idea file holding a list of ideas (JSON, TOML or YAML).")],
+    idea_names: Annotated[str | None, typer.Option("--ideas", help="Which ideas, by name: a,b,c.")] = None,
+    all_ideas: Annotated[bool, typer.Option("--all", help="Every idea in the file.")] = False,
+    template: Annotated[str | None, typer.Option(help="Template name or folder (default: the ideas', else sae).")] = None,
+    model: Annotated[str | None, typer.Option(help=f"litellm model name, as for launch (default: {DEFAULT_MODEL}).")] = None,
+    api_base: Annotated[str | None, typer.Option(help="Base URL of an OpenAI-compatible server.")] = None,
+    gpus: Annotated[str | None, typer.Option(help="The GPU ids the batch shares, e.g. 0,1,2,3 (default: every GPU "
+                                                  "found; none found: CPU slots).")] = None,
+    per_gpu: Annotated[int | None, typer.Option(help="Runs that may share one GPU at a time (default 1).")] = None,
+    slots: Annotated[int | None, typer.Option(help="CPU slots when there are no GPUs: runs at a time (default 1).")] = None,
+    parallel: Annotated[int | None, typer.Option(help="Sessions driven at a time (default: twice the slots, so a "
+                                                      "slot stays busy while a session waits for its model).")] = None,
+    backend: Annotated[str, typer.Option(help="local (this machine) or ray (each run a Ray task; needs the [ray] "
+                                              "extra).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to use (default: start a local one for the "
+                                                         "batch).")] = None,
+    ray_resource: Annotated[list[str] | None, typer.Option(help="NAME=AMOUNT a run asks of Ray instead of one GPU "
+                                                               "(repeatable), e.g. accelerator_type_A100=1.")] = None,
+    name: Annotated[str | None, typer.Option(help="Batch name (default: the idea file's name).")] = None,
+    max_runs: Annotated[int | None, typer.Option(help="Runs after each baseline (at most 10; default 10).")] = None,
+    root: Annotated[Path | None, typer.Option(help="Folder for the batch folder (default: experiments/).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds one run may take (default: the template's).")] = None,
+    budget_usd: Annotated[float | None, typer.Option(help="Dollar budget of the whole batch: no session makes a "
+                                                          "model call once the batch has spent it.")] = None,
+    session_budget_usd: Annotated[float | None, typer.Option(help="Dollar budget of each session.")] = None,
+    max_tokens_total: Annotated[int | None, typer.Option(help="Token budget of each session.")] = None,
+    wall_clock: Annotated[float | None, typer.Option(help="Wall-clock budget of each session, in seconds.")] = None,
+    env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE for runs' environment (repeatable).")] = None,
+    python: Annotated[str | None, typer.Option(help="Python interpreter for runs.")] = None,
+    sandbox: SandboxOpt = None,
+    allow_network: AllowNetworkOpt = None,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the plot and notes stages.")] = False,
+    config: Annotated[Path | None, typer.Option(help="Settings file (default: ./orchestrator.toml).")] = None,
+) -> None:
+    """Launch many ideas at once: one session per idea under ROOT/<time>_batch_<name>/, driven concurrently.
+
+    [bold]Slots and leases.[/bold] The batch's GPUs (--gpus, or every GPU found) are its slots, --per-gpu runs
+    each; without GPUs it has --slots CPU slots. Sessions do not own a GPU: each run (baseline, run_1 ... run_10,
+    plots) leases a free slot when it starts and gives it back when it ends, also on a timeout, a crash or
+    Ctrl-C, and sees exactly that GPU in CUDA_VISIBLE_DEVICES. While one session waits for its model, another's
+    run uses the GPU. A run that finds every slot taken waits (shown as queued).
+
+    Each session is an ordinary session folder (status, show, diff, report and resume work on it). The batch
+    folder works with [bold]status[/bold] (the leaderboard), [bold]report[/bold] (one page comparing the ideas)
+    and [bold]resume[/bold] (every unfinished session, under the same leases). Settings come from flags,
+    ORCH_* variables and orchestrator.toml as for launch."""
+    cli = {"model": _absolute_scripted(model), "api_base": api_base, "max_runs": max_runs, "root": root,
+           "timeout_s": timeout, "max_tokens_total": max_tokens_total, "wall_clock_s": wall_clock,
+           "env": _parse_env(env), "python": python, "plots": False if no_plots else None,
+           "sandbox": sandbox, "allow_network": allow_network}
+    options = {"ideas": idea_names, "all": all_ideas, "template": template, "gpus": gpus, "per_gpu": per_gpu,
+               "slots": slots, "parallel": parallel, "backend": backend, "ray_address": ray_address,
+               "ray_resources": ray_resource, "name": name, "budget_usd": budget_usd,
+               "session_budget_usd": session_budget_usd}
+    _guard(lambda: _batch(ideas, options, cli, config))
+
+
+def _pick_ideas(path: Path, names: str | None, everything: bool) -> list[Any]:
+    from orchestrator.config import ConfigError
+    from orchestrator.spec import load_ideas
+
+    found = load_ideas(path)
+    if names and everything:
+        raise ConfigError("give --ideas a,b,c or --all, not both")
+    if names:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        by_name = {i.name: i for i in found}
+        unknown = [n for n in wanted if n not in by_name]
+        if unknown:
+            raise ConfigError(f"{path} has no idea named {', '.join(unknown)} (it has: "
+                              f"{', '.join(by_name)})")
+        return [by_name[n] for n in dict.fromkeys(wanted)]
+    if not everything and len(found) > 1:
+        raise ConfigError(f"{path} holds {len(found)} ideas: choose with --ideas a,b,c or take them all with --all")
+    names_seen = [i.name for i in found]
+    twice = sorted({n for n in names_seen if names_seen.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{path}: more than one idea is named {', '.join(twice)}; names must be unique")
+    return found
+
+
+def _slot_pool(gpus: str | None, per_gpu: int | None, slots: int | None) -> Any:
+    from orchestrator.config import ConfigError, Settings
+    from orchestrator.leases import SlotPool, detect_gpus
+
+    if per_gpu is not None and per_gpu < 1 or slots is not None and slots < 1:
+        raise ConfigError("--per-gpu and --slots must be at least 1")
+    ids = (Settings.model_validate({"gpus": gpus}).gpus or "").split(",") if gpus else detect_gpus()
+    ids = [i for i in ids if i]
+    if ids:
+        if slots is not None:
+            raise ConfigError("--slots counts CPU slots; with GPUs, use --per-gpu N for N runs per GPU")
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"--gpus {gpus!r} names a GPU twice; use --per-gpu N to share one")
+        return SlotPool(kind="gpu", devices=ids, per_gpu=per_gpu or 1)
+    if per_gpu is not None:
+        raise ConfigError("--per-gpu needs GPUs: none were found and --gpus was not given (use --slots N)")
+    return SlotPool(kind="cpu", cpu_slots=slots or 1)
+
+
+def _ray_resources(pairs: list[str] | None) -> dict[str, float]:
+    from orchestrator.config import ConfigError
+
+    out: dict[str, float] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = -1.0
+        if not sep or not key.strip() or amount <= 0:
+            raise ConfigError(f"--ray-resource expects NAME=AMOUNT with a positive amount, got {pair!r}")
+        out[key.strip()] = amount
+    return out
+
+
+def _batch(ideas_file: Path, opts: dict[str, Any], cli: dict[str, Any], config: Path | None) -> int:
+    from orchestrator.config import ConfigError, check_python, load_settings
+    from orchestrator.loop import check_budget_enforceable
+    from orchestrator.runner import check_env_set
+    from orchestrator.spec import slugify
+    from orchestrator.template import find_template
+
+    settings = load_settings(cli, config)
+    chosen = _pick_ideas(ideas_file, opts["ideas"], opts["all"])
+    template = find_template(opts["template"] or chosen[0].template or "sae", settings.templates_dirs)
+    pool = _slot_pool(opts["gpus"], opts["per_gpu"], opts["slots"])
+    if opts["backend"] not in ("local", "ray"):
+        raise ConfigError(f"--backend must be local or ray, got {opts['backend']!r}")
+    if opts["backend"] == "local" and (opts["ray_address"] or opts["ray_resources"]):
+        raise ConfigError("--ray-address and --ray-resource need --backend ray")
+    resources = _ray_resources(opts["ray_resources"])
+    if opts["backend"] == "ray":
+        from orchestrator.ray_executor import check_ray_installed
+
+        check_ray_installed()
+    parallel = opts["parallel"] or min(len(chosen), 2 * len(pool.slots()))
+    if parallel < 1:
+        raise ConfigError("--parallel must be at least 1")
+    for budget in ("budget_usd", "session_budget_usd"):
+        if opts[budget] is not None and opts[budget] <= 0:
+            raise ConfigError(f"--{budget.replace('_', '-')} must be more than 0")
+    check_env_set(dict(settings.env))
+    check_python(settings.python)
+    _check_sandbox(settings)
+    model = _make_model(settings, 0, None)
+    model.check_credentials()
+    for budget in (opts["budget_usd"], opts["session_budget_usd"]):
+        check_budget_enforceable(settings.model_copy(update={"budget_usd": budget}), model)
+
+    from orchestrator.scheduler import create_batch
+
+    def max_runs(idea: Any) -> int:
+        return int(cli.get("max_runs") or idea.max_runs or settings.max_runs)
+
+    folder = create_batch(slugify(opts["name"] or ideas_file.stem) or "ideas", ideas_file, chosen, template,
+                          settings, max_runs, pool, parallel, opts["backend"], opts["ray_address"], resources,
+                          opts["budget_usd"], opts["session_budget_usd"])
+    print(folder, flush=True)  # the first line: every session folder in it exists and is resumable
+    return _drive_batch(folder)
+
+
+def _drive_batch(folder: Path, forwarded: list[str] | None = None) -> int:
+    from orchestrator.batch import leaderboard, load_batch, session_states
+    from orchestrator.report import batch_table
+    from orchestrator.scheduler import BatchStopped, child_env, drive_batch
+
+    spec = load_batch(folder)
+    err.print(f"{len(spec.sessions)} sessions over {spec.pool.describe()} ({spec.backend}), at most {spec.parallel} "
+              f"at a time; each session's output: {folder / 'logs'}/", soft_wrap=True, highlight=False)
+    extra: dict[str, str] = {}
+    with _BatchView(out) as view, _ray_for(spec, extra):
+        try:
+            drive_batch(folder, view, child_env(extra), args=forwarded or [])
+        except BatchStopped as stopped:
+            view.close()
+            out.print(f"[yellow]{stopped}[/yellow]", soft_wrap=True)
+            return EXIT_INTERRUPTED
+    spec = load_batch(folder)
+    rows = leaderboard(spec, session_states(spec))
+    out.print(batch_table(rows, spec))
+    statuses = [r.status for r in rows]
+    hints = [f"orchestrator status {folder}", f"orchestrator report {folder}"]
+    if any(st not in FINAL for st in statuses):
+        hints.append(f"orchestrator resume {folder}")
+    out.print("\n".join(f"  {h}" for h in hints), soft_wrap=True)
+    return EXIT_FAILED if any(st in ("failed", "interrupted", "unreadable") for st in statuses) else EXIT_FINISHED
+
+
+def _ray_for(spec: Any, env: dict[str, str]) -> Any:
+    """For --backend ray: connect to (or start) the batch's Ray cluster and put its address in `env`."""
+    from contextlib import nullcontext
+
+    if spec.backend != "ray":
+        return nullcontext()
+    from orchestrator.ray_executor import ray_cluster
+
+    return ray_cluster(spec, env)
+
+
+class _BatchView:
+    """The batch's live table on a terminal (updated in place); a plain line per change when piped."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live_display: Any = None
+        self.last: dict[str, str] = {}
+        self.last_slots = ""
+        self.started = time.monotonic()
+
+    def __enter__(self) -> _BatchView:
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live_display = Live(console=self.console, auto_refresh=False, transient=False)
+            self.live_display.start()
+        return self
+
+    def close(self) -> None:
+        if self.live_display is not None:
+            self.live_display.stop()
+            self.live_display = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, rows: list[Any], busy: int, total: int, queued: int, spent: float) -> None:
+        from orchestrator.report import batch_live_table, batch_row_line
+
+        slots = f"slots {busy}/{total} busy, {queued} queued | ${spent:.4f}"
+        try:
+            if self.live_display is not None:
+                self.live_display.update(batch_live_table(rows, slots, time.monotonic() - self.started),
+                                         refresh=True)
+                return
+            for row in rows:
+                line = batch_row_line(row)
+                if self.last.get(row.idea) != line:
+                    self.last[row.idea] = line
+                    self.console.print(f"{row.idea}: {line} | {slots}", soft_wrap=True, markup=False)
+        except OSError:  # a closed terminal or pipe never stops the batch
+            self.live_display = None
+
+
+@app.command()
 def resume(
     session: Annotated[Path, typer.Argument(help="The session folder.")],
     model: Annotated[str | None, typer.Option(help="Continue with another model.")] = None,
@@ -331,15 +579,29 @@ def resume(
     sandbox: SandboxOpt = None,
     allow_network: AllowNetworkOpt = None,
 ) -> None:
-    """Continue an interrupted session from its journal; journaled replies are never requested again.
+    """Continue an interrupted session from its journal; journaled replies are never requested again. Given a
+    batch folder: every session of the batch that has not finished, under the batch's leases (--budget-usd is
+    then the batch's new budget; the other flags go to each session).
 
     Saved settings apply unless an ORCH_* variable or a flag here changes them. A session that a limit ended
     (budget, tokens, wall clock, stalled) goes on when that limit is raised, or, for stalled, with another
     --model."""
 
+    forwarded = [arg for flag, value in (("--model", _absolute_scripted(model)), ("--api-base", api_base),
+                                         ("--max-tokens-total", max_tokens_total), ("--wall-clock", wall_clock),
+                                         ("--stall-replies", stall_replies), ("--timeout", timeout),
+                                         ("--gpus", gpus), ("--python", python), ("--sandbox", sandbox))
+                 if value is not None for arg in (flag, str(value))]
+    forwarded += [arg for pair in env or [] for arg in ("--env", pair)]
+    if allow_network is not None:
+        forwarded.append("--allow-network" if allow_network else "--no-network")
+
     def run() -> int:
+        from orchestrator.batch import is_batch
         from orchestrator.loop import session_lock
 
+        if is_batch(session):
+            return _resume_batch(session, budget_usd, forwarded)
         with session_lock(session):  # settings are saved and the journal read only by the session's driver
             return go_on()
 
@@ -383,17 +645,43 @@ def resume(
     _guard(run)
 
 
+def _resume_batch(folder: Path, budget_usd: float | None, forwarded: list[str]) -> int:
+    from orchestrator.batch import load_batch, save_batch
+    from orchestrator.config import ConfigError
+    from orchestrator.scheduler import unfinished
+
+    spec = load_batch(folder)
+    if "--gpus" in forwarded:
+        raise ConfigError("a batch's GPUs are its slot pool (batch.json); --gpus applies to single sessions only")
+    if budget_usd is not None:
+        if budget_usd <= 0:
+            raise ConfigError("--budget-usd must be more than 0")
+        spec.budget_usd = budget_usd
+        save_batch(folder, spec)
+    todo = unfinished(spec)
+    if not todo:
+        out.print(f"Every session of the batch has finished; nothing to do ({len(spec.sessions)} sessions).")
+        return EXIT_FINISHED
+    print(folder.resolve(), flush=True)
+    return _drive_batch(folder, forwarded)
+
+
 @app.command()
 def status(
-    session: Annotated[Path, typer.Argument(help="The session folder.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with a `runs` list.")] = False,
+    session: Annotated[Path, typer.Argument(help="The session folder, or a batch folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with a `runs` list (for a batch: "
+                                                         "{batch, sessions}, each session as status prints it).")] = False,
 ) -> None:
-    """One row per run: status, attempts, metrics against run_0, time, tokens and cost."""
+    """One row per run: status, attempts, metrics against run_0, time, tokens and cost. For a batch folder, the
+    leaderboard: one row per idea, best first."""
 
     def run() -> int:
+        from orchestrator.batch import is_batch
         from orchestrator.journal import load_state
         from orchestrator.report import results_table
 
+        if is_batch(session):
+            return _batch_status(session, as_json)
         state = load_state(session)
         if as_json:
             print(state.model_dump_json(indent=2))
@@ -402,6 +690,18 @@ def status(
         return EXIT_FINISHED
 
     _guard(run)
+
+
+def _batch_status(folder: Path, as_json: bool) -> int:
+    from orchestrator.batch import leaderboard, load_batch, session_states, status_json
+    from orchestrator.report import batch_table
+
+    if as_json:
+        print(status_json(folder))
+        return EXIT_FINISHED
+    spec = load_batch(folder)
+    out.print(batch_table(leaderboard(spec, session_states(spec)), spec))
+    return EXIT_FINISHED
 
 
 @app.command()
@@ -549,16 +849,18 @@ def log(
 
 @app.command()
 def report(
-    session: Annotated[Path, typer.Argument(help="The session folder.")],
+    session: Annotated[Path, typer.Argument(help="The session folder, or a batch folder.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="HTML file to write "
                                                                       "(default: SESSION/report.html).")] = None,
 ) -> None:
-    """Write one self-contained HTML report (opens offline): results, chart, each run's diff, logs, figures."""
+    """Write one self-contained HTML report (opens offline): results, chart, each run's diff, logs, figures. For a
+    batch folder: one page comparing the ideas, linking each session's report (written too)."""
 
     def go() -> int:
-        from orchestrator.report_html import write_report
+        from orchestrator.batch import is_batch
+        from orchestrator.report_html import write_batch_report, write_report
 
-        path = write_report(session, output)
+        path = write_batch_report(session, output) if is_batch(session) else write_report(session, output)
         print(path)
         return EXIT_FINISHED
 

@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     sandbox: SandboxMode = "auto"
     allow_network: bool = False
     templates_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    batch: Path | None = None  # the batch folder a session belongs to: its runs lease that batch's slots
 
     @classmethod
     def settings_customise_sources(

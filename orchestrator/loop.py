@@ -27,9 +27,11 @@ from pydantic import BaseModel
 
 from orchestrator import conversation, guard, prompts
 from orchestrator.atomic import write_text_atomic
+from orchestrator.batch import batch_budget, spent_usd
 from orchestrator.config import ConfigError, Settings, public_dump
 from orchestrator.edits import PLAN_CHARS, SUBJECT_CHARS, apply_edits, plan_line, shorten
 from orchestrator.errors import OrchestratorError
+from orchestrator.executors import Executor, LocalExecutor
 from orchestrator.journal import (
     FINAL_STATUSES,
     IDEA_FILE,
@@ -44,9 +46,9 @@ from orchestrator.journal import (
     write_model_atomic,
     write_snapshot,
 )
+from orchestrator.leases import LeaseTimeout
 from orchestrator.models import ContextWindowError, Model, ModelError, Reply
 from orchestrator.runner import RunLimits, RunRequest, RunResult, stop_orphan
-from orchestrator.runner import start as start_run
 from orchestrator.sandbox import SandboxSpec, choose, protect_process, stop_strays
 from orchestrator.secrets import redact_folder, redact_obj
 from orchestrator.spec import IdeaSpec
@@ -308,11 +310,13 @@ def _signals_stop_the_session() -> Iterator[None]:
 class Driver:
     """Drives one session folder from wherever its journal says it stands to a final status."""
 
-    def __init__(self, session: Path, model: Model, settings: Settings, hooks: Hooks | None = None) -> None:
+    def __init__(self, session: Path, model: Model, settings: Settings, hooks: Hooks | None = None,
+                 executor: Executor | None = None) -> None:
         self.dir = Path(session)
         self.model = model
         self.settings = settings
         self.hooks = hooks
+        self.executor: Executor = executor or LocalExecutor()
         self.last_good_run = 0
 
     def _load(self) -> None:
@@ -429,7 +433,8 @@ class Driver:
         finished = {e.key() for e in events if e.kind in ("run_finished", "run_stopped")}
         orphans = [e for e in events if e.kind == "run_started" and e.key() not in finished]
         for e in orphans:
-            stop_orphan(int(e.data["pid"]), e.data.get("proc_start_ticks"))
+            if e.data.get("pid") is not None:  # a Ray task has none here: Ray ended it with its owner
+                stop_orphan(int(e.data["pid"]), e.data.get("proc_start_ticks"))
         planted = self.ws.repair_config()  # a run of the crashed process may have planted a filter
         if planted:
             self._record("repository_repaired", keys=planted)
@@ -473,6 +478,12 @@ class Driver:
         budget = self.settings.budget_usd
         if budget is not None and totals.cost_usd >= budget:
             raise _LimitReached("budget_usd", f"model spending reached ${totals.cost_usd:.4f} of the ${budget:.2f} budget")
+        if self.settings.batch is not None:  # the batch's budget, shared by all its sessions
+            shared = batch_budget(self.settings.batch)
+            spent = spent_usd(self.settings.batch) if shared is not None else 0.0
+            if shared is not None and spent >= shared:
+                raise _LimitReached("budget_usd", f"the batch's model spending reached ${spent:.4f} of its "
+                                                  f"${shared:.2f} budget")
         cap = self.settings.max_tokens_total
         used = totals.prompt_tokens + totals.completion_tokens
         if cap is not None and used >= cap:
@@ -648,13 +659,34 @@ class Driver:
     # ---------------------------------------------------------------------------------------------- running
 
     def _execute(self, stage: str, run: int | None, attempt: int, request: RunRequest) -> dict[str, Any]:
-        key = dict(stage=stage, run=run, attempt=attempt, retry=None)
         k = (stage, run, attempt, None)
         done = self.journal.find("run_finished", k)
         if done is not None:
             return done.data
         self._check_limits(spending=False)
         self._phase("run", stage, run, attempt)
+        wall = self._wall_left()
+        deadline = None if wall is None else time.monotonic() + wall
+        waited: list[bool] = []
+
+        def queued() -> None:  # every slot is taken: the live view and `status` show the run waiting
+            waited.append(True)
+            self._phase("queued", stage, run, attempt)
+
+        try:
+            with self.executor.slot(request, on_wait=queued, deadline=deadline) as held:
+                # a batch's slot (GPU or CPU) for this run alone; it comes back whatever happens to the run
+                if waited:
+                    self._phase("run", stage, run, attempt)
+                return self._execute_leased(stage, run, attempt, held.request, held.slot)
+        except LeaseTimeout:
+            raise _LimitReached("wall_clock", f"the session's {self.settings.wall_clock_s:.0f} s wall-clock budget "
+                                              "ran out while its run waited for a free slot") from None
+
+    def _execute_leased(self, stage: str, run: int | None, attempt: int, request: RunRequest,
+                        slot: str | None) -> dict[str, Any]:
+        key = dict(stage=stage, run=run, attempt=attempt, retry=None)
+        k = (stage, run, attempt, None)
         left = self._wall_left()
         cut_by_wall = left is not None and left < request.timeout_s
         if cut_by_wall:
@@ -662,20 +694,22 @@ class Driver:
         # leaving the block before wait() returns (a journal that cannot be written, a signal) stops the run
         # gated: the experiment begins only once its pid is journaled, so a crash in between leaves no run behind
         editable = self._editable_files(tuple(self.template.editable))
-        with start_run(request, gate=True) as handle:
+        with self.executor.start(request) as handle:
             try:
                 _crash_point("run_spawned")
                 self._record("run_started", **key, pid=handle.pid, pgid=handle.pgid,
                              proc_start_ticks=handle.proc_start_ticks, started_at=handle.started_at,
-                             command=request.command(), timeout_s=request.timeout_s, sandbox=handle.sandbox)
+                             command=request.command(), timeout_s=request.timeout_s, sandbox=handle.sandbox,
+                             executor=self.executor.name, slot=slot, gpus=request.gpus)
                 before = guard.watch(self.dir, request.run_name, self._protected_files(), editable)
                 handle.release()
                 result: RunResult = handle.wait()
             except BaseException:  # Ctrl-C, a signal, a journal that cannot be written: nothing may outlive us
                 handle.kill()
-                stop_strays(handle.proc_start_ticks, keep=frozenset({handle.pid}))  # the leader: reaped on exit
+                if handle.pid is not None:
+                    stop_strays(handle.proc_start_ticks, keep=frozenset({handle.pid}))  # the leader: reaped on exit
                 raise
-        strays = stop_strays(handle.proc_start_ticks)
+        strays = stop_strays(handle.proc_start_ticks) if handle.pid is not None else []
         verdict = guard.settle(before, self.ws, editable)
         notes = []
         discarded = sorted({*result.discarded, *verdict.discarded})

@@ -428,3 +428,64 @@ def transcript_renderables(entries: list[LogEntry]) -> list[RenderableType]:
         else:
             parts.append(Text(f"• {safe(e.text)}", style="yellow" if "fail" in e.text or "error" in e.text else "dim"))
     return parts
+
+
+# --------------------------------------------------------------------------------------------------- batches
+
+
+def _vs(row: Any) -> Text:
+    if row.vs_baseline is None:
+        return Text("-")
+    style = {True: "green", False: "red"}.get(row.better, "")
+    return Text(f"{row.vs_baseline * 100:+.1f}%", style=style)
+
+
+def _batch_where(row: Any) -> str:
+    """What a session is doing: `run 2/3 attempt 1 (queued)`, or its final status."""
+    if row.status != "running":
+        return row.status
+    if row.run is None:
+        return row.phase
+    where = "baseline" if row.run == 0 else f"run {row.run}/{row.max_runs}"
+    if row.attempt and row.attempt > 1:
+        where += f" attempt {row.attempt}"
+    phase = {"ask": "asking the model", "apply": "applying edits", "run": "running", "queued": "waiting for a slot",
+             "baseline": "running"}.get(row.phase, row.phase)
+    return f"{where}: {phase}"
+
+
+def batch_row_line(row: Any) -> str:
+    """One session of a batch as a plain line (piped output): where it is, best result, cost."""
+    best = f"best run_{row.best_run} {row.metric} {_fmt(row.value)} ({_vs(row).plain})" if row.best_run is not None else "no run yet"
+    return f"{_batch_where(row)} | {best} | ${row.cost_usd:.4f}"
+
+
+def batch_live_table(rows: list[Any], slots: str, elapsed_s: float) -> Table:
+    table = Table(title=f"Batch: {escape(slots)} | {_duration(elapsed_s)}", title_justify="left")
+    for col, justify in (("idea", "left"), ("now", "left"), ("attempt", "right"), ("best", "right"),
+                         ("vs baseline", "right"), ("cost", "right"), ("elapsed", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        best = f"run_{row.best_run} {_fmt(row.value)}" if row.best_run is not None else "-"
+        table.add_row(Text(safe(row.idea)), Text(safe(_batch_where(row))), str(row.attempt or "-"), best, _vs(row),
+                      f"${row.cost_usd:.4f}", _duration(row.elapsed_s))
+    return table
+
+
+def batch_table(rows: list[Any], spec: Any) -> Table:
+    """The leaderboard of `status BATCH`: one row per idea, best first."""
+    metric = next((r.metric for r in rows if r.metric), None)
+    title = f"Batch {spec.name}: {len(rows)} ideas" + (f", ranked by {metric}" if metric else "")
+    table = Table(title=escape(safe(title)), title_justify="left")
+    for col, justify in (("#", "right"), ("idea", "left"), ("status", "left"), ("runs ok", "right"),
+                         ("best", "right"), ("value", "right"), ("baseline", "right"), ("vs baseline", "right"),
+                         ("cost", "right"), ("time", "right"), ("folder", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for n, row in enumerate(rows, 1):
+        table.add_row(str(n), Text(safe(row.idea)), Text(safe(_batch_where(row))), str(row.runs_ok),
+                      f"run_{row.best_run}" if row.best_run is not None else "-", _fmt(row.value), _fmt(row.baseline),
+                      _vs(row), f"${row.cost_usd:.4f}", _duration(row.elapsed_s), Text(Path(row.path).name))
+    total = sum(r.cost_usd for r in rows)
+    budget = f" of ${spec.budget_usd:.2f}" if spec.budget_usd is not None else ""
+    table.caption = f"total cost ${total:.4f}{budget}"
+    return table

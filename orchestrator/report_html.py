@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -538,3 +539,71 @@ def _notes(session: Path) -> str:
     if not text.strip():
         return ""
     return f'<h2 id="notes">Notes</h2><pre class="wrap">{_e(_cut(redact(text), 100_000, tail=False))}</pre>'
+
+
+# --------------------------------------------------------------------------------------------------- batches
+
+
+def write_batch_report(folder: Path, output: Path | None = None) -> Path:
+    """One page comparing a batch's ideas (default: BATCH/report.html), each linking its session's own report,
+    which is written (or rewritten) too."""
+    from orchestrator.batch import leaderboard, load_batch, session_states
+
+    folder = Path(folder)
+    spec = load_batch(folder)
+    path = Path(output) if output is not None else folder / REPORT_FILE
+    if path.is_dir():
+        path = path / REPORT_FILE
+    if not path.parent.is_dir():
+        raise OrchestratorError(f"cannot write {path}: the folder {path.parent} does not exist")
+    states = session_states(spec)
+    links: dict[str, str] = {}
+    for entry, state in states:
+        if state is None:
+            continue
+        session_report = write_report(Path(entry.path))
+        try:
+            links[entry.path] = os.path.relpath(session_report, path.parent.resolve())
+        except ValueError:  # another drive (Windows): an absolute link still works offline
+            links[entry.path] = session_report.resolve().as_uri()
+    rows = leaderboard(spec, states)
+    metric = next((r.metric for r in rows if r.metric), None)
+    head = ["#", "idea", "status", "runs ok", "best run", metric or "best", "baseline", "vs baseline", "cost",
+            "time", "report"]
+    body = []
+    for n, row in enumerate(rows, 1):
+        vs = "-" if row.vs_baseline is None else f"{row.vs_baseline * 100:+.1f}%"
+        cls = "" if row.vs_baseline is None or row.better is None else ("better" if row.better else "worse")
+        link = links.get(row.path)
+        cells = [str(n), f'<td class="l">{_e(row.idea)}</td>',
+                 f'<td class="l"><span class="badge {_STATUS_CLASS.get(row.status, "")}">{_e(row.status)}</span></td>',
+                 str(row.runs_ok), f"run_{row.best_run}" if row.best_run is not None else "-", _fmt(row.value),
+                 _fmt(row.baseline), f'<td class="{cls}">{_e(vs)}</td>', f"${row.cost_usd:.4f}",
+                 _duration(row.elapsed_s),
+                 f'<td class="l"><a href="{_e(link)}">{_e(Path(row.path).name)}</a></td>' if link
+                 else f'<td class="l">{_e(Path(row.path).name)}</td>']
+        body.append("<tr>" + "".join(c if c.startswith("<td") else f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    total = sum(r.cost_usd for r in rows)
+    facts = {"ideas": str(len(rows)), "template": spec.template, "slots": spec.pool.describe(),
+             "backend": spec.backend, "sessions at a time": str(spec.parallel),
+             "cost": f"${total:.4f}" + (f" of a ${spec.budget_usd:.2f} budget" if spec.budget_usd else ""),
+             "model": str(spec.settings.get("model", "")), "launched": _when(spec.created_at)}
+    page = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>Batch {_e(spec.name)} - orchestrator report</title>",
+        f"<style>{_CSS}</style>",
+        "</head><body><main>",
+        f"<h1>Batch {_e(spec.name)}</h1>",
+        '<dl class="facts">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts.items()) + "</dl>",
+        "<h2>Ideas, best first</h2>",
+        '<div class="table-box"><table><thead><tr>'
+        + "".join(f'<th class="{"l" if h in ("idea", "status", "report") else ""}">{_e(h)}</th>' for h in head)
+        + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>",
+        f'<footer>Written by orchestrator report on {_e(_when(time.time()))} from {_e(folder.resolve())}.</footer>',
+        "</main></body></html>",
+    ]
+    write_text_atomic(path, "\n".join(page) + "\n")
+    return path

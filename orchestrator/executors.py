@@ -1,0 +1,96 @@
+"""Where a run executes: a process group on this machine (with a slot leased from a batch's pool), or a Ray task.
+
+The loop sees one interface: `slot(request)` holds whatever the run needs before it starts (a leased GPU or CPU
+slot; nothing for a single session, and nothing for Ray, whose scheduler leases), and `start(request)` returns a
+handle with the runner's protocol (`release`, `wait`, `kill`, used as a context that stops the run on exit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Protocol
+
+from orchestrator.leases import SlotPool, lease
+from orchestrator.runner import RunHandle, RunRequest, RunResult
+from orchestrator.sandbox import SandboxUsed
+from orchestrator.runner import start as start_local
+
+
+class Handle(Protocol):
+    """A started run, as the loop uses it (runner.RunHandle is one; a Ray task has no local pid)."""
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def pgid(self) -> int | None: ...
+    @property
+    def proc_start_ticks(self) -> int | None: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def sandbox(self) -> SandboxUsed: ...
+
+    def __enter__(self) -> Handle: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def release(self) -> None: ...
+    def wait(self) -> RunResult: ...
+    def kill(self) -> None: ...
+
+
+class Leased:
+    """What a run holds while it executes: its request (CUDA_VISIBLE_DEVICES set to the leased GPU) and slot."""
+
+    def __init__(self, request: RunRequest, slot: str | None) -> None:
+        self.request = request
+        self.slot = slot
+
+
+class Executor(Protocol):
+    name: str
+
+    def slot(self, request: RunRequest, on_wait: Callable[[], None] | None = None,
+             deadline: float | None = None) -> AbstractContextManager[Leased]: ...
+
+    def start(self, request: RunRequest) -> Handle: ...
+
+
+class LocalExecutor:
+    """Runs on this machine. With a pool (a batch's), every run first leases a slot and gets exactly that GPU."""
+
+    name = "local"
+
+    def __init__(self, pool: SlotPool | None = None, folder: Path | None = None) -> None:
+        self.pool = pool
+        self.folder = folder
+
+    @contextmanager
+    def slot(self, request: RunRequest, on_wait: Callable[[], None] | None = None,
+             deadline: float | None = None) -> Iterator[Leased]:
+        if self.pool is None or self.folder is None:
+            yield Leased(request, None)
+            return
+        with lease(self.pool, self.folder, on_wait=on_wait, deadline=deadline) as slot:
+            # a GPU slot is exactly that device; a CPU slot leaves the session's own --gpus (usually none)
+            update = {} if slot.device is None else {"gpus": slot.device}
+            yield Leased(request.model_copy(update=update), slot.name)
+
+    def start(self, request: RunRequest) -> RunHandle:
+        # gated: the experiment begins only once the loop has journaled its pid
+        return start_local(request, gate=True)
+
+
+def executor_for(settings: object) -> Executor:
+    """The executor a session's settings call for: its batch's (slot pool, or Ray), else plain local runs."""
+    folder = getattr(settings, "batch", None)
+    if folder is None:
+        return LocalExecutor()
+    from orchestrator.batch import load_batch
+
+    spec = load_batch(Path(folder))
+    if spec.backend == "ray":
+        from orchestrator.ray_executor import RayExecutor
+
+        return RayExecutor.connect(spec)
+    return LocalExecutor(spec.pool, Path(folder))

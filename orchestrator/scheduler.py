@@ -1,0 +1,206 @@
+"""Many sessions at once: create a batch folder with one session per idea, then drive the sessions concurrently.
+
+Each session is driven by its own `orchestrator resume SESSION` process: the same Driver, lock, journal and signal
+handling as a single session, so a batch adds nothing a session does not already survive. What the batch adds is
+the sharing: every run leases a slot of the batch's pool (leases.py) only while it executes, so while one session
+waits for its model, another's run uses the GPU. `--parallel` caps how many sessions are driven at a time.
+
+The batch process owns no state of its own beyond batch.json: if it is killed, its session processes are told
+(SIGTERM through PR_SET_PDEATHSIG), record `interrupted` and stop their runs; `resume BATCH` goes on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from orchestrator.batch import (
+    LOGS_DIR,
+    BatchSession,
+    BatchSpec,
+    LeaderRow,
+    batch_dir_name,
+    leader_row,
+    load_batch,
+    save_batch,
+    snapshot,
+    spent_usd,
+)
+from orchestrator.config import Settings, public_dump
+from orchestrator.errors import OrchestratorError
+from orchestrator.journal import FINAL_STATUSES, JournalError, load_state
+from orchestrator.leases import SlotPool, busy_slots
+from orchestrator.loop import claim_session_dir, create_session
+from orchestrator.spec import IdeaSpec
+from orchestrator.template import Template
+
+POLL_S = 0.1  # how often the batch looks at its session processes and their snapshots
+STOP_PATIENCE_S = 120.0  # after Ctrl-C, how long sessions get to record `interrupted` before they are killed
+RAY_ADDRESS_VAR = "ORCHESTRATOR_RAY_ADDRESS"  # tells a session process which Ray cluster the batch uses
+_PR_SET_PDEATHSIG = 1
+
+
+class BatchStopped(OrchestratorError, KeyboardInterrupt):
+    """The batch was stopped by a signal; its sessions recorded `interrupted`."""
+
+    exit_code = 130
+
+
+def create_batch(name: str, ideas_file: Path, ideas: list[IdeaSpec], template: Template, settings: Settings,
+                 max_runs: Callable[[IdeaSpec], int], pool: SlotPool, parallel: int, backend: str,
+                 ray_address: str | None, ray_resources: dict[str, float], budget_usd: float | None,
+                 session_budget_usd: float | None, on_claimed: Callable[[Path], None] | None = None) -> Path:
+    """Claim `ROOT/<time>_batch_<name>/` and create one session folder per idea inside it, exactly as `launch`
+    makes them. batch.json is written first and again after each session, so it always lists what exists."""
+    folder = claim_session_dir(Path(settings.root), batch_dir_name(name)).resolve()
+    if on_claimed is not None:
+        on_claimed(folder)
+    session_settings = settings.model_copy(update={"root": folder, "batch": folder, "budget_usd": session_budget_usd})
+    spec = BatchSpec(name=name, created_at=time.time(), ideas_file=str(Path(ideas_file).resolve()),
+                     template=str(template.path), ideas=[i.name for i in ideas], backend=backend,
+                     ray_address=ray_address, ray_resources=ray_resources, pool=pool, parallel=parallel,
+                     budget_usd=budget_usd, session_budget_usd=session_budget_usd,
+                     settings=public_dump(session_settings))
+    save_batch(folder, spec)
+    (folder / LOGS_DIR).mkdir(exist_ok=True)
+    for idea in ideas:
+        session = create_session(idea, template, session_settings, max_runs(idea))
+        spec.sessions.append(BatchSession(idea=idea.name, path=str(session)))
+        save_batch(folder, spec)
+    return folder
+
+
+def unfinished(spec: BatchSpec) -> list[BatchSession]:
+    """The sessions `resume BATCH` drives: every one not in a final status (a session that cannot be read is
+    driven too, so its own process says what is wrong with it, in its log)."""
+    todo = []
+    for entry in spec.sessions:
+        status: str
+        try:
+            status = load_state(Path(entry.path)).session.status
+        except (JournalError, OSError):
+            status = "unreadable"
+        if status not in FINAL_STATUSES:
+            todo.append(entry)
+    return todo
+
+
+class View(Protocol):
+    def update(self, rows: list[LeaderRow], busy: int, total: int, queued: int, spent: float) -> None: ...
+
+
+def _die_with_parent() -> None:
+    """In the session process, before exec: SIGTERM when the batch process dies (even by SIGKILL)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class _Session:
+    def __init__(self, entry: BatchSession, proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+        self.entry = entry
+        self.proc = proc
+        self.log = log
+
+
+@contextmanager
+def _stop_signals() -> Iterator[list[int]]:
+    """SIGINT, SIGTERM and SIGHUP to the batch process are noted (not raised): the loop forwards them to the
+    session processes and waits for them to record `interrupted`."""
+    got: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, lambda signum, _frame: got.append(signum))
+    try:
+        yield got
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def drive_batch(folder: Path, view: View, env: dict[str, Any], args: list[str] | None = None,
+                python: str = sys.executable) -> dict[str, int]:
+    """Drive every unfinished session of the batch, at most `parallel` at a time, until all have ended. Returns
+    each driven session's exit code by idea. Raises BatchStopped after a stop signal, once they have all ended."""
+    spec = load_batch(folder)
+    pool = spec.pool
+    todo = unfinished(spec)
+    running: list[_Session] = []
+    codes: dict[str, int] = {}
+    stopping: int | None = None
+    stop_deadline = 0.0
+    with _stop_signals() as signals:
+        while todo or running:
+            if signals and stopping is None:
+                stopping = signals[0]
+                stop_deadline = time.monotonic() + STOP_PATIENCE_S
+                todo = []
+                for s in running:  # a terminal's Ctrl-C reached them already; a `kill` of the batch did not
+                    with suppress(ProcessLookupError):
+                        s.proc.send_signal(stopping)
+            if stopping is not None and time.monotonic() > stop_deadline:
+                for s in running:
+                    with suppress(ProcessLookupError):
+                        s.proc.kill()
+            while todo and len(running) < spec.parallel and not _budget_spent(folder, spec):
+                entry = todo.pop(0)
+                running.append(_start(folder, entry, env, args or [], python))
+            if todo and not running and _budget_spent(folder, spec):
+                todo = []  # the batch's budget is spent: the rest stay `not started` (resume with a new budget)
+            for s in list(running):
+                code = s.proc.poll()
+                if code is not None:
+                    codes[s.entry.idea] = code
+                    s.log.close()
+                    running.remove(s)
+            _show(view, spec, folder, pool)
+            if todo or running:
+                time.sleep(POLL_S)
+        _show(view, spec, folder, pool)
+    if stopping is not None:
+        raise BatchStopped(f"stopped by {signal.Signals(stopping).name}; every session is saved. Resume with:\n"
+                           f"  orchestrator resume {folder}")
+    return codes
+
+
+def _budget_spent(folder: Path, spec: BatchSpec) -> bool:
+    return spec.budget_usd is not None and spent_usd(folder) >= spec.budget_usd
+
+
+def _start(folder: Path, entry: BatchSession, env: dict[str, Any], args: list[str], python: str) -> _Session:
+    log = open(folder / LOGS_DIR / f"{Path(entry.path).name}.log", "ab")  # closed when the session process ends
+    log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} orchestrator resume {entry.path}\n".encode())
+    log.flush()
+    proc = subprocess.Popen([python, "-m", "orchestrator", "resume", entry.path, *args], stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+    return _Session(entry, proc, log)
+
+
+def _show(view: View, spec: BatchSpec, folder: Path, pool: SlotPool) -> None:
+    rows = []
+    queued = 0
+    now = time.time()
+    for entry in spec.sessions:
+        row = leader_row(entry, snapshot(Path(entry.path)), now)
+        if row.status == "running" and row.phase == "queued":
+            queued += 1
+        rows.append(row)
+    busy = busy_slots(pool, folder) if spec.backend == "local" else sum(1 for r in rows if r.phase == "run"
+                                                                            and r.status == "running")
+    view.update(rows, busy, len(pool.slots()), queued, sum(r.cost_usd for r in rows))
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
+    env = dict(os.environ)
+    env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    env.update(extra or {})
+    return env
