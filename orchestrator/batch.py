@@ -182,7 +182,9 @@ def leader_row(entry: BatchSession, state: SessionState | None, now: float | Non
         change = best.metrics.get(names[0]) if best is not None else None
         if change is not None:
             row.value, row.baseline, row.better = change.value, change.baseline, change.better
-            if change.baseline:
+            if info.best_run == 0:  # no run beat the baseline
+                row.baseline, row.vs_baseline = change.value, 0.0
+            elif change.baseline:
                 row.vs_baseline = (change.value - change.baseline) / abs(change.baseline)
     return row
 

@@ -490,7 +490,7 @@ def _drive_batch(folder: Path, forwarded: list[str] | None = None) -> int:
     extra: dict[str, str] = {}
     with _BatchView(out) as view, _ray_for(spec, extra):
         try:
-            drive_batch(folder, view, child_env(extra), args=forwarded or [])
+            codes = drive_batch(folder, view, child_env(extra), args=forwarded or [])
         except BatchStopped as stopped:
             view.close()
             out.print(f"[yellow]{stopped}[/yellow]", soft_wrap=True)
@@ -503,7 +503,12 @@ def _drive_batch(folder: Path, forwarded: list[str] | None = None) -> int:
     if any(st not in FINAL for st in statuses):
         hints.append(f"orchestrator resume {folder}")
     out.print("\n".join(f"  {h}" for h in hints), soft_wrap=True)
-    return EXIT_FAILED if any(st in ("failed", "interrupted", "unreadable") for st in statuses) else EXIT_FINISHED
+    troubled = [idea for idea, code in codes.items() if code != EXIT_FINISHED]
+    if troubled:
+        out.print(f"Sessions that did not finish cleanly: {', '.join(troubled)} (their output: "
+                  f"{folder / 'logs'}/)", soft_wrap=True, markup=False)
+    bad = troubled or any(st in ("failed", "interrupted", "unreadable") for st in statuses)
+    return EXIT_FAILED if bad else EXIT_FINISHED
 
 
 def _ray_for(spec: Any, env: dict[str, str]) -> Any:

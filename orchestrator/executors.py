@@ -14,8 +14,8 @@ from typing import Protocol
 
 from orchestrator.leases import SlotPool, lease
 from orchestrator.runner import RunHandle, RunRequest, RunResult
-from orchestrator.sandbox import SandboxUsed
 from orchestrator.runner import start as start_local
+from orchestrator.sandbox import SandboxUsed
 
 
 class Handle(Protocol):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,10 +40,11 @@ class RayError(OrchestratorError, RuntimeError):
 
 
 def check_ray_installed() -> None:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise ConfigError("--backend ray needs Ray: pip install 'orchestrator[ray]'") from None
+    """Without importing it: Ray reads its authentication settings from the environment when it is imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("--backend ray needs Ray: pip install 'orchestrator[ray]'")
 
 
 def _run_on_worker(request_json: str) -> str:
@@ -73,18 +75,24 @@ def _scrubbed_environment() -> dict[str, str]:
 def ray_cluster(spec: BatchSpec, child_env: dict[str, str]) -> Iterator[str]:
     """The batch's Ray cluster for the block: `--ray-address`, or a local Ray started here (and stopped after),
     whose processes never see an API key. Puts its address into `child_env` for the session processes."""
-    import ray
-
     if spec.ray_address:
         child_env[RAY_ADDRESS_VAR] = spec.ray_address
         yield spec.ray_address
         return
+    # Ray's token authentication, with a token of our own, so the session processes can connect (a local Ray
+    # would otherwise make one they cannot know). Runs never see it: *_TOKEN names never reach a run.
+    token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
     kept = dict(os.environ)
     os.environ.clear()
     os.environ.update(_scrubbed_environment())
+    quiet = {"RAY_USAGE_STATS_ENABLED": "0"}  # Ray would otherwise report usage over the network
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, **quiet})
+    child_env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, **quiet})
     if spec.pool.kind == "gpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(spec.pool.devices)
     try:
+        import ray  # after the environment is set: Ray reads RAY_AUTH_* when it is imported
+
         extra = {k: v * len(spec.pool.slots()) for k, v in spec.ray_resources.items() if k not in ("GPU", "CPU")}
         context = ray.init(num_cpus=len(spec.pool.slots()),
                            num_gpus=len(spec.pool.devices) if spec.pool.kind == "gpu" else 0,
@@ -93,12 +101,18 @@ def ray_cluster(spec: BatchSpec, child_env: dict[str, str]) -> Iterator[str]:
     finally:
         os.environ.clear()
         os.environ.update(kept)
+        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})  # this process talks to it too
     address = str(context.address_info["gcs_address"])  # type: ignore[attr-defined]
     child_env[RAY_ADDRESS_VAR] = address
     try:
         yield address
     finally:
         ray.shutdown()
+        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # this process's own, as they were before
+            if name in kept:
+                os.environ[name] = kept[name]
+            else:
+                os.environ.pop(name, None)
 
 
 class RayHandle:

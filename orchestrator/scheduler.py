@@ -42,7 +42,8 @@ from orchestrator.loop import claim_session_dir, create_session
 from orchestrator.spec import IdeaSpec
 from orchestrator.template import Template
 
-POLL_S = 0.1  # how often the batch looks at its session processes and their snapshots
+POLL_S = 0.1  # how often the batch looks at its session processes
+SHOW_S = 0.5  # how often it reads the sessions' snapshots for the live view
 STOP_PATIENCE_S = 120.0  # after Ctrl-C, how long sessions get to record `interrupted` before they are killed
 RAY_ADDRESS_VAR = "ORCHESTRATOR_RAY_ADDRESS"  # tells a session process which Ray cluster the batch uses
 _PR_SET_PDEATHSIG = 1
@@ -138,6 +139,7 @@ def drive_batch(folder: Path, view: View, env: dict[str, Any], args: list[str] |
     codes: dict[str, int] = {}
     stopping: int | None = None
     stop_deadline = 0.0
+    shown = 0.0
     with _stop_signals() as signals:
         while todo or running:
             if signals and stopping is None:
@@ -162,7 +164,9 @@ def drive_batch(folder: Path, view: View, env: dict[str, Any], args: list[str] |
                     codes[s.entry.idea] = code
                     s.log.close()
                     running.remove(s)
-            _show(view, spec, folder, pool)
+            if time.monotonic() - shown >= SHOW_S:
+                _show(view, spec, folder, pool)
+                shown = time.monotonic()
             if todo or running:
                 time.sleep(POLL_S)
         _show(view, spec, folder, pool)
