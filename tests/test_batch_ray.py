@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.session_helpers import REPO, git, orchestrator
+from tests.session_helpers import REPO, git, orchestrator, pid_alive
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 
@@ -57,7 +57,8 @@ def _per_session(folder: Path) -> dict[str, dict]:
         runs = {}
         for run_dir in sorted(session.glob("run_*")):
             seen = json.loads((run_dir / "slot.json").read_text())
-            runs[run_dir.name] = {"final_info": json.loads((run_dir / "final_info.json").read_text()),
+            results = run_dir / "final_info.json"
+            runs[run_dir.name] = {"final_info": json.loads(results.read_text()) if results.exists() else None,
                                   "files": sorted(p.name for p in run_dir.iterdir()),
                                   "devices": seen["cuda_visible_devices"]}
         kinds = [json.loads(line)["kind"] for line in (session / ".orchestrator" / "journal.jsonl").read_text()
@@ -157,10 +158,54 @@ def test_a_batch_on_a_ray_cluster_gives_the_same_results_as_the_local_backend(tm
     assert started and all(d["executor"] == "ray" and d["pid"] is None for d in started)
 
 
-def test_a_ray_batch_without_an_address_starts_a_local_ray_with_the_batch_gpus(tmp_path: Path) -> None:
-    folder = _batch(tmp_path, "own", "--backend", "ray", "--gpus", "0,1")
+def _hanging_template(tmp: Path) -> Path:
+    """The sleep template whose idea_b hangs in run_1 (every other run sleeps as planned)."""
+    template = tmp / "sleep_template"
+    shutil.copytree(SLEEP_TEMPLATE, template)
+    durations = json.loads((template / "durations.json").read_text())
+    durations["idea_b"] = [1, "hang", 1, 1]
+    (template / "durations.json").write_text(json.dumps(durations))
+    return template
+
+
+def test_a_ray_batch_without_an_address_uses_its_own_local_ray_and_ctrl_c_stops_the_runs(tmp_path: Path) -> None:
+    """No --ray-address: a local Ray is started with the batch's GPUs; Ray sets CUDA_VISIBLE_DEVICES. Ctrl-C
+    cancels the Ray tasks and their runs' process groups die; every session records `interrupted`."""
+    template = _hanging_template(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LITELLM_LOCAL_MODEL_COST_MAP": "True", "ORCH_SANDBOX": "none"}
+    batch = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "batch", str(template / "seed_ideas.json"), "--ideas",
+         "idea_a,idea_b", "--template", str(template), "--model", f"scripted:{_replies(tmp_path / 'r.yaml')}",
+         "--max-runs", "2", "--no-plots", "--env", "SLEEP_SCALE=0.15", "--root", str(tmp_path / "root"),
+         "--backend", "ray", "--gpus", "0,1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        hang = None
+        while hang is None:
+            assert batch.poll() is None, batch.communicate()
+            found = list((tmp_path / "root").glob("*/*_idea_b/run_1/slot.json"))
+            if found:
+                hang = json.loads(found[0].read_text())
+            else:
+                assert time.monotonic() < deadline, "the hanging run never started"
+                time.sleep(0.2)
+        os.kill(batch.pid, signal.SIGINT)
+        out, err = batch.communicate(timeout=240)
+    finally:
+        if batch.poll() is None:
+            os.killpg(batch.pid, signal.SIGKILL)
+            batch.wait()
+    assert batch.returncode == 130, out[-2000:] + err[-3000:]
+    assert hang["cuda_visible_devices"] in {"0", "1"}
+    folder = Path(out.splitlines()[0])
+    idea_b = next(folder.glob("*_idea_b"))
+    state = json.loads((idea_b / ".orchestrator" / "session.json").read_text())
+    assert state["session"]["status"] == "interrupted"
+    deadline = time.monotonic() + 60  # the task was cancelled: the runner stopped the run's process group
+    while pid_alive(hang["pid"]):
+        assert time.monotonic() < deadline, f"the hanging run {hang['pid']} outlived its cancelled Ray task"
+        time.sleep(0.2)
     results = _per_session(folder)
-    assert all(r["status"] == "max_runs" for r in results.values())
     seen = {v["devices"] for r in results.values() for v in r["runs"].values()}
     assert seen <= {"0", "1"} and seen  # Ray set CUDA_VISIBLE_DEVICES to exactly one of the batch's GPUs
-    assert _overlaps(folder) <= 2
