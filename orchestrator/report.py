@@ -174,11 +174,17 @@ def _last_commit(rec: RunRecord) -> str | None:
 
 
 def list_sessions(root: Path) -> list[SessionState]:
-    """Every session folder directly under root, oldest first; folders that are not sessions are skipped."""
+    """Every session folder directly under root, and in the batch folders there, oldest first; folders that are not
+    sessions are skipped."""
     out: list[SessionState] = []
     if not root.is_dir():
         return out
+    children = []
     for child in sorted(root.iterdir()):
+        children.append(child)
+        if (child / "batch.json").is_file():  # a batch folder: its sessions are listed with the others
+            children += sorted(c for c in child.iterdir() if c.is_dir())
+    for child in children:
         if (child / META_DIR / "journal.jsonl").exists():
             try:
                 out.append(load_state(child))
@@ -193,7 +199,9 @@ def sessions_table(states: list[SessionState]) -> Table:
         table.add_column(col)
     for st in states:
         ok = sum(1 for r in st.runs if r.status == "ok" and r.run > 0)
-        table.add_row(Path(st.session.dir).name, st.session.status, str(ok),
+        folder = Path(st.session.dir)
+        name = folder.name if not (folder.parent / "batch.json").is_file() else f"{folder.parent.name}/{folder.name}"
+        table.add_row(name, st.session.status, str(ok),
                       f"run_{st.session.best_run}" if st.session.best_run is not None else "-",
                       f"${st.session.totals.cost_usd:.4f}", st.session.model)
     return table
