@@ -20,9 +20,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from orchestrator.atomic import write_text_atomic
+from orchestrator.config import ConfigError
 from orchestrator.errors import OrchestratorError
 from orchestrator.journal import META_DIR, SNAPSHOT_FILE, JournalError, SessionState, load_state
 from orchestrator.leases import SlotPool
+from orchestrator.spec import IdeaSpec, load_ideas
 
 BATCH_FILE = "batch.json"
 LOGS_DIR = "logs"
@@ -200,3 +202,40 @@ def leaderboard(spec: BatchSpec, states: list[tuple[BatchSession, SessionState |
         return (0, -gain)
 
     return sorted(rows, key=rank)
+
+
+def pick_ideas(path: Path, names: str | None, everything: bool) -> list[IdeaSpec]:
+    """The ideas of a batch: --ideas a,b,c (in that order), --all, or the file's only idea."""
+    found = load_ideas(path)
+    if names and everything:
+        raise ConfigError("give --ideas a,b,c or --all, not both")
+    if names:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        by_name = {i.name: i for i in found}
+        unknown = [n for n in wanted if n not in by_name]
+        if unknown:
+            raise ConfigError(f"{path} has no idea named {', '.join(unknown)} (it has: "
+                              f"{', '.join(by_name)})")
+        return [by_name[n] for n in dict.fromkeys(wanted)]
+    if not everything and len(found) > 1:
+        raise ConfigError(f"{path} holds {len(found)} ideas: choose with --ideas a,b,c or take them all with --all")
+    names_seen = [i.name for i in found]
+    twice = sorted({n for n in names_seen if names_seen.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{path}: more than one idea is named {', '.join(twice)}; names must be unique")
+    return found
+
+
+def parse_ray_resources(pairs: list[str] | None) -> dict[str, float]:
+    """--ray-resource NAME=AMOUNT flags as a dict of positive amounts."""
+    out: dict[str, float] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = -1.0
+        if not sep or not key.strip() or amount <= 0:
+            raise ConfigError(f"--ray-resource expects NAME=AMOUNT with a positive amount, got {pair!r}")
+        out[key.strip()] = amount
+    return out

@@ -333,8 +333,9 @@ def batch(
                                               "extra).")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to use (default: start a local one for the "
                                                          "batch).")] = None,
-    ray_resource: Annotated[list[str] | None, typer.Option(help="NAME=AMOUNT a run asks of Ray instead of one GPU "
-                                                               "(repeatable), e.g. accelerator_type_A100=1.")] = None,
+    ray_resource: Annotated[list[str] | None, typer.Option(help="NAME=AMOUNT a run asks of Ray (repeatable), e.g. "
+                                                               "accelerator_type_A100=0.01; with GPUs it still asks "
+                                                               "for one GPU unless GPU=N is given.")] = None,
     name: Annotated[str | None, typer.Option(help="Batch name (default: the idea file's name).")] = None,
     max_runs: Annotated[int | None, typer.Option(help="Runs after each baseline (at most 10; default 10).")] = None,
     root: Annotated[Path | None, typer.Option(help="Folder for the batch folder (default: experiments/).")] = None,
@@ -374,86 +375,29 @@ def batch(
     _guard(lambda: _batch(ideas, options, cli, config))
 
 
-def _pick_ideas(path: Path, names: str | None, everything: bool) -> list[Any]:
-    from orchestrator.config import ConfigError
-    from orchestrator.spec import load_ideas
-
-    found = load_ideas(path)
-    if names and everything:
-        raise ConfigError("give --ideas a,b,c or --all, not both")
-    if names:
-        wanted = [n.strip() for n in names.split(",") if n.strip()]
-        by_name = {i.name: i for i in found}
-        unknown = [n for n in wanted if n not in by_name]
-        if unknown:
-            raise ConfigError(f"{path} has no idea named {', '.join(unknown)} (it has: "
-                              f"{', '.join(by_name)})")
-        return [by_name[n] for n in dict.fromkeys(wanted)]
-    if not everything and len(found) > 1:
-        raise ConfigError(f"{path} holds {len(found)} ideas: choose with --ideas a,b,c or take them all with --all")
-    names_seen = [i.name for i in found]
-    twice = sorted({n for n in names_seen if names_seen.count(n) > 1})
-    if twice:
-        raise ConfigError(f"{path}: more than one idea is named {', '.join(twice)}; names must be unique")
-    return found
-
-
-def _slot_pool(gpus: str | None, per_gpu: int | None, slots: int | None) -> Any:
-    from orchestrator.config import ConfigError, Settings
-    from orchestrator.leases import SlotPool, detect_gpus
-
-    if per_gpu is not None and per_gpu < 1 or slots is not None and slots < 1:
-        raise ConfigError("--per-gpu and --slots must be at least 1")
-    ids = (Settings.model_validate({"gpus": gpus}).gpus or "").split(",") if gpus else detect_gpus()
-    ids = [i for i in ids if i]
-    if ids:
-        if slots is not None:
-            raise ConfigError("--slots counts CPU slots; with GPUs, use --per-gpu N for N runs per GPU")
-        if len(set(ids)) != len(ids):
-            raise ConfigError(f"--gpus {gpus!r} names a GPU twice; use --per-gpu N to share one")
-        return SlotPool(kind="gpu", devices=ids, per_gpu=per_gpu or 1)
-    if per_gpu is not None:
-        raise ConfigError("--per-gpu needs GPUs: none were found and --gpus was not given (use --slots N)")
-    return SlotPool(kind="cpu", cpu_slots=slots or 1)
-
-
-def _ray_resources(pairs: list[str] | None) -> dict[str, float]:
-    from orchestrator.config import ConfigError
-
-    out: dict[str, float] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        try:
-            amount = float(value)
-        except ValueError:
-            amount = -1.0
-        if not sep or not key.strip() or amount <= 0:
-            raise ConfigError(f"--ray-resource expects NAME=AMOUNT with a positive amount, got {pair!r}")
-        out[key.strip()] = amount
-    return out
-
-
 def _batch(ideas_file: Path, opts: dict[str, Any], cli: dict[str, Any], config: Path | None) -> int:
+    from orchestrator.batch import parse_ray_resources, pick_ideas
     from orchestrator.config import ConfigError, check_python, load_settings
+    from orchestrator.leases import slot_pool
     from orchestrator.loop import check_budget_enforceable
     from orchestrator.runner import check_env_set
     from orchestrator.spec import slugify
     from orchestrator.template import find_template
 
     settings = load_settings(cli, config)
-    chosen = _pick_ideas(ideas_file, opts["ideas"], opts["all"])
+    chosen = pick_ideas(ideas_file, opts["ideas"], opts["all"])
     template = find_template(opts["template"] or chosen[0].template or "sae", settings.templates_dirs)
-    pool = _slot_pool(opts["gpus"], opts["per_gpu"], opts["slots"])
+    pool = slot_pool(opts["gpus"], opts["per_gpu"], opts["slots"])
     if opts["backend"] not in ("local", "ray"):
         raise ConfigError(f"--backend must be local or ray, got {opts['backend']!r}")
     if opts["backend"] == "local" and (opts["ray_address"] or opts["ray_resources"]):
         raise ConfigError("--ray-address and --ray-resource need --backend ray")
-    resources = _ray_resources(opts["ray_resources"])
+    resources = parse_ray_resources(opts["ray_resources"])
     if opts["backend"] == "ray":
         from orchestrator.ray_executor import check_ray_installed
 
         check_ray_installed()
-    parallel = opts["parallel"] or min(len(chosen), 2 * len(pool.slots()))
+    parallel = opts["parallel"] if opts["parallel"] is not None else min(len(chosen), 2 * len(pool.slots()))
     if parallel < 1:
         raise ConfigError("--parallel must be at least 1")
     for budget in ("budget_usd", "session_budget_usd"):
@@ -474,12 +418,13 @@ def _batch(ideas_file: Path, opts: dict[str, Any], cli: dict[str, Any], config: 
 
     folder = create_batch(slugify(opts["name"] or ideas_file.stem) or "ideas", ideas_file, chosen, template,
                           settings, max_runs, pool, parallel, opts["backend"], opts["ray_address"], resources,
-                          opts["budget_usd"], opts["session_budget_usd"])
-    print(folder, flush=True)  # the first line: every session folder in it exists and is resumable
+                          opts["budget_usd"], opts["session_budget_usd"],
+                          on_claimed=lambda claimed: print(claimed, flush=True))  # the first line
     return _drive_batch(folder)
 
 
-def _drive_batch(folder: Path, forwarded: list[str] | None = None) -> int:
+def _drive_batch(folder: Path, forwarded: list[str] | None = None,
+                 per_session: dict[str, list[str]] | None = None, reopen: set[str] | None = None) -> int:
     from orchestrator.batch import leaderboard, load_batch, session_states
     from orchestrator.report import batch_table
     from orchestrator.scheduler import BatchStopped, child_env, drive_batch
@@ -490,7 +435,8 @@ def _drive_batch(folder: Path, forwarded: list[str] | None = None) -> int:
     extra: dict[str, str] = {}
     with _BatchView(out) as view, _ray_for(spec, extra):
         try:
-            codes = drive_batch(folder, view, child_env(extra), args=forwarded or [])
+            codes = drive_batch(folder, view, child_env(extra), args=forwarded or [], per_session=per_session,
+                                reopen=reopen or set())
         except BatchStopped as stopped:
             view.close()
             out.print(f"[yellow]{stopped}[/yellow]", soft_wrap=True)
@@ -507,7 +453,7 @@ def _drive_batch(folder: Path, forwarded: list[str] | None = None) -> int:
     if troubled:
         out.print(f"Sessions that did not finish cleanly: {', '.join(troubled)} (their output: "
                   f"{folder / 'logs'}/)", soft_wrap=True, markup=False)
-    bad = troubled or any(st in ("failed", "interrupted", "unreadable") for st in statuses)
+    bad = troubled or any(st in ("failed", "interrupted", "unreadable", "not started") for st in statuses)
     return EXIT_FAILED if bad else EXIT_FINISHED
 
 
@@ -600,13 +546,18 @@ def resume(
     forwarded += [arg for pair in env or [] for arg in ("--env", pair)]
     if allow_network is not None:
         forwarded.append("--allow-network" if allow_network else "--no-network")
+    overrides = {"model": _absolute_scripted(model), "api_base": api_base, "max_tokens_total": max_tokens_total,
+                 "wall_clock_s": wall_clock, "stall_replies": stall_replies, "timeout_s": timeout, "gpus": gpus,
+                 "python": python, "sandbox": sandbox, "allow_network": allow_network, "env": _parse_env(env)}
 
     def run() -> int:
         from orchestrator.batch import is_batch
         from orchestrator.loop import session_lock
+        from orchestrator.scheduler import follow_batch
 
+        follow_batch()  # started by a batch: end with it
         if is_batch(session):
-            return _resume_batch(session, budget_usd, forwarded)
+            return _resume_batch(session, budget_usd, overrides, forwarded)
         with session_lock(session):  # settings are saved and the journal read only by the session's driver
             return go_on()
 
@@ -650,25 +601,45 @@ def resume(
     _guard(run)
 
 
-def _resume_batch(folder: Path, budget_usd: float | None, forwarded: list[str]) -> int:
+def _resume_batch(folder: Path, budget_usd: float | None, overrides: dict[str, Any], forwarded: list[str]) -> int:
+    """resume BATCH: check the flags once here (one line, exit 2), then drive every session not finished, and
+    those a limit ended when that limit is raised (the batch's budget by --budget-usd)."""
     from orchestrator.batch import load_batch, save_batch
-    from orchestrator.config import ConfigError
+    from orchestrator.config import ConfigError, check_python, load_settings
+    from orchestrator.loop import check_budget_enforceable
+    from orchestrator.runner import check_env_set
     from orchestrator.scheduler import unfinished
 
     spec = load_batch(folder)
-    if "--gpus" in forwarded:
+    if overrides.get("gpus") is not None:
         raise ConfigError("a batch's GPUs are its slot pool (batch.json); --gpus applies to single sessions only")
+    if budget_usd is not None and budget_usd <= 0:
+        raise ConfigError("--budget-usd must be more than 0")
+    saved = {k: v for k, v in spec.settings.items() if k not in ("env", "api_base")}  # masked values stay out
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings = load_settings({**saved, **given})
+    check_env_set(dict(settings.env))
+    check_python(settings.python)
+    _check_sandbox(settings)
+    model = _make_model(settings, 0, None)
+    model.check_credentials()
+    check_budget_enforceable(settings.model_copy(update={"budget_usd": budget_usd}), model)
+    lifted = {"budget_usd": budget_usd is not None, "wall_clock": "wall_clock_s" in given,
+              "max_tokens": "max_tokens_total" in given, "stalled": "model" in given or "stall_replies" in given}
     if budget_usd is not None:
-        if budget_usd <= 0:
-            raise ConfigError("--budget-usd must be more than 0")
         spec.budget_usd = budget_usd
         save_batch(folder, spec)
-    todo = unfinished(spec)
+    reopen = {status for status, yes in lifted.items() if yes}
+    todo = unfinished(spec, reopen)
     if not todo:
         out.print(f"Every session of the batch has finished; nothing to do ({len(spec.sessions)} sessions).")
         return EXIT_FINISHED
     print(folder.resolve(), flush=True)
-    return _drive_batch(folder, forwarded)
+    per_session: dict[str, list[str]] = {}
+    if budget_usd is not None:  # a session the budget ended goes on: under its own budget, else the batch's
+        again = str(spec.session_budget_usd or budget_usd)
+        per_session = {entry.path: ["--budget-usd", again] for entry in todo}
+    return _drive_batch(folder, forwarded, per_session, reopen)
 
 
 @app.command()

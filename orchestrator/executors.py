@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from orchestrator.leases import SlotPool, lease
+from orchestrator.leases import Lease, SlotPool, lease
 from orchestrator.runner import RunHandle, RunRequest, RunResult
 from orchestrator.runner import start as start_local
 from orchestrator.sandbox import SandboxUsed
@@ -42,9 +42,15 @@ class Handle(Protocol):
 class Leased:
     """What a run holds while it executes: its request (CUDA_VISIBLE_DEVICES set to the leased GPU) and slot."""
 
-    def __init__(self, request: RunRequest, slot: str | None) -> None:
+    def __init__(self, request: RunRequest, slot: str | None, held: Lease | None = None) -> None:
         self.request = request
         self.slot = slot
+        self._held = held
+
+    def started(self, pid: int | None, start_ticks: int | None) -> None:
+        """Name the started run in the lease, so the slot stays taken while it lives, even past its session."""
+        if self._held is not None:
+            self._held.hold(pid, start_ticks)
 
 
 class Executor(Protocol):
@@ -71,10 +77,10 @@ class LocalExecutor:
         if self.pool is None or self.folder is None:
             yield Leased(request, None)
             return
-        with lease(self.pool, self.folder, on_wait=on_wait, deadline=deadline) as slot:
+        with lease(self.pool, self.folder, on_wait=on_wait, deadline=deadline) as held:
             # a GPU slot is exactly that device; a CPU slot leaves the session's own --gpus (usually none)
-            update = {} if slot.device is None else {"gpus": slot.device}
-            yield Leased(request.model_copy(update=update), slot.name)
+            update = {} if held.slot.device is None else {"gpus": held.slot.device}
+            yield Leased(request.model_copy(update=update), held.slot.name, held)
 
     def start(self, request: RunRequest) -> RunHandle:
         # gated: the experiment begins only once the loop has journaled its pid

@@ -10,8 +10,12 @@ batch's pool.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import random
+import re
+import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,9 +25,11 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.runner import proc_start_ticks
 
 SLOTS_DIR = ".slots"
 POLL_S = 0.02  # how often a waiting run tries the slots again
+_GPU_ID = re.compile(r"(\d+|GPU-[0-9A-Fa-f-]+|MIG-[\w/.-]+)\Z")
 
 
 class LeaseTimeout(OrchestratorError, TimeoutError):
@@ -59,16 +65,22 @@ class SlotPool(BaseModel):
 
 
 def detect_gpus() -> list[str]:
-    """The GPU ids this machine has, as CUDA_VISIBLE_DEVICES names them: CUDA_VISIBLE_DEVICES if set, else one id
-    per /dev/nvidiaN device node; none on a machine without NVIDIA GPUs."""
+    """The GPU ids this process can use, as CUDA_VISIBLE_DEVICES names them: CUDA_VISIBLE_DEVICES if set, else
+    the indexes `nvidia-smi` lists (0 .. n-1 as CUDA numbers them); none without NVIDIA's tools or GPUs."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
-    found = []
-    for entry in os.listdir("/dev") if os.path.isdir("/dev") else []:
-        if entry.startswith("nvidia") and entry[6:].isdigit():
-            found.append(int(entry[6:]))
-    return [str(n) for n in sorted(found)]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        listed = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if listed.returncode != 0:
+        return []
+    return [line.strip() for line in listed.stdout.splitlines() if line.strip().isdigit()]
 
 
 def _lock_path(folder: Path, slot: Slot) -> Path:
@@ -89,12 +101,38 @@ def _try(path: Path) -> int | None:
     return fd
 
 
+class Lease:
+    """A held slot. `hold(pid, ticks)` names the run using it in the lock file: should the session process die
+    while its run goes on (an unsandboxed run outlives it), the slot stays taken until that run is gone too."""
+
+    def __init__(self, slot: Slot, fd: int) -> None:
+        self.slot = slot
+        self._fd = fd
+
+    def hold(self, pid: int | None, start_ticks: int | None) -> None:
+        record = {"session_pid": os.getpid(), "run_pid": pid, "run_start_ticks": start_ticks}
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(record).encode(), 0)
+
+
+def _run_still_there(fd: int) -> bool:
+    """Whether the lock file names a run that is still alive (same pid and start time)."""
+    try:
+        record = json.loads(os.pread(fd, 512, 0) or b"{}")
+        pid, ticks = record.get("run_pid"), record.get("run_start_ticks")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    return proc_start_ticks(pid) == ticks if ticks is not None else proc_start_ticks(pid) is not None
+
+
 @contextmanager
 def lease(pool: SlotPool, folder: Path, on_wait: Callable[[], None] | None = None,
-          deadline: float | None = None) -> Iterator[Slot]:
+          deadline: float | None = None) -> Iterator[Lease]:
     """Hold one free slot of `pool` for the block; wait (polling) while all are taken. `on_wait` is called once if
-    the run has to wait; `deadline` (time.monotonic()) raises LeaseTimeout when none came free by then. The lock
-    file's content names the holder (pid), for people looking; the lock itself is the truth."""
+    the run has to wait; `deadline` (time.monotonic()) raises LeaseTimeout when none came free by then. A slot
+    whose lock is free but whose file names a run still alive (its session died, the run did not) is taken."""
     slots = pool.slots()
     (Path(folder) / SLOTS_DIR).mkdir(parents=True, exist_ok=True)
     start = random.randrange(len(slots))  # waiters spread over the slots rather than all trying slot 0 first
@@ -103,14 +141,18 @@ def lease(pool: SlotPool, folder: Path, on_wait: Callable[[], None] | None = Non
         for i in range(len(slots)):
             slot = slots[(start + i) % len(slots)]
             fd = _try(_lock_path(folder, slot))
-            if fd is not None:
-                try:
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-                    yield slot
-                finally:
-                    os.close(fd)  # the lease ends: the kernel releases the flock
-                return
+            if fd is None:
+                continue
+            if _run_still_there(fd):
+                os.close(fd)
+                continue
+            try:
+                held = Lease(slot, fd)
+                held.hold(None, None)
+                yield held
+            finally:
+                os.close(fd)  # the lease ends: the kernel releases the flock
+            return
         if not waited:
             waited = True
             if on_wait is not None:
@@ -125,9 +167,10 @@ def busy_slots(pool: SlotPool, folder: Path) -> int:
     inodes = set()
     for slot in pool.slots():
         try:
-            inodes.add(os.stat(_lock_path(folder, slot)).st_ino)
+            info = os.stat(_lock_path(folder, slot))
         except FileNotFoundError:
             continue
+        inodes.add(f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}")
     if not inodes:
         return 0
     try:
@@ -138,8 +181,28 @@ def busy_slots(pool: SlotPool, folder: Path) -> int:
     held = set()
     for line in lines:
         parts = line.split()
-        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[3] == "WRITE":
-            inode = parts[5].rsplit(":", 1)[-1]
-            if inode.isdigit() and int(inode) in inodes:
-                held.add(int(inode))
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[3] == "WRITE" and parts[5] in inodes:
+            held.add(parts[5])  # major:minor (hex) and inode, as /proc/locks writes them
     return len(held)
+
+
+def slot_pool(gpus: str | None, per_gpu: int | None, slots: int | None) -> SlotPool:
+    """A batch's pool from its flags: --gpus (else the GPUs found) with --per-gpu, or --slots CPU slots."""
+    from orchestrator.config import ConfigError
+
+    if per_gpu is not None and per_gpu < 1 or slots is not None and slots < 1:
+        raise ConfigError("--per-gpu and --slots must be at least 1")
+    ids = [part.strip() for part in gpus.split(",")] if gpus is not None and gpus.strip() else detect_gpus()
+    odd = [i for i in ids if not _GPU_ID.match(i)]
+    if odd:
+        raise ConfigError(f"--gpus {gpus!r}: {odd[0]!r} is not a GPU id (a number, GPU-<uuid> or MIG-<uuid>, as "
+                          "CUDA_VISIBLE_DEVICES takes them)")
+    if ids:
+        if slots is not None:
+            raise ConfigError("--slots counts CPU slots; with GPUs, use --per-gpu N for N runs per GPU")
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"--gpus {gpus!r} names a GPU twice; use --per-gpu N to share one")
+        return SlotPool(kind="gpu", devices=ids, per_gpu=per_gpu or 1)
+    if per_gpu is not None:
+        raise ConfigError("--per-gpu needs GPUs: none were found and --gpus was not given (use --slots N)")
+    return SlotPool(kind="cpu", cpu_slots=slots or 1)

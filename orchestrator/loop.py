@@ -31,7 +31,7 @@ from orchestrator.batch import batch_budget, spent_usd
 from orchestrator.config import ConfigError, Settings, public_dump
 from orchestrator.edits import PLAN_CHARS, SUBJECT_CHARS, apply_edits, plan_line, shorten
 from orchestrator.errors import OrchestratorError
-from orchestrator.executors import Executor, LocalExecutor
+from orchestrator.executors import Executor, Leased, LocalExecutor
 from orchestrator.journal import (
     FINAL_STATUSES,
     IDEA_FILE,
@@ -678,13 +678,13 @@ class Driver:
                 # a batch's slot (GPU or CPU) for this run alone; it comes back whatever happens to the run
                 if waited:
                     self._phase("run", stage, run, attempt)
-                return self._execute_leased(stage, run, attempt, held.request, held.slot)
+                return self._execute_leased(stage, run, attempt, held)
         except LeaseTimeout:
             raise _LimitReached("wall_clock", f"the session's {self.settings.wall_clock_s:.0f} s wall-clock budget "
                                               "ran out while its run waited for a free slot") from None
 
-    def _execute_leased(self, stage: str, run: int | None, attempt: int, request: RunRequest,
-                        slot: str | None) -> dict[str, Any]:
+    def _execute_leased(self, stage: str, run: int | None, attempt: int, held: Leased) -> dict[str, Any]:
+        request, slot = held.request, held.slot
         key = dict(stage=stage, run=run, attempt=attempt, retry=None)
         k = (stage, run, attempt, None)
         left = self._wall_left()
@@ -701,6 +701,7 @@ class Driver:
                              proc_start_ticks=handle.proc_start_ticks, started_at=handle.started_at,
                              command=request.command(), timeout_s=request.timeout_s, sandbox=handle.sandbox,
                              executor=self.executor.name, slot=slot, gpus=request.gpus)
+                held.started(handle.pid, handle.proc_start_ticks)
                 before = guard.watch(self.dir, request.run_name, self._protected_files(), editable)
                 handle.release()
                 result: RunResult = handle.wait()
@@ -763,7 +764,8 @@ class Driver:
         return SandboxSpec(readonly=readonly, copy_on_write=self._editable_files(tuple(self.template.editable)),
                            writable_tree=self.template.writable or writable,
                            network=self.template.network or self.settings.allow_network,
-                           caches=[str(p) for p in self.template.cache_dirs(self.dir)])
+                           caches=[str(p) for p in self.template.cache_dirs(self.dir)],
+                           hidden=[] if self.settings.batch is None else [str(self.settings.batch)])
 
     def _protected_files(self) -> list[str]:
         """The session's files that match the template's protected patterns."""

@@ -51,8 +51,8 @@ def _run_on_worker(request_json: str) -> str:
     """The Ray task: one run, exactly as the local executor runs it, in the session folder on a shared path."""
     import ray
 
-    from orchestrator.runner import run
-    from orchestrator.sandbox import protect_process
+    from orchestrator.runner import proc_start_ticks, run
+    from orchestrator.sandbox import protect_process, stop_strays
 
     protect_process()  # like the orchestrator: other processes of the user cannot read this worker's memory
     request = RunRequest.model_validate_json(request_json)
@@ -63,7 +63,11 @@ def _run_on_worker(request_json: str) -> str:
     gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU") or []
     if gpu_ids:
         request = request.model_copy(update={"gpus": ",".join(str(g) for g in gpu_ids)})
-    return run(request).model_dump_json()
+    started = proc_start_ticks(os.getpid())
+    try:
+        return run(request).model_dump_json()
+    finally:  # what the run left outside its group was re-parented to this worker (a subreaper): stop it
+        stop_strays(started)
 
 
 def _scrubbed_environment() -> dict[str, str]:
@@ -217,6 +221,8 @@ def run_options(spec: BatchSpec) -> dict[str, Any]:
         out: dict[str, Any] = {"num_cpus": spec.ray_resources.get("CPU", 0)}
         if "GPU" in spec.ray_resources:
             out["num_gpus"] = spec.ray_resources["GPU"]
+        elif spec.pool.kind == "gpu":  # a resource that picks the kind of GPU: the run still needs one
+            out["num_gpus"] = 1 / spec.pool.per_gpu
         if custom:
             out["resources"] = custom
         return out

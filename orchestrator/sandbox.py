@@ -38,6 +38,7 @@ GPU_DEVICES = ("/dev/nvidia*", "/dev/dri")
 # environment; an unsandboxed run started as root loses them (a sandboxed one loses every capability: --cap-drop).
 _BYPASS_CAPABILITIES = (19, 21, 38)
 _PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER, _PR_CAP_AMBIENT = 4, 24, 36, 47
+_PR_SET_PDEATHSIG = 1
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 # Folders of sockets and services on the host (Docker, D-Bus, the user's session bus and agents): read-only binds do
 # not stop connect(), so the sandbox replaces them with empty ones.
@@ -68,6 +69,7 @@ class SandboxSpec(BaseModel):
     writable_tree: bool = False  # the session folder is writable (the template says so)
     network: bool = False
     caches: list[str] = Field(default_factory=list)  # absolute folders bound writable (created if missing)
+    hidden: list[str] = Field(default_factory=list)  # absolute folders the run sees empty (its own session stays)
 
 
 # --------------------------------------------------------------------------------------------- availability
@@ -137,6 +139,12 @@ def bwrap_command(spec: SandboxSpec, root: Path, run_dir: Path, scratch: Path, p
         for hidden in HIDDEN_FOLDERS:
             if os.path.isdir(hidden) and not os.path.islink(hidden):
                 args += ["--tmpfs", hidden]
+    for hide in spec.hidden:  # a batch folder: other sessions' code and results, the slot locks
+        hidden_path = Path(hide).resolve()
+        if hidden_path.is_dir() and hidden_path != root:
+            args += ["--tmpfs", str(hidden_path)]
+            if _under(root, hidden_path):
+                args += ["--ro-bind", str(root), str(root)]  # the session itself, under it, stays visible
     tmp = Path("/tmp")
     interpreter = Path(shutil.which(python) or python).absolute()
     # the interpreter's environment as named (a venv) and where its link leads (the base Python)
@@ -213,6 +221,12 @@ def _prctl(option: int, arg: int) -> bool:
 
 
 @functools.cache
+def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> bool:
+    """Have the kernel send `sig` to this process when its parent dies (PR_SET_PDEATHSIG). False when the parent
+    is already gone (this process was re-parented before the request took effect) or prctl is unavailable."""
+    return _prctl(_PR_SET_PDEATHSIG, int(sig)) and os.getppid() == parent_pid
+
+
 def protect_process() -> bool:
     """Make this process non-dumpable and a child subreaper (see the module docstring). True when both held."""
     dumpable_off = _prctl(_PR_SET_DUMPABLE, 0)

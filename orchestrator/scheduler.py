@@ -11,7 +11,6 @@ The batch process owns no state of its own beyond batch.json: if it is killed, i
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -45,8 +44,7 @@ from orchestrator.template import Template
 POLL_S = 0.1  # how often the batch looks at its session processes
 SHOW_S = 0.5  # how often it reads the sessions' snapshots for the live view
 STOP_PATIENCE_S = 120.0  # after Ctrl-C, how long sessions get to record `interrupted` before they are killed
-RAY_ADDRESS_VAR = "ORCHESTRATOR_RAY_ADDRESS"  # tells a session process which Ray cluster the batch uses
-_PR_SET_PDEATHSIG = 1
+BATCH_PID_VAR = "ORCHESTRATOR_BATCH_PID"  # a session process started by a batch: the batch process's pid
 
 
 class BatchStopped(OrchestratorError, KeyboardInterrupt):
@@ -62,8 +60,6 @@ def create_batch(name: str, ideas_file: Path, ideas: list[IdeaSpec], template: T
     """Claim `ROOT/<time>_batch_<name>/` and create one session folder per idea inside it, exactly as `launch`
     makes them. batch.json is written first and again after each session, so it always lists what exists."""
     folder = claim_session_dir(Path(settings.root), batch_dir_name(name)).resolve()
-    if on_claimed is not None:
-        on_claimed(folder)
     session_settings = settings.model_copy(update={"root": folder, "batch": folder, "budget_usd": session_budget_usd})
     spec = BatchSpec(name=name, created_at=time.time(), ideas_file=str(Path(ideas_file).resolve()),
                      template=str(template.path), ideas=[i.name for i in ideas], backend=backend,
@@ -72,6 +68,8 @@ def create_batch(name: str, ideas_file: Path, ideas: list[IdeaSpec], template: T
                      settings=public_dump(session_settings))
     save_batch(folder, spec)
     (folder / LOGS_DIR).mkdir(exist_ok=True)
+    if on_claimed is not None:  # batch.json exists: status and resume can read the folder from now on
+        on_claimed(folder)
     for idea in ideas:
         session = create_session(idea, template, session_settings, max_runs(idea))
         spec.sessions.append(BatchSession(idea=idea.name, path=str(session)))
@@ -79,9 +77,10 @@ def create_batch(name: str, ideas_file: Path, ideas: list[IdeaSpec], template: T
     return folder
 
 
-def unfinished(spec: BatchSpec) -> list[BatchSession]:
-    """The sessions `resume BATCH` drives: every one not in a final status (a session that cannot be read is
-    driven too, so its own process says what is wrong with it, in its log)."""
+def unfinished(spec: BatchSpec, reopen: set[str] | frozenset[str] = frozenset()) -> list[BatchSession]:
+    """The sessions `resume BATCH` drives: every one not in a final status, and those whose status is in
+    `reopen` (a limit that was raised). A session that cannot be read is driven too, so its own process says
+    what is wrong with it, in its log."""
     todo = []
     for entry in spec.sessions:
         status: str
@@ -89,7 +88,7 @@ def unfinished(spec: BatchSpec) -> list[BatchSession]:
             status = load_state(Path(entry.path)).session.status
         except (JournalError, OSError):
             status = "unreadable"
-        if status not in FINAL_STATUSES:
+        if status not in FINAL_STATUSES or status in reopen:
             todo.append(entry)
     return todo
 
@@ -98,10 +97,14 @@ class View(Protocol):
     def update(self, rows: list[LeaderRow], busy: int, total: int, queued: int, spent: float) -> None: ...
 
 
-def _die_with_parent() -> None:
-    """In the session process, before exec: SIGTERM when the batch process dies (even by SIGKILL)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def follow_batch() -> None:
+    """In a session process started by a batch (BATCH_PID_VAR set): end with the batch process. The kernel sends
+    SIGTERM when it dies (the session records `interrupted`); if it died already, exit before driving anything."""
+    from orchestrator.sandbox import die_with_parent
+
+    parent = os.environ.pop(BATCH_PID_VAR, "")
+    if parent.isdigit() and not die_with_parent(int(parent)):
+        raise BatchStopped("the batch process that started this session has ended; resume the batch")
 
 
 class _Session:
@@ -129,17 +132,19 @@ def _stop_signals() -> Iterator[list[int]]:
 
 
 def drive_batch(folder: Path, view: View, env: dict[str, Any], args: list[str] | None = None,
+                per_session: dict[str, list[str]] | None = None, reopen: set[str] | frozenset[str] = frozenset(),
                 python: str = sys.executable) -> dict[str, int]:
     """Drive every unfinished session of the batch, at most `parallel` at a time, until all have ended. Returns
     each driven session's exit code by idea. Raises BatchStopped after a stop signal, once they have all ended."""
     spec = load_batch(folder)
     pool = spec.pool
-    todo = unfinished(spec)
+    todo = unfinished(spec, reopen)
     running: list[_Session] = []
     codes: dict[str, int] = {}
     stopping: int | None = None
     stop_deadline = 0.0
     shown = 0.0
+    ended: dict[str, LeaderRow] = {}  # sessions whose process has ended, as their journal says
     with _stop_signals() as signals:
         while todo or running:
             if signals and stopping is None:
@@ -155,7 +160,8 @@ def drive_batch(folder: Path, view: View, env: dict[str, Any], args: list[str] |
                         s.proc.kill()
             while todo and len(running) < spec.parallel and not _budget_spent(folder, spec):
                 entry = todo.pop(0)
-                running.append(_start(folder, entry, env, args or [], python))
+                extra = [*(args or []), *(per_session or {}).get(entry.path, [])]
+                running.append(_start(folder, entry, env, extra, python))
             if todo and not running and _budget_spent(folder, spec):
                 todo = []  # the batch's budget is spent: the rest stay `not started` (resume with a new budget)
             for s in list(running):
@@ -164,12 +170,13 @@ def drive_batch(folder: Path, view: View, env: dict[str, Any], args: list[str] |
                     codes[s.entry.idea] = code
                     s.log.close()
                     running.remove(s)
+                    ended[s.entry.path] = _final_row(s.entry)
             if time.monotonic() - shown >= SHOW_S:
-                _show(view, spec, folder, pool)
+                _show(view, spec, folder, pool, ended)
                 shown = time.monotonic()
             if todo or running:
                 time.sleep(POLL_S)
-        _show(view, spec, folder, pool)
+        _show(view, spec, folder, pool, ended)
     if stopping is not None:
         raise BatchStopped(f"stopped by {signal.Signals(stopping).name}; every session is saved. Resume with:\n"
                            f"  orchestrator resume {folder}")
@@ -185,16 +192,25 @@ def _start(folder: Path, entry: BatchSession, env: dict[str, Any], args: list[st
     log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} orchestrator resume {entry.path}\n".encode())
     log.flush()
     proc = subprocess.Popen([python, "-m", "orchestrator", "resume", entry.path, *args], stdin=subprocess.DEVNULL,
-                            stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+                            stdout=log, stderr=subprocess.STDOUT, env={**env, BATCH_PID_VAR: str(os.getpid())})
     return _Session(entry, proc, log)
 
 
-def _show(view: View, spec: BatchSpec, folder: Path, pool: SlotPool) -> None:
+def _final_row(entry: BatchSession) -> LeaderRow:
+    """A session whose process has ended, read from its journal (a process killed before it could record why
+    shows as interrupted, not as still running)."""
+    try:
+        return leader_row(entry, load_state(Path(entry.path)))
+    except (JournalError, OSError):
+        return leader_row(entry, None)
+
+
+def _show(view: View, spec: BatchSpec, folder: Path, pool: SlotPool, ended: dict[str, LeaderRow]) -> None:
     rows = []
     queued = 0
     now = time.time()
     for entry in spec.sessions:
-        row = leader_row(entry, snapshot(Path(entry.path)), now)
+        row = ended.get(entry.path) or leader_row(entry, snapshot(Path(entry.path)), now)
         if row.status == "running" and row.phase == "queued":
             queued += 1
         rows.append(row)
