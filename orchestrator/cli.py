@@ -433,10 +433,18 @@ def _drive_batch(folder: Path, forwarded: list[str] | None = None,
     err.print(f"{len(spec.sessions)} sessions over {spec.pool.describe()} ({spec.backend}), at most {spec.parallel} "
               f"at a time; each session's output: {folder / 'logs'}/", soft_wrap=True, highlight=False)
     extra: dict[str, str] = {}
+    fork_entry = None
+    if spec.backend == "local":  # sessions are forked from here with everything loaded (not with Ray's threads)
+        import orchestrator.loop
+        import orchestrator.report_html  # noqa: F401
+        from orchestrator.models import preload
+
+        preload()
+        fork_entry = _run_command
     with _BatchView(out) as view, _ray_for(spec, extra):
         try:
             codes = drive_batch(folder, view, child_env(extra), args=forwarded or [], per_session=per_session,
-                                reopen=reopen or set())
+                                reopen=reopen or set(), fork_entry=fork_entry)
         except BatchStopped as stopped:
             view.close()
             out.print(f"[yellow]{stopped}[/yellow]", soft_wrap=True)
@@ -851,6 +859,23 @@ def main() -> None:
     except SystemExit as exc:
         code = exc.code
     _exit_now(code)
+
+
+def _run_command(argv: list[str]) -> int:
+    """Run one command line in this process and return its exit status (a batch's forked session process)."""
+    try:
+        app(argv, prog_name="orchestrator")
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
 
 
 def _exit_now(code: object) -> NoReturn:

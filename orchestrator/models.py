@@ -255,6 +255,12 @@ def _litellm() -> Any:
     return litellm
 
 
+def preload() -> None:
+    """Import litellm here and now, on this thread and starting none, so that processes forked from this one
+    (a batch's sessions) have it loaded already."""
+    _litellm()
+
+
 class _WarmUp:
     def __init__(self, thread: threading.Thread) -> None:
         self.thread = thread

@@ -108,10 +108,29 @@ def follow_batch() -> None:
 
 
 class _Session:
-    def __init__(self, entry: BatchSession, proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+    """A session's driving process: exec'd (`orchestrator resume SESSION`) or forked from the batch process."""
+
+    def __init__(self, entry: BatchSession, log: IO[bytes], proc: subprocess.Popen[bytes] | None = None,
+                 pid: int | None = None) -> None:
         self.entry = entry
-        self.proc = proc
         self.log = log
+        self.proc = proc
+        self.pid = proc.pid if proc is not None else pid
+        self.code: int | None = None
+
+    def poll(self) -> int | None:
+        if self.proc is not None:
+            return self.proc.poll()
+        if self.code is None and self.pid is not None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.code = os.waitstatus_to_exitcode(status)
+        return self.code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None and self.pid is not None:
+            with suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
 
 
 @contextmanager
@@ -133,7 +152,7 @@ def _stop_signals() -> Iterator[list[int]]:
 
 def drive_batch(folder: Path, view: View, env: dict[str, Any], args: list[str] | None = None,
                 per_session: dict[str, list[str]] | None = None, reopen: set[str] | frozenset[str] = frozenset(),
-                python: str = sys.executable) -> dict[str, int]:
+                python: str = sys.executable, fork_entry: Callable[[list[str]], int] | None = None) -> dict[str, int]:
     """Drive every unfinished session of the batch, at most `parallel` at a time, until all have ended. Returns
     each driven session's exit code by idea. Raises BatchStopped after a stop signal, once they have all ended."""
     spec = load_batch(folder)
@@ -152,20 +171,18 @@ def drive_batch(folder: Path, view: View, env: dict[str, Any], args: list[str] |
                 stop_deadline = time.monotonic() + STOP_PATIENCE_S
                 todo = []
                 for s in running:  # a terminal's Ctrl-C reached them already; a `kill` of the batch did not
-                    with suppress(ProcessLookupError):
-                        s.proc.send_signal(stopping)
+                    s.send_signal(stopping)
             if stopping is not None and time.monotonic() > stop_deadline:
                 for s in running:
-                    with suppress(ProcessLookupError):
-                        s.proc.kill()
+                    s.send_signal(signal.SIGKILL)
             while todo and len(running) < spec.parallel and not _budget_spent(folder, spec):
                 entry = todo.pop(0)
                 extra = [*(args or []), *(per_session or {}).get(entry.path, [])]
-                running.append(_start(folder, entry, env, extra, python))
+                running.append(_start(folder, entry, env, extra, python, fork_entry))
             if todo and not running and _budget_spent(folder, spec):
                 todo = []  # the batch's budget is spent: the rest stay `not started` (resume with a new budget)
             for s in list(running):
-                code = s.proc.poll()
+                code = s.poll()
                 if code is not None:
                     codes[s.entry.idea] = code
                     s.log.close()
@@ -187,13 +204,39 @@ def _budget_spent(folder: Path, spec: BatchSpec) -> bool:
     return spec.budget_usd is not None and spent_usd(folder) >= spec.budget_usd
 
 
-def _start(folder: Path, entry: BatchSession, env: dict[str, Any], args: list[str], python: str) -> _Session:
+def _start(folder: Path, entry: BatchSession, env: dict[str, Any], args: list[str], python: str,
+           fork_entry: Callable[[list[str]], int] | None) -> _Session:
+    """Start the process that drives one session: `orchestrator resume SESSION ARGS`, as a fork of this process
+    when `fork_entry` is given (it runs the command line in the child; the modules are loaded already, so the
+    session starts in milliseconds instead of seconds of imports), else as a new interpreter."""
     log = open(folder / LOGS_DIR / f"{Path(entry.path).name}.log", "ab")  # closed when the session process ends
     log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} orchestrator resume {entry.path}\n".encode())
     log.flush()
-    proc = subprocess.Popen([python, "-m", "orchestrator", "resume", entry.path, *args], stdin=subprocess.DEVNULL,
-                            stdout=log, stderr=subprocess.STDOUT, env={**env, BATCH_PID_VAR: str(os.getpid())})
-    return _Session(entry, proc, log)
+    argv = ["resume", entry.path, *args]
+    if fork_entry is None:
+        proc = subprocess.Popen([python, "-m", "orchestrator", *argv], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, env={**env, BATCH_PID_VAR: str(os.getpid())})
+        return _Session(entry, log, proc=proc)
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the batch's loop
+        code = 70
+        try:
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            os.environ.clear()
+            os.environ.update({**env, BATCH_PID_VAR: str(parent)})
+            code = fork_entry(argv)
+        finally:
+            os._exit(code)
+    return _Session(entry, log, pid=pid)
 
 
 def _final_row(entry: BatchSession) -> LeaderRow:
