@@ -56,7 +56,13 @@ class BatchSpec(BaseModel):
     budget_usd: float | None = None  # for the whole batch
     session_budget_usd: float | None = None
     settings: dict[str, Any] = Field(default_factory=dict)  # the sessions' settings as launched (no secrets)
+    idea_specs: list[dict[str, Any]] = Field(default_factory=list)  # each idea as launched, with its max_runs
     sessions: list[BatchSession] = Field(default_factory=list)
+
+    def missing(self) -> list[dict[str, Any]]:
+        """Ideas with no session yet (the batch was stopped while it created them)."""
+        have = {s.idea for s in self.sessions}
+        return [i for i in self.idea_specs if i["idea"]["name"] not in have]
 
 
 def batch_dir_name(name: str, now: datetime | None = None) -> str:
@@ -176,7 +182,7 @@ def leader_row(entry: BatchSession, state: SessionState | None, now: float | Non
                     runs_ok=sum(1 for r in state.runs if r.status == "ok" and r.run > 0), best_run=info.best_run,
                     cost_usd=info.totals.cost_usd)
     end = info.updated_at if info.status != "running" else (now or time.time())
-    row.elapsed_s = max(0.0, end - info.started_at) if info.started_at else 0.0
+    row.elapsed_s = max(0.0, end - info.started_at) if info.started_at and drove else 0.0
     names = info.key_metrics or sorted({n for r in state.runs for n in r.metrics})
     if names:
         row.metric = names[0]

@@ -327,9 +327,9 @@ def batch(
                                                   "found; none found: CPU slots).")] = None,
     per_gpu: Annotated[int | None, typer.Option(help="Runs that may share one GPU at a time (default 1).")] = None,
     slots: Annotated[int | None, typer.Option(help="CPU slots when there are no GPUs: runs at a time (default 1).")] = None,
-    parallel: Annotated[int | None, typer.Option(help="Sessions driven at a time (default: twice the slots, so a "
-                                                      "slot stays busy while a session waits for its model).")] = None,
-    backend: Annotated[str, typer.Option(help="local (this machine) or ray (each run a Ray task; needs the [ray] "
+    parallel: Annotated[int | None, typer.Option(help="Sessions driven at a time (default: four per slot, so the "
+                                                      "slots stay busy while sessions wait for their model).")] = None,
+    backend: Annotated[str, typer.Option(help="local (this machine) or ray (each run a Ray task; needs the \\[ray] "
                                               "extra).")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to use (default: start a local one for the "
                                                          "batch).")] = None,
@@ -397,7 +397,7 @@ def _batch(ideas_file: Path, opts: dict[str, Any], cli: dict[str, Any], config: 
         from orchestrator.ray_executor import check_ray_installed
 
         check_ray_installed()
-    parallel = opts["parallel"] if opts["parallel"] is not None else min(len(chosen), 2 * len(pool.slots()))
+    parallel = opts["parallel"] if opts["parallel"] is not None else min(len(chosen), 4 * len(pool.slots()))
     if parallel < 1:
         raise ConfigError("--parallel must be at least 1")
     for budget in ("budget_usd", "session_budget_usd"):
@@ -430,7 +430,8 @@ def _drive_batch(folder: Path, forwarded: list[str] | None = None,
     from orchestrator.scheduler import BatchStopped, child_env, drive_batch
 
     spec = load_batch(folder)
-    err.print(f"{len(spec.sessions)} sessions over {spec.pool.describe()} ({spec.backend}), at most {spec.parallel} "
+    count = f"{len(spec.sessions)} session" + ("s" if len(spec.sessions) != 1 else "")
+    err.print(f"{count} over {spec.pool.describe()} ({spec.backend}), at most {spec.parallel} "
               f"at a time; each session's output: {folder / 'logs'}/", soft_wrap=True, highlight=False)
     extra: dict[str, str] = {}
     fork_entry = None
@@ -454,7 +455,16 @@ def _drive_batch(folder: Path, forwarded: list[str] | None = None,
     out.print(batch_table(rows, spec))
     statuses = [r.status for r in rows]
     hints = [f"orchestrator status {folder}", f"orchestrator report {folder}"]
-    if any(st not in FINAL for st in statuses):
+    from orchestrator.batch import spent_usd
+
+    spent = spent_usd(folder)
+    if spec.budget_usd is not None and spent >= spec.budget_usd:
+        waiting = [r.idea for r in rows if r.status in ("not started", "budget_usd")]
+        if waiting:
+            out.print(f"The batch's ${spec.budget_usd:.4g} budget is spent (${spent:.4f}): {', '.join(waiting)} "
+                      "stopped or did not start.", soft_wrap=True, markup=False)
+            hints.append(f"orchestrator resume {folder} --budget-usd {spec.budget_usd * 2:.4g}   (a larger budget)")
+    elif any(st not in FINAL for st in statuses):
         hints.append(f"orchestrator resume {folder}")
     out.print("\n".join(f"  {h}" for h in hints), soft_wrap=True)
     troubled = [idea for idea, code in codes.items() if code != EXIT_FINISHED]
@@ -558,12 +568,15 @@ def resume(
                  "wall_clock_s": wall_clock, "stall_replies": stall_replies, "timeout_s": timeout, "gpus": gpus,
                  "python": python, "sandbox": sandbox, "allow_network": allow_network, "env": _parse_env(env)}
 
+    in_batch = False
+
     def run() -> int:
         from orchestrator.batch import is_batch
         from orchestrator.loop import session_lock
         from orchestrator.scheduler import follow_batch
 
-        follow_batch()  # started by a batch: end with it
+        nonlocal in_batch
+        in_batch = follow_batch()  # started by a batch: end with it
         if is_batch(session):
             return _resume_batch(session, budget_usd, overrides, forwarded)
         with session_lock(session):  # settings are saved and the journal read only by the session's driver
@@ -603,7 +616,8 @@ def resume(
             "sandbox": sandbox, "allow_network": allow_network}, check=usable)
         from orchestrator.models import start_warm_up
 
-        start_warm_up(settings.model, settings.api_base)
+        if not in_batch:  # a batch's session: its model calls hold no slot, and its start competes for the CPU
+            start_warm_up(settings.model, settings.api_base)
         return _drive(session, settings, reopen=extended)
 
     _guard(run)
@@ -623,7 +637,9 @@ def _resume_batch(folder: Path, budget_usd: float | None, overrides: dict[str, A
         raise ConfigError("a batch's GPUs are its slot pool (batch.json); --gpus applies to single sessions only")
     if budget_usd is not None and budget_usd <= 0:
         raise ConfigError("--budget-usd must be more than 0")
-    saved = {k: v for k, v in spec.settings.items() if k not in ("env", "api_base")}  # masked values stay out
+    saved = {k: v for k, v in spec.settings.items() if k != "env"}
+    if "***" in str(saved.get("api_base") or ""):  # it held credentials, which are never saved
+        saved.pop("api_base")
     given = {k: v for k, v in overrides.items() if v is not None}
     settings = load_settings({**saved, **given})
     check_env_set(dict(settings.env))
@@ -638,6 +654,11 @@ def _resume_batch(folder: Path, budget_usd: float | None, overrides: dict[str, A
         spec.budget_usd = budget_usd
         save_batch(folder, spec)
     reopen = {status for status, yes in lifted.items() if yes}
+    if spec.missing():  # stopped while it created its sessions: make the rest now
+        from orchestrator.scheduler import create_missing
+        from orchestrator.template import find_template
+
+        create_missing(folder, spec, find_template(spec.template, settings.templates_dirs), settings)
     todo = unfinished(spec, reopen)
     if not todo:
         out.print(f"Every session of the batch has finished; nothing to do ({len(spec.sessions)} sessions).")

@@ -57,7 +57,7 @@ class Executor(Protocol):
     name: str
 
     def slot(self, request: RunRequest, on_wait: Callable[[], None] | None = None,
-             deadline: float | None = None) -> AbstractContextManager[Leased]: ...
+             deadline: float | None = None, priority: float = 0.0) -> AbstractContextManager[Leased]: ...
 
     def start(self, request: RunRequest) -> Handle: ...
 
@@ -73,11 +73,11 @@ class LocalExecutor:
 
     @contextmanager
     def slot(self, request: RunRequest, on_wait: Callable[[], None] | None = None,
-             deadline: float | None = None) -> Iterator[Leased]:
+             deadline: float | None = None, priority: float = 0.0) -> Iterator[Leased]:
         if self.pool is None or self.folder is None:
             yield Leased(request, None)
             return
-        with lease(self.pool, self.folder, on_wait=on_wait, deadline=deadline) as held:
+        with lease(self.pool, self.folder, on_wait=on_wait, deadline=deadline, priority=priority) as held:
             # a GPU slot is exactly that device; a CPU slot leaves the session's own --gpus (usually none)
             update = {} if held.slot.device is None else {"gpus": held.slot.device}
             yield Leased(request.model_copy(update=update), held.slot.name, held)

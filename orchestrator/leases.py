@@ -9,6 +9,7 @@ batch's pool.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -127,39 +128,116 @@ def _run_still_there(fd: int) -> bool:
     return proc_start_ticks(pid) == ticks if ticks is not None else proc_start_ticks(pid) is not None
 
 
+class _Ticket:
+    """A waiting run's place in the queue: `.slots/queue/<name>` holding its priority and arrival, locked by the
+    waiter while it waits (a waiter that died leaves an unlocked file, which the next reader removes)."""
+
+    def __init__(self, queue: Path, priority: float, since: float) -> None:
+        self.priority, self.since = priority, since
+        self.name = f"{os.getpid()}-{random.getrandbits(48):012x}"
+        self.path = queue / self.name
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        os.pwrite(self.fd, json.dumps({"priority": priority, "since": since}).encode(), 0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self.fd)
+
+
+def _waiters(queue: Path, mine: str | None) -> list[tuple[float, float, str]]:
+    """(priority, since, name) of every live waiter but `mine`."""
+    out: list[tuple[float, float, str]] = []
+    try:
+        names = os.listdir(queue)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if name == mine:
+            continue
+        try:
+            fd = os.open(queue / name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # locked: its waiter is alive
+                with contextlib.suppress(ValueError, TypeError, KeyError, OSError):
+                    record = json.loads(os.pread(fd, 256, 0))
+                    out.append((float(record["priority"]), float(record["since"]), name))
+                continue
+            with contextlib.suppress(OSError):  # nobody holds it: a waiter that died
+                os.unlink(queue / name)
+        finally:
+            os.close(fd)
+    return out
+
+
+def _free_slots(folder: Path, slots: list[Slot], want: int) -> list[tuple[Slot, int]]:
+    """Lock up to `want` free slots (from a random one on, so waiters spread); the caller keeps or closes them."""
+    got: list[tuple[Slot, int]] = []
+    start = random.randrange(len(slots))
+    for i in range(len(slots)):
+        slot = slots[(start + i) % len(slots)]
+        fd = _try(_lock_path(folder, slot))
+        if fd is None:
+            continue
+        if _run_still_there(fd):
+            os.close(fd)
+            continue
+        got.append((slot, fd))
+        if len(got) >= want:
+            break
+    return got
+
+
 @contextmanager
 def lease(pool: SlotPool, folder: Path, on_wait: Callable[[], None] | None = None,
-          deadline: float | None = None) -> Iterator[Lease]:
+          deadline: float | None = None, priority: float = 0.0) -> Iterator[Lease]:
     """Hold one free slot of `pool` for the block; wait (polling) while all are taken. `on_wait` is called once if
     the run has to wait; `deadline` (time.monotonic()) raises LeaseTimeout when none came free by then. A slot
-    whose lock is free but whose file names a run still alive (its session died, the run did not) is taken."""
+    whose lock is free but whose file names a run still alive (its session died, the run did not) is taken.
+
+    Waiting runs queue: a free slot goes to the waiter with the lowest `priority` (a session's number of runs
+    done, so the sessions furthest behind go first and the batch's tail is short), then to the first arrived."""
     slots = pool.slots()
-    (Path(folder) / SLOTS_DIR).mkdir(parents=True, exist_ok=True)
-    start = random.randrange(len(slots))  # waiters spread over the slots rather than all trying slot 0 first
-    waited = False
-    while True:
-        for i in range(len(slots)):
-            slot = slots[(start + i) % len(slots)]
-            fd = _try(_lock_path(folder, slot))
-            if fd is None:
-                continue
-            if _run_still_there(fd):
-                os.close(fd)
-                continue
-            try:
-                held = Lease(slot, fd)
-                held.hold(None, None)
-                yield held
-            finally:
-                os.close(fd)  # the lease ends: the kernel releases the flock
-            return
-        if not waited:
-            waited = True
-            if on_wait is not None:
-                on_wait()
-        if deadline is not None and time.monotonic() >= deadline:
-            raise LeaseTimeout(f"no free slot among {pool.describe()} before the deadline")
-        time.sleep(POLL_S)
+    queue = Path(folder) / SLOTS_DIR / "queue"
+    queue.mkdir(parents=True, exist_ok=True)
+    since = time.time()
+    ticket: _Ticket | None = None
+    try:
+        while True:
+            me = (priority, since, ticket.name if ticket else "~")
+            ahead = sum(1 for w in _waiters(queue, ticket.name if ticket else None) if w < me)
+            got = _free_slots(folder, slots, ahead + 1)
+            if len(got) > ahead:  # enough free slots for everyone ahead of this run, and one for it
+                slot, fd = got.pop()
+                for _, other in got:
+                    os.close(other)
+                if ticket is not None:
+                    ticket.close()
+                    ticket = None
+                try:
+                    held = Lease(slot, fd)
+                    held.hold(None, None)
+                    yield held
+                finally:
+                    os.close(fd)  # the lease ends: the kernel releases the flock
+                return
+            for _, other in got:
+                os.close(other)
+            if ticket is None:
+                ticket = _Ticket(queue, priority, since)
+                if on_wait is not None:
+                    on_wait()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LeaseTimeout(f"no free slot among {pool.describe()} before the deadline")
+            time.sleep(POLL_S)
+    finally:
+        if ticket is not None:
+            ticket.close()
 
 
 def busy_slots(pool: SlotPool, folder: Path) -> int:

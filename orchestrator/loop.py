@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -667,23 +667,24 @@ class Driver:
         self._phase("run", stage, run, attempt)
         wall = self._wall_left()
         deadline = None if wall is None else time.monotonic() + wall
-        waited: list[bool] = []
-
         def queued() -> None:  # every slot is taken: the live view and `status` show the run waiting
-            waited.append(True)
             self._phase("queued", stage, run, attempt)
 
         try:
-            with self.executor.slot(request, on_wait=queued, deadline=deadline) as held:
-                # a batch's slot (GPU or CPU) for this run alone; it comes back whatever happens to the run
-                if waited:
-                    self._phase("run", stage, run, attempt)
-                return self._execute_leased(stage, run, attempt, held)
+            with ExitStack() as lease:
+                # a batch's slot (GPU or CPU) for this run alone: given back as soon as its processes are gone
+                # (before the checks and records that follow), and whatever happens to the run
+                # the sessions furthest behind go first when runs queue (a short tail for the batch)
+                behind = run if stage == "experiment" and run is not None else self.max_runs + 1
+                held = lease.enter_context(self.executor.slot(request, on_wait=queued, deadline=deadline,
+                                                              priority=behind))
+                return self._execute_leased(stage, run, attempt, held, give_back=lease.close)
         except LeaseTimeout:
             raise _LimitReached("wall_clock", f"the session's {self.settings.wall_clock_s:.0f} s wall-clock budget "
                                               "ran out while its run waited for a free slot") from None
 
-    def _execute_leased(self, stage: str, run: int | None, attempt: int, held: Leased) -> dict[str, Any]:
+    def _execute_leased(self, stage: str, run: int | None, attempt: int, held: Leased,
+                        give_back: Callable[[], None]) -> dict[str, Any]:
         request, slot = held.request, held.slot
         key = dict(stage=stage, run=run, attempt=attempt, retry=None)
         k = (stage, run, attempt, None)
@@ -711,6 +712,7 @@ class Driver:
                     stop_strays(handle.proc_start_ticks, keep=frozenset({handle.pid}))  # the leader: reaped on exit
                 raise
         strays = stop_strays(handle.proc_start_ticks) if handle.pid is not None else []
+        give_back()  # the run and what it left are gone: the next run may have the slot
         verdict = guard.settle(before, self.ws, editable)
         notes = []
         discarded = sorted({*result.discarded, *verdict.discarded})

@@ -207,7 +207,7 @@ class RayExecutor:
 
     @contextmanager
     def slot(self, request: RunRequest, on_wait: Callable[[], None] | None = None,
-             deadline: float | None = None) -> Iterator[Leased]:
+             deadline: float | None = None, priority: float = 0.0) -> Iterator[Leased]:
         yield Leased(request.model_copy(update={"gpus": None}), None)  # Ray picks the GPU (and sets it)
 
     def start(self, request: RunRequest) -> RayHandle:

@@ -47,7 +47,7 @@ STOP_PATIENCE_S = 120.0  # after Ctrl-C, how long sessions get to record `interr
 BATCH_PID_VAR = "ORCHESTRATOR_BATCH_PID"  # a session process started by a batch: the batch process's pid
 
 
-class BatchStopped(OrchestratorError, KeyboardInterrupt):
+class BatchStopped(OrchestratorError):
     """The batch was stopped by a signal; its sessions recorded `interrupted`."""
 
     exit_code = 130
@@ -58,23 +58,38 @@ def create_batch(name: str, ideas_file: Path, ideas: list[IdeaSpec], template: T
                  ray_address: str | None, ray_resources: dict[str, float], budget_usd: float | None,
                  session_budget_usd: float | None, on_claimed: Callable[[Path], None] | None = None) -> Path:
     """Claim `ROOT/<time>_batch_<name>/` and create one session folder per idea inside it, exactly as `launch`
-    makes them. batch.json is written first and again after each session, so it always lists what exists."""
+    makes them. batch.json is written first (with every idea) and again after each session, so it always lists
+    what exists; `resume BATCH` creates the sessions a stopped batch had not made yet."""
     folder = claim_session_dir(Path(settings.root), batch_dir_name(name)).resolve()
     session_settings = settings.model_copy(update={"root": folder, "batch": folder, "budget_usd": session_budget_usd})
     spec = BatchSpec(name=name, created_at=time.time(), ideas_file=str(Path(ideas_file).resolve()),
                      template=str(template.path), ideas=[i.name for i in ideas], backend=backend,
                      ray_address=ray_address, ray_resources=ray_resources, pool=pool, parallel=parallel,
                      budget_usd=budget_usd, session_budget_usd=session_budget_usd,
-                     settings=public_dump(session_settings))
+                     settings=public_dump(session_settings),
+                     idea_specs=[{"idea": i.model_dump(mode="json"), "max_runs": max_runs(i)} for i in ideas])
     save_batch(folder, spec)
     (folder / LOGS_DIR).mkdir(exist_ok=True)
     if on_claimed is not None:  # batch.json exists: status and resume can read the folder from now on
         on_claimed(folder)
-    for idea in ideas:
-        session = create_session(idea, template, session_settings, max_runs(idea))
-        spec.sessions.append(BatchSession(idea=idea.name, path=str(session)))
-        save_batch(folder, spec)
+    create_missing(folder, spec, template, session_settings)
     return folder
+
+
+def create_missing(folder: Path, spec: BatchSpec, template: Template, session_settings: Settings) -> None:
+    """Create the session folder of every idea of the batch that has none yet. Ctrl-C or SIGTERM meanwhile is
+    held until the session being made is complete, then stops the batch (every session listed is resumable)."""
+    with _stop_signals() as signals:
+        for entry in spec.missing():
+            if signals:
+                break
+            idea = IdeaSpec.model_validate(entry["idea"])
+            session = create_session(idea, template, session_settings, int(entry["max_runs"]))
+            spec.sessions.append(BatchSession(idea=idea.name, path=str(session)))
+            save_batch(folder, spec)
+    if signals:
+        raise BatchStopped(f"stopped by {signal.Signals(signals[0]).name} while creating the sessions; resume "
+                           f"with:\n  orchestrator resume {folder}")
 
 
 def unfinished(spec: BatchSpec, reopen: set[str] | frozenset[str] = frozenset()) -> list[BatchSession]:
@@ -97,14 +112,18 @@ class View(Protocol):
     def update(self, rows: list[LeaderRow], busy: int, total: int, queued: int, spent: float) -> None: ...
 
 
-def follow_batch() -> None:
+def follow_batch() -> bool:
     """In a session process started by a batch (BATCH_PID_VAR set): end with the batch process. The kernel sends
-    SIGTERM when it dies (the session records `interrupted`); if it died already, exit before driving anything."""
+    SIGTERM when it dies (the session records `interrupted`); if it died already, exit before driving anything.
+    Returns whether this process drives a batch's session."""
     from orchestrator.sandbox import die_with_parent
 
     parent = os.environ.pop(BATCH_PID_VAR, "")
-    if parent.isdigit() and not die_with_parent(int(parent)):
+    if not parent.isdigit():
+        return False
+    if not die_with_parent(int(parent)):
         raise BatchStopped("the batch process that started this session has ended; resume the batch")
+    return True
 
 
 class _Session:
