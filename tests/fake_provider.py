@@ -11,7 +11,10 @@ PLAN.json::
     {"replies": [<reply>, ...],              # consumed in order by successful answers
      "faults": {"<request number>": <fault>}, # 1-based, counting every request received
      "rules": "deepseek" | "none",            # default "deepseek"
-     "context_limit": <tokens>}               # optional: longer prompts get the provider's context-length 400
+     "context_limit": <tokens>,               # optional: longer prompts get the provider's context-length 400
+     "latency_s": <seconds>,                  # optional: every successful answer waits this long (default 0)
+     "cycle": true | false,                   # optional: when the replies run out, start again from the first
+     "number_token": "<text>"}                # optional: replaced in a reply's content by the request number
 
 A reply is a string (the content) or {content, reasoning?, prompt_tokens?, completion_tokens?, cached_tokens?,
 usage_fields?, finish_reason?} where usage_fields is "both" (default), "openai" (prompt_tokens_details.cached_tokens
@@ -24,7 +27,16 @@ Checks made before anything else, in this order: the bearer key (when --api-key 
 reasoner's message rules (successive user/assistant messages, reasoning_content sent back, an assistant message
 last) -> 400 with DeepSeek's error shape; the context limit (when the plan sets one: the prompt's estimated tokens,
 len/4 as for usage, above it) -> 400 with OpenAI's "maximum context length" wording. When the replies run out the answer is a 400 "fake provider: no replies
-left", so a test that asks for more than it planned fails loudly.
+left", so a test that asks for more than it planned fails loudly; with "cycle": true they never run out (the
+next reply after the last is the first again), so one plan can serve many concurrent sessions.
+
+"latency_s" is a fixed model latency: a successful answer (a reply, not a fault or an error) is sent that long
+after its request arrived. Each request is handled on its own thread, so concurrent requests wait their latencies
+in parallel, not one after another.
+
+"number_token" makes cycled replies differ: each occurrence of that text in a reply's content (and reasoning) is
+replaced by the request's number (1-based, as in the log), so a SEARCH/REPLACE such as "# marker" -> "# marker /
+# edit <n>" applies again and again in the same file (the same REPLACE twice would be recognised as already applied).
 
 Every request is appended to the requests log (one JSON object per line, flushed): index, ts, path, model,
 messages, temperature_sent, temperature, authorization (null when none was sent; the header itself only when it
@@ -102,6 +114,9 @@ class FakeState:
         self.faults: dict[str, dict[str, Any]] = {str(k): v for k, v in plan.get("faults", {}).items()}
         self.rules: str = plan.get("rules", "deepseek")
         self.context_limit: int | None = plan.get("context_limit")
+        self.latency_s: float = float(plan.get("latency_s", 0.0))
+        self.cycle: bool = bool(plan.get("cycle", False))
+        self.number_token: str | None = plan.get("number_token") or None
         self.api_key = api_key
         self.log_path = log_path
         self.lock = threading.Lock()
@@ -115,6 +130,8 @@ class FakeState:
 
     def take_reply(self) -> Any | None:
         with self.lock:
+            if self.cycle and self.replies:
+                self.next_reply %= len(self.replies)
             if self.next_reply >= len(self.replies):
                 return None
             reply = self.replies[self.next_reply]
@@ -130,6 +147,19 @@ class FakeState:
 
 def prompt_estimate(request: dict[str, Any]) -> int:
     return estimate_tokens("".join(str(m.get("content") or "") for m in request.get("messages", [])))
+
+
+def numbered(reply: Any, token: str | None, index: int) -> Any:
+    """The reply with every `token` in its content and reasoning replaced by the request number."""
+    if token is None:
+        return reply
+    if isinstance(reply, str):
+        return reply.replace(token, str(index))
+    item = dict(reply)
+    for key in ("content", "reasoning"):
+        if isinstance(item.get(key), str):
+            item[key] = item[key].replace(token, str(index))
+    return item
 
 
 def completion_body(reply: Any, request: dict[str, Any]) -> dict[str, Any]:
@@ -278,7 +308,9 @@ class Handler(BaseHTTPRequestHandler):
         if reply is None:
             answer(400, error_body(NO_REPLIES_LEFT))
             return
-        answer(200, completion_body(reply, request))
+        if state.latency_s > 0:  # this request's own thread: concurrent requests wait in parallel
+            time.sleep(max(0.0, entry["ts"] + state.latency_s - time.time()))
+        answer(200, completion_body(numbered(reply, state.number_token, index), request))
 
 
 class Server(ThreadingHTTPServer):
