@@ -7,7 +7,7 @@ handle with the runner's protocol (`release`, `wait`, `kill`, used as a context 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -34,17 +34,17 @@ class Handle(Protocol):
 
     def __enter__(self) -> Handle: ...
     def __exit__(self, *exc: object) -> None: ...
-    def release(self) -> None: ...
+    def release(self, env: Mapping[str, str] | None = None, timeout_s: float | None = None) -> None: ...
     def wait(self) -> RunResult: ...
     def kill(self) -> None: ...
 
 
 class Leased:
-    """What a run holds while it executes: its request (CUDA_VISIBLE_DEVICES set to the leased GPU) and slot."""
+    """What a run holds while it executes: its slot, and the environment that gives it that slot's GPU."""
 
-    def __init__(self, request: RunRequest, slot: str | None, held: Lease | None = None) -> None:
-        self.request = request
+    def __init__(self, slot: str | None = None, device: str | None = None, held: Lease | None = None) -> None:
         self.slot = slot
+        self.env = {} if device is None else {"CUDA_VISIBLE_DEVICES": device}  # set as the run begins
         self._held = held
 
     def started(self, pid: int | None, start_ticks: int | None) -> None:
@@ -56,8 +56,8 @@ class Leased:
 class Executor(Protocol):
     name: str
 
-    def slot(self, request: RunRequest, on_wait: Callable[[], None] | None = None,
-             deadline: float | None = None, priority: float = 0.0) -> AbstractContextManager[Leased]: ...
+    def slot(self, request: RunRequest, deadline: float | None = None, priority: float = 0.0,
+             label: str = "") -> AbstractContextManager[Leased]: ...
 
     def start(self, request: RunRequest) -> Handle: ...
 
@@ -72,15 +72,14 @@ class LocalExecutor:
         self.folder = folder
 
     @contextmanager
-    def slot(self, request: RunRequest, on_wait: Callable[[], None] | None = None,
-             deadline: float | None = None, priority: float = 0.0) -> Iterator[Leased]:
+    def slot(self, request: RunRequest, deadline: float | None = None, priority: float = 0.0,
+             label: str = "") -> Iterator[Leased]:
         if self.pool is None or self.folder is None:
-            yield Leased(request, None)
+            yield Leased()
             return
-        with lease(self.pool, self.folder, on_wait=on_wait, deadline=deadline, priority=priority) as held:
+        with lease(self.pool, self.folder, deadline=deadline, priority=priority, label=label) as held:
             # a GPU slot is exactly that device; a CPU slot leaves the session's own --gpus (usually none)
-            update = {} if held.slot.device is None else {"gpus": held.slot.device}
-            yield Leased(request.model_copy(update=update), held.slot.name, held)
+            yield Leased(held.slot.name, held.slot.device, held)
 
     def start(self, request: RunRequest) -> RunHandle:
         # gated: the experiment begins only once the loop has journaled its pid

@@ -371,8 +371,6 @@ class StateFold:
         info.updated_at = ev.ts
         stage = d.get("stage", "experiment")
         n = d.get("run")
-        if ev.kind == "run_started" and info.phase == "queued":
-            info.phase = "run"  # the run got its slot (a batch's run that waited for one)
         if ev.kind == "session_started":
             self._session_started(ev)
         elif ev.kind == "phase":

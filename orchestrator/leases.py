@@ -132,13 +132,13 @@ class _Ticket:
     """A waiting run's place in the queue: `.slots/queue/<name>` holding its priority and arrival, locked by the
     waiter while it waits (a waiter that died leaves an unlocked file, which the next reader removes)."""
 
-    def __init__(self, queue: Path, priority: float, since: float) -> None:
+    def __init__(self, queue: Path, priority: float, since: float, label: str) -> None:
         self.priority, self.since = priority, since
         self.name = f"{os.getpid()}-{random.getrandbits(48):012x}"
         self.path = queue / self.name
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
-        os.pwrite(self.fd, json.dumps({"priority": priority, "since": since}).encode(), 0)
+        os.pwrite(self.fd, json.dumps({"priority": priority, "since": since, "label": label}).encode(), 0)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -146,9 +146,9 @@ class _Ticket:
         os.close(self.fd)
 
 
-def _waiters(queue: Path, mine: str | None) -> list[tuple[float, float, str]]:
-    """(priority, since, name) of every live waiter but `mine`."""
-    out: list[tuple[float, float, str]] = []
+def _waiters(queue: Path, mine: str | None = None) -> list[tuple[float, float, str, str]]:
+    """(priority, since, name, label) of every live waiter but `mine`."""
+    out: list[tuple[float, float, str, str]] = []
     try:
         names = os.listdir(queue)
     except FileNotFoundError:
@@ -166,7 +166,8 @@ def _waiters(queue: Path, mine: str | None) -> list[tuple[float, float, str]]:
             except BlockingIOError:  # locked: its waiter is alive
                 with contextlib.suppress(ValueError, TypeError, KeyError, OSError):
                     record = json.loads(os.pread(fd, 256, 0))
-                    out.append((float(record["priority"]), float(record["since"]), name))
+                    out.append((float(record["priority"]), float(record["since"]), name,
+                                str(record.get("label", ""))))
                 continue
             with contextlib.suppress(OSError):  # nobody holds it: a waiter that died
                 os.unlink(queue / name)
@@ -195,7 +196,7 @@ def _free_slots(folder: Path, slots: list[Slot], want: int) -> list[tuple[Slot, 
 
 @contextmanager
 def lease(pool: SlotPool, folder: Path, on_wait: Callable[[], None] | None = None,
-          deadline: float | None = None, priority: float = 0.0) -> Iterator[Lease]:
+          deadline: float | None = None, priority: float = 0.0, label: str = "") -> Iterator[Lease]:
     """Hold one free slot of `pool` for the block; wait (polling) while all are taken. `on_wait` is called once if
     the run has to wait; `deadline` (time.monotonic()) raises LeaseTimeout when none came free by then. A slot
     whose lock is free but whose file names a run still alive (its session died, the run did not) is taken.
@@ -210,7 +211,7 @@ def lease(pool: SlotPool, folder: Path, on_wait: Callable[[], None] | None = Non
     try:
         while True:
             me = (priority, since, ticket.name if ticket else "~")
-            ahead = sum(1 for w in _waiters(queue, ticket.name if ticket else None) if w < me)
+            ahead = sum(1 for w in _waiters(queue, ticket.name if ticket else None) if w[:3] < me)
             got = _free_slots(folder, slots, ahead + 1)
             if len(got) > ahead:  # enough free slots for everyone ahead of this run, and one for it
                 slot, fd = got.pop()
@@ -229,7 +230,7 @@ def lease(pool: SlotPool, folder: Path, on_wait: Callable[[], None] | None = Non
             for _, other in got:
                 os.close(other)
             if ticket is None:
-                ticket = _Ticket(queue, priority, since)
+                ticket = _Ticket(queue, priority, since, label)
                 if on_wait is not None:
                     on_wait()
             if deadline is not None and time.monotonic() >= deadline:
@@ -238,6 +239,11 @@ def lease(pool: SlotPool, folder: Path, on_wait: Callable[[], None] | None = Non
     finally:
         if ticket is not None:
             ticket.close()
+
+
+def waiting(folder: Path) -> list[str]:
+    """The labels of the runs waiting for a slot of the batch in `folder` now."""
+    return [w[3] for w in _waiters(Path(folder) / SLOTS_DIR / "queue")]
 
 
 def busy_slots(pool: SlotPool, folder: Path) -> int:

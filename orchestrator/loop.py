@@ -31,7 +31,7 @@ from orchestrator.batch import batch_budget, spent_usd
 from orchestrator.config import ConfigError, Settings, public_dump
 from orchestrator.edits import PLAN_CHARS, SUBJECT_CHARS, apply_edits, plan_line, shorten
 from orchestrator.errors import OrchestratorError
-from orchestrator.executors import Executor, Leased, LocalExecutor
+from orchestrator.executors import Executor, LocalExecutor
 from orchestrator.journal import (
     FINAL_STATUSES,
     IDEA_FILE,
@@ -659,6 +659,10 @@ class Driver:
     # ---------------------------------------------------------------------------------------------- running
 
     def _execute(self, stage: str, run: int | None, attempt: int, request: RunRequest) -> dict[str, Any]:
+        """One attempt's run: started gated, journaled, the guard's snapshot taken, then (in a batch) a slot
+        leased, and only then released with the leased GPU. So the slot is busy only while the run executes:
+        everything the orchestrator does before and after it happens outside the lease."""
+        key = dict(stage=stage, run=run, attempt=attempt, retry=None)
         k = (stage, run, attempt, None)
         done = self.journal.find("run_finished", k)
         if done is not None:
@@ -667,52 +671,39 @@ class Driver:
         self._phase("run", stage, run, attempt)
         wall = self._wall_left()
         deadline = None if wall is None else time.monotonic() + wall
-        def queued() -> None:  # every slot is taken: the live view and `status` show the run waiting
-            self._phase("queued", stage, run, attempt)
-
+        behind = run if stage == "experiment" and run is not None else self.max_runs + 1  # queue order
+        editable = self._editable_files(tuple(self.template.editable))
+        # leaving the block before wait() returns (a journal that cannot be written, a signal) stops the run
+        # gated: the experiment begins only once its pid is journaled, so a crash in between leaves no run behind
         try:
-            with ExitStack() as lease:
-                # a batch's slot (GPU or CPU) for this run alone: given back as soon as its processes are gone
-                # (before the checks and records that follow), and whatever happens to the run
-                # the sessions furthest behind go first when runs queue (a short tail for the batch)
-                behind = run if stage == "experiment" and run is not None else self.max_runs + 1
-                held = lease.enter_context(self.executor.slot(request, on_wait=queued, deadline=deadline,
-                                                              priority=behind))
-                return self._execute_leased(stage, run, attempt, held, give_back=lease.close)
+            with self.executor.start(request) as handle:
+                try:
+                    _crash_point("run_spawned")
+                    self._record("run_started", **key, pid=handle.pid, pgid=handle.pgid,
+                                 proc_start_ticks=handle.proc_start_ticks, started_at=handle.started_at,
+                                 command=request.command(), timeout_s=request.timeout_s, sandbox=handle.sandbox,
+                                 executor=self.executor.name)
+                    # nothing is written into the session from here until the guard has settled
+                    before = guard.watch(self.dir, request.run_name, self._protected_files(), editable)
+                    with ExitStack() as lease:  # a batch's slot for this run alone, given back whatever happens
+                        held = lease.enter_context(self.executor.slot(
+                            request, deadline=deadline, priority=behind, label=self.dir.name))
+                        left = self._wall_left()  # after any wait for the slot
+                        cut_by_wall = left is not None and left < request.timeout_s
+                        held.started(handle.pid, handle.proc_start_ticks)
+                        handle.release(env=held.env, timeout_s=max(left or 0.0, 0.001) if cut_by_wall else None)
+                        result: RunResult = handle.wait()
+                        strays = stop_strays(handle.proc_start_ticks) if handle.pid is not None else []
+                        slot, gpus = held.slot, held.env.get("CUDA_VISIBLE_DEVICES", request.gpus)
+                    # the slot is back: the run and what it left are gone
+                except BaseException:  # Ctrl-C, a signal, a journal that cannot be written: nothing may outlive us
+                    handle.kill()
+                    if handle.pid is not None:  # the leader is reaped on exit
+                        stop_strays(handle.proc_start_ticks, keep=frozenset({handle.pid}))
+                    raise
         except LeaseTimeout:
             raise _LimitReached("wall_clock", f"the session's {self.settings.wall_clock_s:.0f} s wall-clock budget "
                                               "ran out while its run waited for a free slot") from None
-
-    def _execute_leased(self, stage: str, run: int | None, attempt: int, held: Leased,
-                        give_back: Callable[[], None]) -> dict[str, Any]:
-        request, slot = held.request, held.slot
-        key = dict(stage=stage, run=run, attempt=attempt, retry=None)
-        k = (stage, run, attempt, None)
-        left = self._wall_left()
-        cut_by_wall = left is not None and left < request.timeout_s
-        if cut_by_wall:
-            request = request.model_copy(update={"timeout_s": max(left or 0.0, 0.001)})
-        # leaving the block before wait() returns (a journal that cannot be written, a signal) stops the run
-        # gated: the experiment begins only once its pid is journaled, so a crash in between leaves no run behind
-        editable = self._editable_files(tuple(self.template.editable))
-        with self.executor.start(request) as handle:
-            try:
-                _crash_point("run_spawned")
-                self._record("run_started", **key, pid=handle.pid, pgid=handle.pgid,
-                             proc_start_ticks=handle.proc_start_ticks, started_at=handle.started_at,
-                             command=request.command(), timeout_s=request.timeout_s, sandbox=handle.sandbox,
-                             executor=self.executor.name, slot=slot, gpus=request.gpus)
-                held.started(handle.pid, handle.proc_start_ticks)
-                before = guard.watch(self.dir, request.run_name, self._protected_files(), editable)
-                handle.release()
-                result: RunResult = handle.wait()
-            except BaseException:  # Ctrl-C, a signal, a journal that cannot be written: nothing may outlive us
-                handle.kill()
-                if handle.pid is not None:
-                    stop_strays(handle.proc_start_ticks, keep=frozenset({handle.pid}))  # the leader: reaped on exit
-                raise
-        strays = stop_strays(handle.proc_start_ticks) if handle.pid is not None else []
-        give_back()  # the run and what it left are gone: the next run may have the slot
         verdict = guard.settle(before, self.ws, editable)
         notes = []
         discarded = sorted({*result.discarded, *verdict.discarded})
@@ -734,7 +725,8 @@ class Driver:
                      metrics={n: m.model_dump(mode="json") for n, m in result.metrics.items()},
                      message=result.message, stderr_head=result.stderr_head, stderr_tail=result.stderr_tail,
                      stdout_tail=result.stdout_tail, sandbox=result.sandbox, tampered=verdict.tampered,
-                     unrestored=verdict.unrestored, discarded=discarded, strays=len(strays))
+                     unrestored=verdict.unrestored, discarded=discarded, strays=len(strays),
+                     executor=self.executor.name, slot=slot, gpus=gpus)
         if verdict.unrestored:  # recorded above first, so status and the report name what happened
             raise _SessionFailed(f"{verdict.message()}; the session cannot be trusted past this run (its git "
                                  f"history or guarded files may hold what the run wrote)")

@@ -18,7 +18,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -141,8 +141,10 @@ class RayHandle:
         if self._result is None:
             self.kill()
 
-    def release(self) -> None:
+    def release(self, env: Mapping[str, str] | None = None, timeout_s: float | None = None) -> None:
         if self._ref is None:
+            if timeout_s is not None:
+                self.request = self.request.model_copy(update={"timeout_s": timeout_s})
             self.started_at = time.time()
             self._ref = self._remote.remote(self.request.model_dump_json())
 
@@ -206,12 +208,12 @@ class RayExecutor:
         return cls(run_options(spec))
 
     @contextmanager
-    def slot(self, request: RunRequest, on_wait: Callable[[], None] | None = None,
-             deadline: float | None = None, priority: float = 0.0) -> Iterator[Leased]:
-        yield Leased(request.model_copy(update={"gpus": None}), None)  # Ray picks the GPU (and sets it)
+    def slot(self, request: RunRequest, deadline: float | None = None, priority: float = 0.0,
+             label: str = "") -> Iterator[Leased]:
+        yield Leased()  # Ray's scheduler leases when the task is submitted (at release)
 
     def start(self, request: RunRequest) -> RayHandle:
-        return RayHandle(request, self._remote)
+        return RayHandle(request.model_copy(update={"gpus": None}), self._remote)  # Ray picks the GPU and sets it
 
 
 def run_options(spec: BatchSpec) -> dict[str, Any]:

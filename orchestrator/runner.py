@@ -649,16 +649,27 @@ class RunHandle:
     def __enter__(self) -> RunHandle:
         return self
 
-    def release(self) -> None:
-        """Let a gated run begin (see `start(gate=True)`); does nothing if it is not gated or already released."""
+    def release(self, env: Mapping[str, str] | None = None, timeout_s: float | None = None) -> None:
+        """Let a gated run begin (see `start(gate=True)`); does nothing if it is not gated or already released.
+        `env` is set in the run's environment as it begins (a GPU leased while the gated process waited), and
+        `timeout_s` replaces the request's. The run's clock (timeout, duration) starts here, not at `start`."""
         gate, self._gate = self._gate, None
-        if gate is not None:
-            try:
-                os.write(gate, b"1")
-            except OSError:  # the shim is gone already (killed): wait() will say so
-                pass
-            finally:
-                os.close(gate)
+        if gate is None:
+            return
+        extra = dict(env or {})
+        if any(not _ENV_NAME.match(k) or "\n" in v or "\0" in v for k, v in extra.items()):
+            os.close(gate)
+            raise EnvRefused(f"cannot pass {sorted(extra)} to a run")
+        if timeout_s is not None:
+            self.req = self.req.model_copy(update={"timeout_s": timeout_s})
+        self.started_at = time.time()
+        self._t0 = time.monotonic()
+        try:
+            os.write(gate, b"1" + "".join(f"\n{k}={v}" for k, v in extra.items()).encode())
+        except OSError:  # the shim is gone already (killed): wait() will say so
+            pass
+        finally:
+            os.close(gate)
 
     def _close_gate(self) -> None:
         gate, self._gate = self._gate, None
@@ -829,10 +840,19 @@ class RunHandle:
 # about cannot be left running.
 _GATE_SHIM = """import os, sys
 fd = int(sys.argv[1])
-go = os.read(fd, 1)
+go = b""
+while True:
+    chunk = os.read(fd, 65536)
+    if not chunk:
+        break
+    go += chunk
 os.close(fd)
-if go != b"1":
+if not go.startswith(b"1"):
     os._exit(0)
+for line in go[1:].decode().split("\\n"):
+    name, sep, value = line.partition("=")
+    if sep and name:
+        os.environ[name] = value
 try:
     os.execvp(sys.argv[2], sys.argv[2:])
 except OSError as err:

@@ -36,7 +36,7 @@ from orchestrator.batch import (
 from orchestrator.config import Settings, public_dump
 from orchestrator.errors import OrchestratorError
 from orchestrator.journal import FINAL_STATUSES, JournalError, load_state
-from orchestrator.leases import SlotPool, busy_slots
+from orchestrator.leases import SlotPool, busy_slots, waiting
 from orchestrator.loop import claim_session_dir, create_session
 from orchestrator.spec import IdeaSpec
 from orchestrator.template import Template
@@ -269,13 +269,14 @@ def _final_row(entry: BatchSession) -> LeaderRow:
 
 def _show(view: View, spec: BatchSpec, folder: Path, pool: SlotPool, ended: dict[str, LeaderRow]) -> None:
     rows = []
-    queued = 0
     now = time.time()
+    queue = set(waiting(folder)) if spec.backend == "local" else set()
     for entry in spec.sessions:
         row = ended.get(entry.path) or leader_row(entry, snapshot(Path(entry.path)), now)
-        if row.status == "running" and row.phase == "queued":
-            queued += 1
+        if row.status == "running" and Path(entry.path).name in queue:
+            row.phase = "queued"  # its run is started (gated) and waits for a slot
         rows.append(row)
+    queued = sum(1 for r in rows if r.phase == "queued")
     busy = busy_slots(pool, folder) if spec.backend == "local" else sum(1 for r in rows if r.phase == "run"
                                                                             and r.status == "running")
     view.update(rows, busy, len(pool.slots()), queued, sum(r.cost_usd for r in rows))

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from session_helpers import REPO, git, orchestrator, pid_alive, status_json
 
-from orchestrator.leases import SlotPool, busy_slots
+from orchestrator.leases import SlotPool, busy_slots, waiting
 
 SLEEP_TEMPLATE = REPO / "tests" / "data" / "sleep_template"
 IDEAS = SLEEP_TEMPLATE / "seed_ideas.json"
@@ -130,8 +130,14 @@ def final_status(session: Path) -> str:
     return status
 
 
+def executing_runs(session: Path) -> list[dict[str, Any]]:
+    """Runs executing now: journaled as started (a run may be started, gated, before it gets its slot), not
+    finished, and begun by their own record (run_i/slot.json, the toy's first act)."""
+    return [e for e in open_runs(session) if (session / f"run_{e['data']['run']}" / "slot.json").exists()]
+
+
 def open_runs(session: Path) -> list[dict[str, Any]]:
-    """run_started events with no run_finished (or run_stopped) yet: runs executing now."""
+    """run_started events with no run_finished (or run_stopped) yet."""
     events = journal(session)
 
     def key(e: dict[str, Any]) -> tuple[Any, ...]:
@@ -326,11 +332,11 @@ def test_overlapping_runs_never_share_a_gpu_and_each_sees_exactly_its_leased_one
                                               f"on device {a.device}")
     # the runs did share: more than one ran at a time (two GPUs, three sessions)
     assert most_at_once(runs) == 2
-    # each run's journal record names the slot and device it saw
+    # each run's journal record names the slot and device it had
     for r in runs:
-        started = [e["data"] for e in kinds(r.session, "run_started")
+        started = [e["data"] for e in kinds(r.session, "run_finished")
                    if e["data"].get("stage") == "experiment" and e["data"].get("run") == r.run]
-        assert started, f"{r.idea} run_{r.run}: no run_started"
+        assert started, f"{r.idea} run_{r.run}: no run_finished"
         last = started[-1]
         assert last["executor"] == "local"
         assert last["gpus"] == r.device, (last, r)
@@ -352,7 +358,7 @@ def test_per_gpu_two_lets_at_most_two_runs_share_a_device(tmp_path: Path) -> Non
     # two overlapping runs hold two different leases of the device
     slot_of = {}
     for r in runs:
-        started = [e["data"] for e in kinds(r.session, "run_started") if e["data"].get("run") == r.run]
+        started = [e["data"] for e in kinds(r.session, "run_finished") if e["data"].get("run") == r.run]
         slot_of[(r.idea, r.run)] = started[-1]["slot"]
         assert started[-1]["gpus"] == "0"
     assert set(slot_of.values()) <= {"gpu0.1", "gpu0.2"}, slot_of
@@ -377,7 +383,7 @@ def test_one_cpu_slot_runs_one_run_at_a_time_and_shows_no_gpu(tmp_path: Path) ->
     assert most_at_once(runs) == 1, [(r.idea, r.run, r.start, r.end) for r in runs]
     assert all(r.device in (None, "", "-1") for r in runs), [r.device for r in runs]
     for r in runs:
-        started = [e["data"] for e in kinds(r.session, "run_started") if e["data"].get("run") == r.run]
+        started = [e["data"] for e in kinds(r.session, "run_finished") if e["data"].get("run") == r.run]
         assert started[-1]["slot"] == "cpu0"
     assert_no_slot_held(folder)
 
@@ -447,12 +453,11 @@ def test_ctrl_c_stops_every_session_leaves_no_run_and_no_lease_then_resume_finis
     folder = b.wait_folder()
     sessions = b.wait_sessions(2)
 
-    def queued(session: Path) -> bool:
-        phases = [e["data"]["phase"] for e in kinds(session, "phase")]
-        return bool(phases) and phases[-1] == "queued"
+    def queued(session: Path) -> bool:  # its run is started and waits in the batch's queue for the slot
+        return session.name in waiting(folder)
 
     def one_running_one_queued() -> bool:
-        return (any(open_runs(s) for s in sessions.values()) and any(queued(s) for s in sessions.values()))
+        return (any(executing_runs(s) for s in sessions.values()) and any(queued(s) for s in sessions.values()))
 
     wait_for("a run executing and the other session queued for the slot", one_running_one_queued, proc=b.proc)
     os.kill(b.proc.pid, signal.SIGINT)
@@ -576,7 +581,7 @@ def test_a_run_that_outlives_its_killed_session_keeps_its_gpu_until_it_ends(tmp_
     batches.append(b)
     folder = b.wait_folder()
     sessions = b.wait_sessions(2)
-    busy = wait_for("a run executing", lambda: [(idea, r) for idea, s in sessions.items() for r in open_runs(s)],
+    busy = wait_for("a run executing", lambda: [(idea, r) for idea, s in sessions.items() for r in executing_runs(s)],
                     proc=b.proc)
     idea, started = busy[0]
     driver = [e["data"]["pid"] for e in kinds(sessions[idea], "drive_started")][-1]
@@ -634,7 +639,7 @@ def test_a_sigkilled_batch_resumes_to_the_same_tags_and_pays_no_reply_twice(tmp_
     batches.extend([ref_batch, b])
     folder = b.wait_folder()
     sessions = b.wait_sessions(2)
-    wait_for("both sessions executing a run", lambda: all(open_runs(s) for s in sessions.values()), proc=b.proc)
+    wait_for("both sessions executing a run", lambda: all(executing_runs(s) for s in sessions.values()), proc=b.proc)
     os.kill(b.proc.pid, signal.SIGKILL)
     b.proc.wait()
     pids = session_pids(folder)
