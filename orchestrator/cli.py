@@ -214,8 +214,8 @@ def _drive(session: Path, settings: Any, reopen: bool = False) -> int:
 
 def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, cli: dict[str, Any],
             config: Path | None) -> int:
-    from orchestrator.config import check_python, load_settings
-    from orchestrator.loop import check_budget_enforceable, create_session
+    from orchestrator.config import load_settings
+    from orchestrator.loop import create_session
     from orchestrator.spec import load_idea
     from orchestrator.template import find_template
 
@@ -223,14 +223,7 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     idea = load_idea(idea_path, idea_name)
     template = find_template(template_name or idea.template or "sae", settings.templates_dirs)
     max_runs = cli.get("max_runs") or idea.max_runs or settings.max_runs  # each is validated to 1..10
-    from orchestrator.runner import check_env_set
-
-    check_env_set(dict(settings.env))
-    check_python(settings.python)
-    _check_sandbox(settings)
-    model = _make_model(settings, 0, None)
-    model.check_credentials()  # known providers at once; others (and unknown names) after litellm's import
-    check_budget_enforceable(settings, model)
+    _check_usable(settings)
 
     def claimed(session: Path) -> None:
         start_warm_up(settings.model, settings.api_base)  # litellm's import overlaps the copy, git and baseline
@@ -242,6 +235,23 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     # whenever the process is killed.
     print(session, flush=True)
     return _drive(session, settings)
+
+
+def _check_usable(settings: Any, budgets: tuple[float | None, ...] | None = None) -> None:
+    """Everything checked before any work (one line, exit 2 on a problem): the runs' --env and interpreter, the
+    sandbox, the model's name and credentials, and that each dollar budget (default: the settings' own) can be
+    enforced for that model."""
+    from orchestrator.config import check_python
+    from orchestrator.loop import check_budget_enforceable
+    from orchestrator.runner import check_env_set
+
+    check_env_set(dict(settings.env))
+    check_python(settings.python)
+    _check_sandbox(settings)
+    model = _make_model(settings, 0, None)
+    model.check_credentials()  # known providers at once; others (and unknown names) after litellm's import
+    for budget in budgets if budgets is not None else (settings.budget_usd,):
+        check_budget_enforceable(settings.model_copy(update={"budget_usd": budget}), model)
 
 
 def _check_sandbox(settings: Any) -> None:
@@ -377,10 +387,8 @@ def batch(
 
 def _batch(ideas_file: Path, opts: dict[str, Any], cli: dict[str, Any], config: Path | None) -> int:
     from orchestrator.batch import parse_ray_resources, pick_ideas
-    from orchestrator.config import ConfigError, check_python, load_settings
+    from orchestrator.config import ConfigError, load_settings
     from orchestrator.leases import slot_pool
-    from orchestrator.loop import check_budget_enforceable
-    from orchestrator.runner import check_env_set
     from orchestrator.spec import slugify
     from orchestrator.template import find_template
 
@@ -403,13 +411,7 @@ def _batch(ideas_file: Path, opts: dict[str, Any], cli: dict[str, Any], config: 
     for budget in ("budget_usd", "session_budget_usd"):
         if opts[budget] is not None and opts[budget] <= 0:
             raise ConfigError(f"--{budget.replace('_', '-')} must be more than 0")
-    check_env_set(dict(settings.env))
-    check_python(settings.python)
-    _check_sandbox(settings)
-    model = _make_model(settings, 0, None)
-    model.check_credentials()
-    for budget in (opts["budget_usd"], opts["session_budget_usd"]):
-        check_budget_enforceable(settings.model_copy(update={"budget_usd": budget}), model)
+    _check_usable(settings, (opts["budget_usd"], opts["session_budget_usd"]))
 
     from orchestrator.scheduler import create_batch
 
@@ -583,9 +585,8 @@ def resume(
             return go_on()
 
     def go_on() -> int:
-        from orchestrator.config import check_python
         from orchestrator.journal import FINAL_STATUSES, load_state
-        from orchestrator.loop import check_budget_enforceable, resume_settings
+        from orchestrator.loop import resume_settings
 
         state = load_state(session)
         status = state.session.status
@@ -599,21 +600,11 @@ def resume(
                       + (f": {state.session.reason}" if state.session.reason else "") + "); nothing to do"
                       + (f" (go on with resume {hint})" if hint else "") + ".", soft_wrap=True)
             return EXIT_FINISHED
-        from orchestrator.runner import check_env_set
-
-        def usable(settings: Any) -> None:  # checked before the new settings are saved
-            check_env_set(dict(settings.env))
-            check_python(settings.python)
-            _check_sandbox(settings)
-            llm = _make_model(settings, 0, None)
-            llm.check_credentials()
-            check_budget_enforceable(settings, llm)
-
         settings = resume_settings(session, {
             "model": _absolute_scripted(model), "api_base": api_base, "budget_usd": budget_usd,
             "wall_clock_s": wall_clock, "max_tokens_total": max_tokens_total, "stall_replies": stall_replies,
             "timeout_s": timeout, "gpus": gpus, "env": _parse_env(env), "python": python,
-            "sandbox": sandbox, "allow_network": allow_network}, check=usable)
+            "sandbox": sandbox, "allow_network": allow_network}, check=_check_usable)
         from orchestrator.models import start_warm_up
 
         if not in_batch:  # a batch's session: its model calls hold no slot, and its start competes for the CPU
@@ -627,9 +618,7 @@ def _resume_batch(folder: Path, budget_usd: float | None, overrides: dict[str, A
     """resume BATCH: check the flags once here (one line, exit 2), then drive every session not finished, and
     those a limit ended when that limit is raised (the batch's budget by --budget-usd)."""
     from orchestrator.batch import load_batch, save_batch
-    from orchestrator.config import ConfigError, check_python, load_settings
-    from orchestrator.loop import check_budget_enforceable
-    from orchestrator.runner import check_env_set
+    from orchestrator.config import ConfigError, load_settings
     from orchestrator.scheduler import unfinished
 
     spec = load_batch(folder)
@@ -642,12 +631,7 @@ def _resume_batch(folder: Path, budget_usd: float | None, overrides: dict[str, A
         saved.pop("api_base")
     given = {k: v for k, v in overrides.items() if v is not None}
     settings = load_settings({**saved, **given})
-    check_env_set(dict(settings.env))
-    check_python(settings.python)
-    _check_sandbox(settings)
-    model = _make_model(settings, 0, None)
-    model.check_credentials()
-    check_budget_enforceable(settings.model_copy(update={"budget_usd": budget_usd}), model)
+    _check_usable(settings, (budget_usd, settings.budget_usd))  # the batch's new budget, each session's own
     lifted = {"budget_usd": budget_usd is not None, "wall_clock": "wall_clock_s" in given,
               "max_tokens": "max_tokens_total" in given, "stalled": "model" in given or "stall_replies" in given}
     if budget_usd is not None:

@@ -1,8 +1,9 @@
 """Where a run executes: a process group on this machine (with a slot leased from a batch's pool), or a Ray task.
 
-The loop sees one interface: `slot(request)` holds whatever the run needs before it starts (a leased GPU or CPU
-slot; nothing for a single session, and nothing for Ray, whose scheduler leases), and `start(request)` returns a
-handle with the runner's protocol (`release`, `wait`, `kill`, used as a context that stops the run on exit).
+The loop sees one interface: `start(request)` returns a gated handle with the runner's protocol (`release`, `wait`,
+`kill`, used as a context that stops the run on exit), and `slot(request)` holds what the run needs to begin (a
+leased GPU or CPU slot; nothing for a single session, nothing for Ray, whose scheduler leases at submission). The
+loop starts and journals the run first, then takes the slot, then releases the run with the slot's environment.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
+from orchestrator.config import Settings
 from orchestrator.leases import Lease, SlotPool, lease
 from orchestrator.runner import RunHandle, RunRequest, RunResult
 from orchestrator.runner import start as start_local
@@ -86,9 +88,9 @@ class LocalExecutor:
         return start_local(request, gate=True)
 
 
-def executor_for(settings: object) -> Executor:
+def executor_for(settings: Settings) -> Executor:
     """The executor a session's settings call for: its batch's (slot pool, or Ray), else plain local runs."""
-    folder = getattr(settings, "batch", None)
+    folder = settings.batch
     if folder is None:
         return LocalExecutor()
     from orchestrator.batch import load_batch

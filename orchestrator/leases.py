@@ -18,7 +18,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -133,7 +133,6 @@ class _Ticket:
     waiter while it waits (a waiter that died leaves an unlocked file, which the next reader removes)."""
 
     def __init__(self, queue: Path, priority: float, since: float, label: str) -> None:
-        self.priority, self.since = priority, since
         self.name = f"{os.getpid()}-{random.getrandbits(48):012x}"
         self.path = queue / self.name
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -195,10 +194,10 @@ def _free_slots(folder: Path, slots: list[Slot], want: int) -> list[tuple[Slot, 
 
 
 @contextmanager
-def lease(pool: SlotPool, folder: Path, on_wait: Callable[[], None] | None = None,
-          deadline: float | None = None, priority: float = 0.0, label: str = "") -> Iterator[Lease]:
-    """Hold one free slot of `pool` for the block; wait (polling) while all are taken. `on_wait` is called once if
-    the run has to wait; `deadline` (time.monotonic()) raises LeaseTimeout when none came free by then. A slot
+def lease(pool: SlotPool, folder: Path, deadline: float | None = None, priority: float = 0.0,
+          label: str = "") -> Iterator[Lease]:
+    """Hold one free slot of `pool` for the block; wait (polling) while all are taken. `deadline`
+    (time.monotonic()) raises LeaseTimeout when none came free by then. A slot
     whose lock is free but whose file names a run still alive (its session died, the run did not) is taken.
 
     Waiting runs queue: a free slot goes to the waiter with the lowest `priority` (a session's number of runs
@@ -231,8 +230,6 @@ def lease(pool: SlotPool, folder: Path, on_wait: Callable[[], None] | None = Non
                 os.close(other)
             if ticket is None:
                 ticket = _Ticket(queue, priority, since, label)
-                if on_wait is not None:
-                    on_wait()
             if deadline is not None and time.monotonic() >= deadline:
                 raise LeaseTimeout(f"no free slot among {pool.describe()} before the deadline")
             time.sleep(POLL_S)

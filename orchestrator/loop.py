@@ -701,7 +701,9 @@ class Driver:
                     if handle.pid is not None:  # the leader is reaped on exit
                         stop_strays(handle.proc_start_ticks, keep=frozenset({handle.pid}))
                     raise
-        except LeaseTimeout:
+        except LeaseTimeout:  # the run never began: recorded stopped, it runs again if the session is resumed
+            self._record("run_stopped", **key, message="stopped before it began: the session's wall-clock budget "
+                                                       "ran out while it waited for a free slot")
             raise _LimitReached("wall_clock", f"the session's {self.settings.wall_clock_s:.0f} s wall-clock budget "
                                               "ran out while its run waited for a free slot") from None
         verdict = guard.settle(before, self.ws, editable)

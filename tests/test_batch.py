@@ -902,3 +902,40 @@ def test_raising_the_batch_budget_on_resume_lets_the_sessions_it_stopped_go_on(b
     assert replies["idea_c"] == 2  # started now, stopped by its own budget
     assert replies["idea_b"] == 2, ("idea_b was stopped only by the batch's budget; with the batch's budget "
                                     f"raised, resume should let it spend up to its own: {replies}")
+
+
+@pytest.mark.slow
+def test_a_run_whose_wall_clock_ends_while_it_waits_for_a_slot_is_recorded_stopped_and_runs_on_resume(
+        tmp_path: Path) -> None:
+    """The batch's only GPU stays taken (this test holds its lease); a session of that batch whose wall clock ends
+    while its baseline waits ends `wall_clock` with that run recorded stopped, never begun; resumed with more
+    time once the GPU is free, the run begins on that GPU."""
+    from orchestrator.batch import BatchSpec, save_batch
+
+    tpl = make_template(tmp_path, {"idea_a": [1, 1]})
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    save_batch(folder, BatchSpec(name="held", created_at=time.time(), ideas_file=str(tpl / "seed_ideas.json"),
+                                 template=str(tpl), ideas=["idea_a"], pool=SlotPool(kind="gpu", devices=["0"]),
+                                 parallel=1))
+    (folder / ".slots").mkdir()
+    holder = os.open(folder / ".slots" / "gpu0.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    env = {"ORCH_BATCH": str(folder)}
+    try:
+        res = orchestrator("launch", str(tpl / "seed_ideas.json"), "--idea", "idea_a", "--template", str(tpl),
+                           "--model", f"scripted:{make_script(tmp_path)}", "--root", str(folder), "--max-runs", "1",
+                           "--no-plots", "--wall-clock", "3", env=env, timeout=DEADLINE_S)
+    finally:
+        os.close(holder)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    session = Path(res.stdout.splitlines()[0])
+    assert final_status(session) == "wall_clock"
+    stopped = [e["data"] for e in kinds(session, "run_stopped") if e["data"].get("run") == 0]
+    assert stopped and "waited for a free slot" in stopped[-1]["message"], stopped
+    assert not kinds(session, "run_finished")
+    assert not (session / "run_0" / "slot.json").exists()  # the experiment never began
+    again = orchestrator("resume", str(session), "--wall-clock", "300", env=env, timeout=DEADLINE_S)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert final_status(session) == "max_runs"
+    assert json.loads((session / "run_0" / "slot.json").read_text())["cuda_visible_devices"] == "0"
