@@ -209,7 +209,7 @@ def _drive(session: Path, settings: Any, reopen: bool = False) -> int:
     out.print("\n".join(f"  {h}" for h in hints), soft_wrap=True)
     if status == "interrupted":
         return EXIT_FAILED
-    return EXIT_FAILED if status == "failed" else EXIT_FINISHED
+    return EXIT_FAILED if status in ("failed", "baseline_failed") else EXIT_FINISHED
 
 
 def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, cli: dict[str, Any],
@@ -466,14 +466,15 @@ def _drive_batch(folder: Path, forwarded: list[str] | None = None,
             out.print(f"The batch's ${spec.budget_usd:.4g} budget is spent (${spent:.4f}): {', '.join(waiting)} "
                       "stopped or did not start.", soft_wrap=True, markup=False)
             hints.append(f"orchestrator resume {folder} --budget-usd {spec.budget_usd * 2:.4g}   (a larger budget)")
-    elif any(st not in FINAL for st in statuses):
+    elif any(st not in FINAL or st == "baseline_failed" for st in statuses):
         hints.append(f"orchestrator resume {folder}")
     out.print("\n".join(f"  {h}" for h in hints), soft_wrap=True)
     troubled = [idea for idea, code in codes.items() if code != EXIT_FINISHED]
     if troubled:
         out.print(f"Sessions that did not finish cleanly: {', '.join(troubled)} (their output: "
                   f"{folder / 'logs'}/)", soft_wrap=True, markup=False)
-    bad = troubled or any(st in ("failed", "interrupted", "unreadable", "not started") for st in statuses)
+    bad = troubled or any(st in ("failed", "baseline_failed", "interrupted", "unreadable", "not started")
+                             for st in statuses)
     return EXIT_FAILED if bad else EXIT_FINISHED
 
 
@@ -591,7 +592,7 @@ def resume(
         state = load_state(session)
         status = state.session.status
         lifted = {"budget_usd": budget_usd, "wall_clock": wall_clock, "max_tokens": max_tokens_total,
-                  "stalled": model or stall_replies}
+                  "stalled": model or stall_replies, "baseline_failed": True}  # a plain resume reruns it
         extended = status in REOPENABLE_STATUSES and lifted.get(status) is not None
         if status in FINAL_STATUSES and not extended:
             hint = {"budget_usd": "--budget-usd", "wall_clock": "--wall-clock", "max_tokens": "--max-tokens-total",
@@ -633,7 +634,8 @@ def _resume_batch(folder: Path, budget_usd: float | None, overrides: dict[str, A
     settings = load_settings({**saved, **given})
     _check_usable(settings, (budget_usd, settings.budget_usd))  # the batch's new budget, each session's own
     lifted = {"budget_usd": budget_usd is not None, "wall_clock": "wall_clock_s" in given,
-              "max_tokens": "max_tokens_total" in given, "stalled": "model" in given or "stall_replies" in given}
+              "max_tokens": "max_tokens_total" in given, "stalled": "model" in given or "stall_replies" in given,
+              "baseline_failed": True}
     if budget_usd is not None:
         spec.budget_usd = budget_usd
         save_batch(folder, spec)

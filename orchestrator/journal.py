@@ -26,12 +26,15 @@ TRANSCRIPT_FILE = "transcript.jsonl"
 IDEA_FILE = "idea.json"
 SETTINGS_FILE = "settings.json"
 
-SessionStatus = Literal["running", "completed", "failed", "interrupted", "max_runs", "budget_usd", "wall_clock",
-                        "max_tokens", "stalled"]
-FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "max_runs", "budget_usd", "wall_clock",
-                                            "max_tokens", "stalled"})
-# Limits that `resume` can lift (a larger budget, another model) to continue the session.
-REOPENABLE_STATUSES: frozenset[str] = frozenset({"budget_usd", "wall_clock", "max_tokens", "stalled"})
+SessionStatus = Literal["running", "completed", "failed", "baseline_failed", "interrupted", "max_runs", "budget_usd",
+                        "wall_clock", "max_tokens", "stalled"]
+FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "baseline_failed", "max_runs", "budget_usd",
+                                            "wall_clock", "max_tokens", "stalled"})
+# Ends that `resume` can go on from: limits it can lift (a larger budget, another model), and a baseline that failed
+# before any model call (the cause is outside the session: a timeout, a busy GPU, a missing package), run again by a
+# plain resume.
+REOPENABLE_STATUSES: frozenset[str] = frozenset({"budget_usd", "wall_clock", "max_tokens", "stalled",
+                                                 "baseline_failed"})
 
 
 class JournalError(OrchestratorError, ValueError):
@@ -387,6 +390,8 @@ class StateFold:
             info.reason = d.get("reason", "")
             info.phase = "finished"
             self._nothing_runs()
+            if info.status == "baseline_failed" and 0 in self.runs:
+                self.runs[0].status = "failed"
             # A run number that never got an attempt (the model closed the session with ALL_COMPLETED, or a limit
             # ended it at the ask) is no run: its calls stay in the session's totals.
             for n in [n for n, rec in self.runs.items() if n and rec.status == "pending" and not rec.attempts]:

@@ -71,7 +71,9 @@ class _LimitReached(Exception):
 
 
 class _SessionFailed(Exception):
-    pass
+    def __init__(self, reason: str, status: str = "failed") -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 class Progress(BaseModel):
@@ -379,7 +381,7 @@ class Driver:
             except _LimitReached as limit:
                 self._record("finished", status=limit.status, reason=limit.reason)
             except _SessionFailed as failure:
-                self._record("finished", status="failed", reason=str(failure))
+                self._record("finished", status=failure.status, reason=str(failure))
             except ModelError as exc:
                 self._record("interrupted", reason=f"model error: {exc}")
             except KeyboardInterrupt as exc:
@@ -791,9 +793,15 @@ class Driver:
             self._record("baseline_reused", stage="experiment", run=0, commit=head, tag="run_0",
                          metrics={n: m.model_dump(mode="json") for n, m in metrics.items()})
             return
-        result = self._execute("experiment", 0, 1, self._run_request("run_0"))
+        # Each resume of a session whose baseline failed runs it once more, as its next attempt (a drive that only
+        # goes on after a crash replays the same attempt).
+        attempt = 1 + sum(1 for e in self.journal.events()
+                          if e.kind == "drive_started" and e.data.get("reopened") == "baseline_failed")
+        result = self._execute("experiment", 0, attempt, self._run_request("run_0"))
         if result["outcome"] != "ok":
-            raise _SessionFailed(f"the baseline run_0 failed ({result['outcome']}): {result.get('message', '')}")
+            raise _SessionFailed(f"the baseline run_0 failed ({result['outcome']}): {result.get('message', '')}; "
+                                 "no model was called. Fix the cause, then resume the session to run it again",
+                                 status="baseline_failed")
         record_baseline_hash(self.dir)  # so this folder can serve as a template whose baseline is reused
         self._record_run(0, "ok")
 

@@ -138,8 +138,8 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-_STATUS_CLASS = {"ok": "ok", "completed": "ok", "max_runs": "ok", "failed": "bad", "interrupted": "warn",
-                 "running": "warn", "pending": "none", "budget_usd": "warn", "wall_clock": "warn"}
+_STATUS_CLASS = {"ok": "ok", "completed": "ok", "max_runs": "ok", "failed": "bad", "baseline_failed": "bad",
+                 "interrupted": "warn", "running": "warn", "pending": "none", "budget_usd": "warn", "wall_clock": "warn"}
 
 _CSS = """
 :root { --ok: #1a7f37; --bad: #cf222e; --warn: #9a6700; --dim: #6e7781; --line: #d0d7de; --bg2: #f6f8fa; }
@@ -225,6 +225,9 @@ def _header(session: Path, state: SessionState) -> str:
                    f"stopped without a record. Resume with <code>orchestrator resume {_e(session)}</code>.</div>")
     elif info.status == "failed":
         out.append(f'<div class="banner bad">Failed: {_e(redact(info.reason))}</div>')
+    elif info.status == "baseline_failed":
+        out.append(f'<div class="banner bad">The baseline failed: {_e(redact(info.reason))}. Once its cause is '
+                   f"fixed, run it again with <code>orchestrator resume {_e(session)}</code>.</div>")
     cost = f"${t.cost_usd:.4f}" + (f" (+{t.cost_unknown_calls} calls of unknown cost)" if t.cost_unknown_calls else "")
     ok = sum(1 for r in state.runs if r.status == "ok" and r.run > 0)
     facts = [

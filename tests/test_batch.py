@@ -407,7 +407,7 @@ def test_a_hanging_run_is_killed_at_its_timeout_and_its_gpu_serves_the_other_ses
     a, b = sessions_of(folder)["idea_a"], sessions_of(folder)["idea_b"]
     hung = run_finished(a, 0)
     assert [e["data"]["outcome"] for e in hung] == ["timeout"], hung
-    assert final_status(a) == "failed"
+    assert final_status(a) == "baseline_failed"
     assert final_status(b) == "max_runs"
     hung_pid = [e["data"]["pid"] for e in kinds(a, "run_started")][0]
     assert not pid_alive(hung_pid), "the hanging run is still alive"
@@ -428,7 +428,7 @@ def test_a_session_whose_baseline_crashes_fails_alone_and_its_gpu_comes_back(tmp
     a, b = sessions_of(folder)["idea_a"], sessions_of(folder)["idea_b"]
     crashed = run_finished(a, 0)
     assert len(crashed) == 1 and crashed[0]["data"]["outcome"] != "ok", crashed
-    assert final_status(a) == "failed"
+    assert final_status(a) == "baseline_failed"
     assert final_status(b) == "max_runs"
     assert tags(b) == ["run_0", "run_1", "run_2"]
     assert tags(a) == []
@@ -437,7 +437,8 @@ def test_a_session_whose_baseline_crashes_fails_alone_and_its_gpu_comes_back(tmp
     # the leaderboard says which failed
     text = orchestrator("status", str(folder)).stdout
     line_a = next(line for line in text.splitlines() if "idea_a" in line)
-    assert "failed" in line_a
+    assert "baseline_failed" in line_a
+    assert f"orchestrator resume {folder}" in res.stdout  # which runs that baseline again
     assert_no_slot_held(folder)
 
 

@@ -49,7 +49,7 @@ def sessions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_the_sessions_built_here_end_as_named(sessions):
     assert {k: load_state(v).session.status for k, v in sessions.items()} == {
-        "completed": "completed", "failed": "failed", "interrupted": "interrupted"}
+        "completed": "completed", "failed": "baseline_failed", "interrupted": "interrupted"}
 
 
 def test_completed_report_holds_results_chart_diffs_attempts_figures_and_notes(sessions):
@@ -87,7 +87,8 @@ def test_completed_report_holds_results_chart_diffs_attempts_figures_and_notes(s
 
 def test_failed_and_interrupted_reports_say_why_and_how_to_go_on(sessions):
     failed = render_report(sessions["failed"])
-    assert "Failed: the baseline run_0 failed" in failed
+    assert "The baseline failed: the baseline run_0 failed" in failed
+    assert f"orchestrator resume {sessions['failed']}" in failed  # a plain resume runs it again
     assert "dataset not found: /data/toy.csv" in text_of(failed, "run-0")
     interrupted = render_report(sessions["interrupted"])
     assert "Interrupted: model error" in interrupted and "orchestrator resume" in interrupted
@@ -128,7 +129,8 @@ def test_reports_open_in_chromium_offline_without_errors(kind, sessions, tmp_pat
     page = load_page(path, tmp_path / "chromium")
     assert page.console == [] and page.requests == []
     assert 'id="results-table"' in page.dom
-    assert re.search(r'<span class="badge \w+" id="status">' + kind, page.dom)
+    status = {"failed": "baseline_failed"}.get(kind, kind)
+    assert re.search(r'<span class="badge \w+" id="status">' + status, page.dom)
     if kind == "failed":
         assert "dataset not found" in page.dom
     else:

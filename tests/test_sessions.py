@@ -309,6 +309,42 @@ def test_resuming_a_finished_session_changes_nothing(tmp_path, fake_provider):
     assert len(server.requests()) == 1
 
 
+def test_a_failed_baseline_costs_no_call_and_resume_runs_it_again_once_fixed(tmp_path, fake_provider):
+    server = fake_provider.start({"replies": [{"content": edit("LR = 0.1\n", "LR = 0.3\n", plan="LR 0.3.")}]},
+                                 api_key=TEST_KEY)
+    args = launch_args(tmp_path, server.url, "--no-plots", "--max-runs", "1")
+    experiment = tmp_path / "toy_template" / "experiment.py"
+    experiment.write_text(experiment.read_text().replace(
+        "    os.makedirs(args.out_dir, exist_ok=True)\n",
+        "    os.makedirs(args.out_dir, exist_ok=True)\n"
+        "    if not os.environ.get('TOY_DATA'):\n"
+        "        raise SystemExit('dataset not found: set TOY_DATA')\n"))
+    first = orchestrator(*args, env=MODEL_ENV)
+    session = session_from(first)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "baseline_failed" in first.stdout and f"orchestrator resume {session}" in first.stdout
+    state = status_json(session)
+    assert state["session"]["status"] == "baseline_failed"
+    assert "dataset not found" in state["session"]["reason"]
+    assert [(r["run"], r["status"]) for r in state["runs"]] == [(0, "failed")]
+    assert server.requests() == []  # nothing was paid for
+
+    # Resumed as it is, the baseline runs again (its next attempt) and fails again.
+    again = orchestrator("resume", str(session), env=MODEL_ENV)
+    assert again.returncode == 1 and status_json(session)["session"]["status"] == "baseline_failed"
+    # Resumed with the cause fixed, it runs once more, then the session goes on to the model.
+    fixed = orchestrator("resume", str(session), "--env", "TOY_DATA=1", env=MODEL_ENV)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    state = status_json(session)
+    assert state["session"]["status"] == "max_runs"
+    run0 = next(r for r in state["runs"] if r["run"] == 0)
+    assert run0["status"] == "ok" and [a["outcome"] for a in run0["history"]] == ["error", "error", "ok"]
+    assert run0["metrics"]["toy.score"]["value"] == pytest.approx(0.8)
+    assert next(r for r in state["runs"] if r["run"] == 1)["status"] == "ok"
+    assert len(server.requests()) == 1
+    assert git(session, "tag", "--list").split() == ["run_0", "run_1"]
+
+
 # --------------------------------------------------------------------------------------------------- limits, Ctrl-C, baseline
 
 
