@@ -71,6 +71,14 @@ WAITING_EXPERIMENT_PATCH = (
 UNSANDBOXED = {"ORCH_SANDBOX": "none"}
 
 
+def default_stop_signals() -> None:
+    """A `preexec_fn` for a child the test will stop by signal: a pytest started from a background job inherits
+    SIGINT as ignored, under `nohup` SIGHUP too, and the orchestrator leaves ignored signals ignored (as a user who
+    started it with `nohup` wants)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def make_template(root: Path) -> Path:
     t = root / "toy_template"
     t.mkdir(parents=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
-from session_helpers import REPO, git, orchestrator, pid_alive, status_json
+from session_helpers import REPO, default_stop_signals, git, orchestrator, pid_alive, status_json
 
 from orchestrator.leases import SlotPool, busy_slots, waiting
 
@@ -243,7 +243,7 @@ class Batch:
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL, env=child_env(env), cwd=REPO,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=default_stop_signals)
         self.folder: Path | None = None
 
     def text(self) -> str:
@@ -482,6 +482,38 @@ def test_ctrl_c_stops_every_session_leaves_no_run_and_no_lease_then_resume_finis
     runs = runs_seen(folder)
     assert len(runs) == 4 and most_at_once(runs) == 1
     assert_no_slot_held(folder)
+
+
+@pytest.mark.slow
+def test_a_run_waiting_for_its_slot_shows_as_waiting_in_status(tmp_path: Path, batches: list[Batch]) -> None:
+    """One GPU, two baselines that hang: one holds the slot, the other is started (gated) and queued for it."""
+    tpl = make_template(tmp_path, {"idea_a": ["hang"], "idea_b": ["hang"]})
+    b = Batch(batch_cmd(tpl, tmp_path / "root", "idea_a,idea_b", "--gpus", "0",
+                        model=f"scripted:{make_script(tmp_path)}"), tmp_path, {"ORCH_SANDBOX": "none"})
+    batches.append(b)
+    folder = b.wait_folder()
+    sessions = b.wait_sessions(2)
+    wait_for("one baseline executing and the other queued for the slot",
+             lambda: len(waiting(folder)) == 1 and any(executing_runs(s) for s in sessions.values()), proc=b.proc)
+    idea_of = {s.name: idea for idea, s in sessions.items()}
+    queued_idea = idea_of[waiting(folder)[0]]
+    executing_idea = next(i for i in sessions if i != queued_idea)
+
+    queued = status_json(sessions[queued_idea])
+    assert (queued["session"]["status"], queued["session"]["phase"]) == ("running", "queued")
+    assert status_json(sessions[executing_idea])["session"]["phase"] != "queued"
+    table = orchestrator("status", str(sessions[queued_idea])).stdout
+    assert "waiting for a slot" in table
+    board = orchestrator("status", str(folder)).stdout
+    line = next(x for x in board.splitlines() if queued_idea in x)
+    assert "waiting for a slot" in line, board
+    line = next(x for x in board.splitlines() if executing_idea in x)
+    assert "waiting" not in line, board
+    as_json = json.loads(orchestrator("status", str(folder), "--json").stdout)
+    phases = {item["idea"]: item["session"]["phase"] for item in as_json["sessions"]}
+    assert phases[queued_idea] == "queued" and phases[executing_idea] != "queued"
+    os.kill(b.proc.pid, signal.SIGINT)
+    assert b.wait(timeout=DEADLINE_S) == 130, b.text()
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.session_helpers import REPO, git, orchestrator, pid_alive
+from tests.session_helpers import REPO, default_stop_signals, git, orchestrator, pid_alive
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 
@@ -178,7 +178,8 @@ def test_a_ray_batch_without_an_address_uses_its_own_local_ray_and_ctrl_c_stops_
          "idea_a,idea_b", "--template", str(template), "--model", f"scripted:{_replies(tmp_path / 'r.yaml')}",
          "--max-runs", "2", "--no-plots", "--env", "SLEEP_SCALE=0.15", "--root", str(tmp_path / "root"),
          "--backend", "ray", "--gpus", "0,1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=default_stop_signals)
     try:
         deadline = time.monotonic() + 300
         hang = None

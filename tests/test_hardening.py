@@ -25,6 +25,7 @@ from tests.session_helpers import (
     TEST_KEY,
     UNSANDBOXED,
     WAITING_EXPERIMENT_PATCH,
+    default_stop_signals,
     edit,
     git,
     make_idea,
@@ -126,7 +127,7 @@ class Reaper:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator", *args], cwd=REPO, env=full_env, stdin=subprocess.DEVNULL,
                 stdout=out, stderr=err, start_new_session=True,
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                preexec_fn=default_stop_signals,
             )
         self.procs.append(proc)
         return proc
