@@ -22,8 +22,15 @@ from pydantic import BaseModel, Field, ValidationError
 from orchestrator.atomic import write_text_atomic
 from orchestrator.config import ConfigError
 from orchestrator.errors import OrchestratorError
-from orchestrator.journal import META_DIR, SNAPSHOT_FILE, JournalError, SessionState, load_state
-from orchestrator.leases import SlotPool
+from orchestrator.journal import (
+    META_DIR,
+    SETTINGS_FILE,
+    SNAPSHOT_FILE,
+    JournalError,
+    SessionState,
+    load_state,
+)
+from orchestrator.leases import SlotPool, waiting
 from orchestrator.spec import IdeaSpec, load_ideas
 
 BATCH_FILE = "batch.json"
@@ -118,15 +125,35 @@ def batch_budget(folder: Path) -> float | None:
         return None
 
 
-def session_states(spec: BatchSpec) -> list[tuple[BatchSession, SessionState | None]]:
-    """Each session of the batch with its state rebuilt from its journal (None when it cannot be read)."""
+def session_states(spec: BatchSpec, folder: Path | None = None) -> list[tuple[BatchSession, SessionState | None]]:
+    """Each session of the batch with its state rebuilt from its journal (None when it cannot be read). With the
+    batch's `folder`, a session whose run waits for a slot shows phase `queued` (see `with_queue`)."""
+    queue = set(waiting(folder)) if folder is not None and spec.backend == "local" else set()
     out: list[tuple[BatchSession, SessionState | None]] = []
     for entry in spec.sessions:
         try:
-            out.append((entry, load_state(Path(entry.path))))
+            out.append((entry, _queued(load_state(Path(entry.path)), Path(entry.path), queue)))
         except (JournalError, OSError):
             out.append((entry, None))
     return out
+
+
+def with_queue(session: Path, state: SessionState) -> SessionState:
+    """A running session of a batch whose run is started (gated) but waits for a free slot shows phase `queued`:
+    its journal says `run`, the batch's queue (`.slots/queue`, see leases.py) says it has not begun."""
+    if state.session.status != "running":
+        return state
+    try:
+        batch = json.loads((Path(session) / META_DIR / SETTINGS_FILE).read_text()).get("batch")
+    except (OSError, ValueError):
+        return state
+    return _queued(state, Path(session), set(waiting(Path(batch)))) if batch else state
+
+
+def _queued(state: SessionState, session: Path, queue: set[str]) -> SessionState:
+    if state.session.status == "running" and session.name in queue:
+        state.session.phase = "queued"
+    return state
 
 
 def status_json(folder: Path) -> str:
@@ -134,7 +161,7 @@ def status_json(folder: Path) -> str:
     each `session`/`runs` pair is what `status SESSION --json` prints for that folder."""
     spec = load_batch(folder)
     sessions = []
-    for entry, state in session_states(spec):
+    for entry, state in session_states(spec, folder):
         item: dict[str, Any] = {"idea": entry.idea, "path": entry.path}
         if state is None:
             item["session"] = None

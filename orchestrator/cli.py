@@ -225,15 +225,15 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     max_runs = cli.get("max_runs") or idea.max_runs or settings.max_runs  # each is validated to 1..10
     _check_usable(settings)
 
-    def claimed(session: Path) -> None:
-        start_warm_up(settings.model, settings.api_base)  # litellm's import overlaps the copy, git and baseline
-
-    from orchestrator.models import start_warm_up
-
-    session = create_session(idea, template, settings, max_runs, on_claimed=claimed)
+    session = create_session(idea, template, settings, max_runs)
     # The first line, once the journal exists: a folder announced is always one that status and resume can read,
     # whenever the process is killed.
     print(session, flush=True)
+    from orchestrator.models import start_warm_up
+
+    # litellm's import overlaps the baseline run. Started only now: a thread importing holds the GIL most of the
+    # time, and would slow the copy, git and journal work before the first line.
+    start_warm_up(settings.model, settings.api_base)
     return _drive(session, settings)
 
 
@@ -673,7 +673,9 @@ def status(
 
         if is_batch(session):
             return _batch_status(session, as_json)
-        state = load_state(session)
+        from orchestrator.batch import with_queue
+
+        state = with_queue(session, load_state(session))
         if as_json:
             print(state.model_dump_json(indent=2))
         else:
@@ -691,7 +693,7 @@ def _batch_status(folder: Path, as_json: bool) -> int:
         print(status_json(folder))
         return EXIT_FINISHED
     spec = load_batch(folder)
-    out.print(batch_table(leaderboard(spec, session_states(spec)), spec))
+    out.print(batch_table(leaderboard(spec, session_states(spec, folder)), spec))
     return EXIT_FINISHED
 
 

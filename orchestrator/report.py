@@ -96,11 +96,14 @@ def results_table(state: SessionState) -> Table:
     table.add_column("tokens", justify="right")
     table.add_column("cost", justify="right")
     status_style = {"ok": "green", "failed": "red", "running": "yellow", "pending": "dim"}
+    queued = info.status == "running" and info.phase == "queued"  # a batch's run waiting for its slot
     for rec in state.runs:
         if rec.status == "pending" and not rec.attempts:
             continue  # a run slot the model closed with ALL_COMPLETED: its call is in the totals below
         marker = " *" if rec.run == info.best_run and rec.run != 0 else ""
         status = Text(rec.status, style=status_style.get(rec.status, ""))
+        if queued and rec.status == "running" and rec.run == info.current_run:
+            status = Text("waiting for a slot", style="yellow")  # started, gated: it has not begun
         if rec.status != "ok" and any(a.outcome in ALARMING_OUTCOMES for a in rec.history):
             worst = next(a.outcome for a in rec.history if a.outcome in ALARMING_OUTCOMES)
             status.append(f" ({worst})", style="bold red")

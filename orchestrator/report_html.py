@@ -559,7 +559,7 @@ def write_batch_report(folder: Path, output: Path | None = None) -> Path:
         path = path / REPORT_FILE
     if not path.parent.is_dir():
         raise OrchestratorError(f"cannot write {path}: the folder {path.parent} does not exist")
-    states = session_states(spec)
+    states = session_states(spec, folder)
     links: dict[str, str] = {}
     for entry, state in states:
         if state is None:
