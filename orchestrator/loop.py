@@ -70,6 +70,10 @@ class _LimitReached(Exception):
         self.reason = reason
 
 
+class _RunCouldNotStart(Exception):
+    """The machine, not the experiment, kept a run from beginning (its sandbox could not be set up)."""
+
+
 class _SessionFailed(Exception):
     def __init__(self, reason: str, status: str = "failed") -> None:
         super().__init__(reason)
@@ -384,6 +388,8 @@ class Driver:
                 self._record("finished", status=failure.status, reason=str(failure))
             except ModelError as exc:
                 self._record("interrupted", reason=f"model error: {exc}")
+            except _RunCouldNotStart as exc:
+                self._record("interrupted", reason=str(exc))
             except KeyboardInterrupt as exc:
                 signalled = isinstance(exc, Stopped) and exc.signum != signal.SIGINT
                 why = f"stopped by {exc.args[0]}" if signalled else "interrupted by the user"
@@ -719,6 +725,13 @@ class Driver:
             result = result.model_copy(update={"outcome": "tampered", "metrics": {}, "message": verdict.message()})
         if notes:
             result = result.model_copy(update={"message": f"{result.message} ({'; '.join(notes)})"})
+        if result.outcome == "sandbox_failed" and not verdict.tampered:
+            # bwrap failed before the experiment began: not the model's doing, so not its attempt. Recorded stopped,
+            # it runs again when the session is resumed (after bubblewrap is fixed, or with --sandbox none).
+            self._record("run_stopped", **key, message=result.message, stderr_tail=result.stderr_tail)
+            raise _RunCouldNotStart(f"{request.run_name} could not start: {result.message}. Nothing of it ran and "
+                                    "the attempt is not counted; resume once bubblewrap works here, or with "
+                                    "--sandbox none")
         if cut_by_wall and result.outcome == "timeout":
             # not the run's fault: it runs again from a clean folder if the session is resumed with more time
             self._record("run_stopped", **key, message="stopped: the session's wall-clock budget ran out")

@@ -46,19 +46,23 @@ from orchestrator.sandbox import SandboxSpec, SandboxUsed
 from orchestrator.secrets import looks_secret, redact_bytes
 
 # quota: the run folder grew past its disk quota; tampered (set by the loop): the run changed guarded files
-Outcome = Literal["ok", "error", "timeout", "oom", "no_results", "quota", "tampered"]
+Outcome = Literal["ok", "error", "timeout", "oom", "no_results", "quota", "tampered", "sandbox_failed"]
 
 ALLOWED_NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "TERM", "VIRTUAL_ENV",
     "CONDA_PREFIX", "LD_LIBRARY_PATH", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE",
     "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TRANSFORMERS_CACHE", "TORCH_HOME", "XDG_CACHE_HOME",
-    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS", "OMP_WAIT_POLICY",
     "TOKENIZERS_PARALLELISM",
 })
 ALLOWED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PYTORCH_")
 # PYTHONDONTWRITEBYTECODE: a run never writes __pycache__ beside a protected module, so any byte code that
 # appears there was planted (see guard.shadows).
 FORCED_ENV = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1"}
+# Defaults a run gets unless the user's environment or --env sets them. OpenMP threads (torch on the CPU) that wait
+# by spinning lose most of their time when other work shares the cores: a CPU-bound training ran 3 to 4 times
+# slower next to two busy processes than with PASSIVE, which changes no result (bench/run_threads.py).
+RUN_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 # Name parts (split on "_") that mark a variable as a credential; the allowlist is the main defence, this is the
 # backstop that holds even for names a template declares or a user passes with --env.
@@ -155,12 +159,15 @@ def check_env_set(env_set: Mapping[str, str]) -> None:
 
 
 def build_env(req: RunRequest, parent: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The child's whole environment: allowlisted and declared names from `parent`, then --env values, then
-    PYTHONUNBUFFERED/MPLBACKEND defaults and CUDA_VISIBLE_DEVICES from `gpus`. Secret-looking names never pass."""
+    """The child's whole environment: allowlisted and declared names from `parent`, PYTHONUNBUFFERED/MPLBACKEND,
+    OMP_WAIT_POLICY=PASSIVE unless set, then --env values and CUDA_VISIBLE_DEVICES from `gpus`. Secret-looking names
+    never pass."""
     check_env_set(req.env_set)
     declared = {n for n in req.env_allow if _ENV_NAME.match(n)}
     env = {k: v for k, v in parent.items() if _allowed(k, declared) and not looks_secret(k)}
     env.update(FORCED_ENV)
+    for name, value in RUN_ENV_DEFAULTS.items():
+        env.setdefault(name, value)
     env.update(req.env_set)
     if req.gpus is not None:
         gpus = req.gpus.replace(" ", "")
@@ -626,8 +633,10 @@ class RunHandle:
 
     def __init__(self, req: RunRequest, proc: subprocess.Popen[bytes], started_at: float, t0: float,
                  logs: _Pump, gate: int | None = None, scratch: Path | None = None,
-                 cow_before: dict[str, bytes] | None = None) -> None:
+                 cow_before: dict[str, bytes] | None = None, ready: int | None = None) -> None:
         self.req = req
+        self._ready = ready  # read end of the sandbox's "set up" pipe (see _READY_SHIM); None when unsandboxed
+        self._began: bool | None = None
         self.sandbox: SandboxUsed = "bwrap" if req.sandbox is not None else "none"
         self._scratch = scratch  # copy-on-write copies of the editable files (sandboxed runs)
         self._cow_before = cow_before or {}
@@ -762,9 +771,24 @@ class RunHandle:
             raise
         returncode = self.proc.wait()
         duration = time.monotonic() - self._t0
+        self._began = self._sandbox_began()
         self._close()
         self._result = self._outcome(returncode, duration, timed_out)
         return self._result
+
+    def _sandbox_began(self) -> bool | None:
+        """Whether bwrap set the sandbox up and started the command in it: True when the shim inside said so,
+        False when every holder of the pipe is gone and it never did, None when unsandboxed or not known."""
+        fd = self._ready
+        if fd is None:
+            return None
+        os.set_blocking(fd, False)
+        try:
+            return os.read(fd, 1) == b"r"
+        except BlockingIOError:  # something still holds the write end: it may yet begin
+            return None
+        except OSError:
+            return None
 
     def _finish(self) -> None:
         """Logs written, child reaped, pidfd closed (after the group was stopped). Safe to call again."""
@@ -777,6 +801,9 @@ class RunHandle:
         if fd is not None and fd >= 0:
             os.close(fd)
         self._pidfd = -1
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            os.close(ready)
         scratch, self._scratch = self._scratch, None
         if scratch is not None:
             self._discarded = sandboxing.changed_in_scratch(self._cow_before, scratch)
@@ -805,6 +832,9 @@ class RunHandle:
         elif self._killed:
             outcome = "error"
             message = "stopped by the orchestrator" + (f" ({last})" if last else "")
+        elif self._began is False and returncode != 0:  # bwrap failed before the experiment could begin
+            outcome = "sandbox_failed"
+            message = "the sandbox could not start it: " + (last or f"bwrap exit {returncode}")
         elif returncode == 0:
             if req.results_file is None:
                 outcome, message = "ok", "exit 0"
@@ -860,6 +890,20 @@ except OSError as err:
     os._exit(127)
 """
 
+# Inside the sandbox, first: say on the pipe `argv[1]` that bwrap has set the sandbox up and started a command
+# in it, then become the experiment (the run's own interpreter, -S: nothing imported). A run that ends without
+# that word failed in bwrap's set-up (a mount refused, namespaces unavailable): no code of the model's ran.
+_READY_SHIM = """import os, sys
+fd = int(sys.argv[1])
+os.write(fd, b"r")
+os.close(fd)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as err:
+    sys.stderr.write(f"cannot start {sys.argv[2]}: {err.strerror}\\n")
+    os._exit(127)
+"""
+
 
 def start(req: RunRequest, gate: bool = False) -> RunHandle:
     """Start a run from a clean run folder (anything left there by an earlier attempt is removed), with its
@@ -886,12 +930,19 @@ def start(req: RunRequest, gate: bool = False) -> RunHandle:
     command = req.command()
     scratch: Path | None = None
     cow_before: dict[str, bytes] = {}
+    ready_r: int | None = None
+    ready_w: int | None = None
     if req.sandbox is not None:
         scratch = Path(tempfile.mkdtemp(prefix="orch-cow-"))
         try:
             cow_before = sandboxing.prepare_scratch(req.sandbox, cwd, scratch)
-            command = [*sandboxing.bwrap_command(req.sandbox, cwd, run_dir, scratch, req.python), *command]
+            prefix = sandboxing.bwrap_command(req.sandbox, cwd, run_dir, scratch, req.python)
+            ready_r, ready_w = os.pipe()
+            command = [*prefix, req.python, "-S", "-c", _READY_SHIM, str(ready_w), *command]
         except BaseException:
+            for fd in (ready_r, ready_w):
+                if fd is not None:
+                    os.close(fd)
             shutil.rmtree(scratch, ignore_errors=True)
             raise
         for name, value in sandboxing.SANDBOX_ENV_DEFAULTS.items():  # the home folder is read-only in the sandbox
@@ -908,9 +959,9 @@ def start(req: RunRequest, gate: bool = False) -> RunHandle:
         t0 = time.monotonic()
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_w,
                                 stderr=err_w, start_new_session=True, preexec_fn=setup, close_fds=True,
-                                pass_fds=() if gate_r is None else (gate_r,))
+                                pass_fds=tuple(fd for fd in (gate_r, ready_w) if fd is not None))
     except BaseException as exc:
-        for fd in (out_r, err_r, gate_w):
+        for fd in (out_r, err_r, gate_w, ready_r):
             if fd is not None:
                 os.close(fd)
         if scratch is not None:
@@ -919,7 +970,7 @@ def start(req: RunRequest, gate: bool = False) -> RunHandle:
             raise RunStartError(f"cannot start {req.python}: {exc.strerror or exc}") from None
         raise
     finally:
-        for fd in (out_w, err_w, gate_r):  # the child holds them now; reading ends when every holder is gone
+        for fd in (out_w, err_w, gate_r, ready_w):  # the child holds them now; reading ends when every holder is gone
             if fd is not None:
                 os.close(fd)
     streams = [(out_r, logs[0], CappedLog(req.log_cap_bytes)), (err_r, logs[1], CappedLog(req.log_cap_bytes))]
@@ -930,12 +981,13 @@ def start(req: RunRequest, gate: bool = False) -> RunHandle:
             os.close(gate_w)
         _stop_group(proc.pid, 0)
         proc.wait()
-        for fd in (out_r, err_r):
-            os.close(fd)
+        for fd in (out_r, err_r, ready_r):
+            if fd is not None:
+                os.close(fd)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         raise
-    return RunHandle(req, proc, started_at, t0, pump, gate_w, scratch, cow_before)
+    return RunHandle(req, proc, started_at, t0, pump, gate_w, scratch, cow_before, ready_r)
 
 
 def run(req: RunRequest, on_start: Callable[[RunHandle], None] | None = None) -> RunResult:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -19,6 +21,7 @@ from orchestrator.sandbox import SandboxSpec, bwrap_command, bwrap_problem, choo
 from orchestrator.secrets import REDACTED, redact_folder
 from orchestrator.terminal import safe
 from orchestrator.workspace import RepositoryTampered, Workspace, _git_env
+from tests.session_helpers import edit, git, make_idea, make_template, orchestrator, session_from, status_json
 
 NO_BWRAP = bwrap_problem()
 # CI installs bubblewrap (.ci/run sets ORCH_REQUIRE_BWRAP=1): there a missing bwrap fails instead of skipping.
@@ -289,3 +292,77 @@ def test_a_change_to_git_objects_cannot_be_undone_and_is_reported_unrestored(ses
     verdict = guard.settle(before, ws, ["experiment.py"])
     rel = obj.relative_to(session).as_posix()
     assert rel in verdict.tampered and rel in verdict.unrestored
+
+
+# --------------------------------------------------------------------------------------------------- bwrap set-up
+
+
+def failing_bwrap(folder: Path, fail_file: Path, when: str) -> Path:
+    """A `bwrap` for PATH: bubblewrap itself, except that while `fail_file` exists a command naming `when` fails in
+    set-up the way bwrap does where mounting /proc is refused (seen in unprivileged containers)."""
+    real = shutil.which("bwrap")
+    assert real is not None
+    folder.mkdir(parents=True, exist_ok=True)
+    fake = folder / "bwrap"
+    fake.write_text(f"""#!/bin/sh
+if [ -e {shlex.quote(str(fail_file))} ]; then
+  for arg in "$@"; do
+    case "$arg" in *{when}) echo "bwrap: Can't mount proc on /newroot/proc: Operation not permitted" >&2; exit 1;; esac
+  done
+fi
+exec {shlex.quote(real)} "$@"
+""")
+    fake.chmod(0o755)
+    return folder
+
+
+@needs_bwrap
+def test_a_sandbox_that_cannot_be_set_up_is_told_apart_from_a_run_that_fails(session, tmp_path, monkeypatch):
+    fail = tmp_path / "fail"
+    fail.touch()
+    bin_dir = failing_bwrap(tmp_path / "bin", fail, "/run_1")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    broken = run_once(session, "print('never here')\n", spec=SandboxSpec())
+    assert broken.outcome == "sandbox_failed", broken.message
+    assert "Can't mount proc" in broken.message
+    # A run cannot pass its own failure off as the sandbox's: it began, so it is an error like any other.
+    fail.unlink()
+    faked = run_once(session, "import sys\nsys.stderr.write(\"bwrap: Can't mount proc\\n\")\nsys.exit(1)\n",
+                     spec=SandboxSpec())
+    assert faked.outcome == "error" and "Can't mount proc" in faked.message
+    assert run_once(session, "print('fine')\n", spec=SandboxSpec()).outcome == "ok"
+
+
+@needs_bwrap
+def test_a_run_whose_sandbox_fails_costs_no_attempt_and_resume_runs_it(tmp_path):
+    fail = tmp_path / "fail"
+    fail.touch()
+    bin_dir = failing_bwrap(tmp_path / "bin", fail, "/run_1")
+    replies = tmp_path / "replies.yaml"
+    replies.write_text(json.dumps([{"content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1: LR 0.2.")},
+                                   {"content": edit("LR = 0.2\n", "LR = 0.3\n", plan="Run 2: LR 0.3.")}]))
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "ORCH_SANDBOX": "bwrap"}
+    first = orchestrator("launch", str(make_idea(tmp_path)), "--template", str(make_template(tmp_path)),
+                         "--model", f"scripted:{replies}", "--root", str(tmp_path / "sessions"), "--max-runs", "2",
+                         "--no-plots", env=env)
+    session = session_from(first)
+    assert first.returncode == 1, first.stdout + first.stderr
+    state = status_json(session)
+    assert state["session"]["status"] == "interrupted"
+    assert "run_1 could not start" in state["session"]["reason"]
+    assert "Can't mount proc" in state["session"]["reason"] and "--sandbox none" in state["session"]["reason"]
+    run1 = next(r for r in state["runs"] if r["run"] == 1)
+    assert [a["outcome"] for a in run1["history"]] == ["stopped"]  # not an error the model must fix
+    assert state["session"]["totals"]["calls"] == 1
+    events = [json.loads(line) for line in (session / ".orchestrator" / "journal.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["kind"] in ("run_finished", "attempt_failed") and e["data"].get("run") == 1]
+
+    fail.unlink()  # bubblewrap works again
+    again = orchestrator("resume", str(session), env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    state = status_json(session)
+    assert state["session"]["status"] == "max_runs"
+    run1 = next(r for r in state["runs"] if r["run"] == 1)
+    assert run1["status"] == "ok" and [a["outcome"] for a in run1["history"]] == ["ok"]
+    assert state["session"]["totals"]["calls"] == 2  # the model was not asked again for run 1
+    assert sorted(git(session, "tag", "--list").split()) == ["run_0", "run_1", "run_2"]
