@@ -311,6 +311,14 @@ def test_child_sees_no_api_keys_but_sees_declared_and_allowed_variables(
     assert "UNDECLARED_THING" not in env
 
 
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise() -> None:
+    req = RunRequest(cwd=Path("."), run_name="r")
+    assert build_env(req, {"PATH": "/bin"})["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert build_env(req, {"PATH": "/bin", "OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+    given = RunRequest(cwd=Path("."), run_name="r", env_set={"OMP_WAIT_POLICY": "ACTIVE"})
+    assert build_env(given, {"PATH": "/bin"})["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_gpus_absent_passes_the_parents_devices_and_empty_hides_them() -> None:
     parent = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "2"}
     assert build_env(RunRequest(cwd=Path("."), run_name="r"), parent)["CUDA_VISIBLE_DEVICES"] == "2"
