@@ -16,7 +16,10 @@ and times, per session:
 Each is also shown as a ratio to `python -c pass` (the interpreter's start-up, timed in the same bench, median of
 `--repeat`), so machines can be compared. Prints one table with the median over `--sessions` sessions.
 
-    PYTHONPATH=. python bench/overhead.py [--sessions 3] [--repeat 5] [--keep DIR]
+    PYTHONPATH=. python bench/overhead.py [--sessions 3] [--repeat 5] [--keep DIR] [--baseline-s 10]
+
+With `--baseline-s`, the baseline run sleeps that long first, as a real baseline outlasts litellm's import: the
+first call then shows whether the warm-up thread left it costing what later calls do (loop and wall grow by it).
 """
 
 from __future__ import annotations
@@ -57,9 +60,16 @@ def python_pass_s(repeat: int) -> float:
     return statistics.median(times)
 
 
-def timed_session(work: Path, url: str) -> dict[str, float]:
-    """One launch; its timings in seconds (see the module's docstring)."""
+def timed_session(work: Path, url: str, baseline_s: float = 0.0) -> dict[str, float]:
+    """One launch; its timings in seconds (see the module's docstring). `baseline_s`: the baseline run sleeps
+    that long first (the later runs do not)."""
     template, idea = make_template(work), make_idea(work)
+    if baseline_s:
+        code = (template / "experiment.py").read_text()
+        (template / "experiment.py").write_text(code.replace(
+            "    os.makedirs(args.out_dir, exist_ok=True)\n",
+            f"    os.makedirs(args.out_dir, exist_ok=True)\n    if LR == 0.1:\n"
+            f"        import time\n        time.sleep({baseline_s!r})\n"))
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "DEEPSEEK_API_KEY": "sk-bench-0123456789abcdef",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "orchestrator", "launch", str(idea), "--template", str(template),
@@ -110,6 +120,9 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=3, help="sessions to time (the table shows medians)")
     parser.add_argument("--repeat", type=int, default=5, help="runs of `python -c pass` to time")
     parser.add_argument("--keep", type=Path, help="keep the sessions and the provider's logs under this folder")
+    parser.add_argument("--baseline-s", type=float, default=0.0,
+                        help="make the baseline run sleep this long (e.g. 10: longer than litellm's import, as any "
+                             "real baseline is, so the first call shows what a warmed-up call costs)")
     args = parser.parse_args()
 
     from rich.console import Console
@@ -125,15 +138,16 @@ def main() -> int:
             work.mkdir()
             provider = FakeProvider(work / "provider").start({"replies": REPLIES})
             try:
-                samples.append(timed_session(work, provider.url))
+                samples.append(timed_session(work, provider.url, args.baseline_s))
             finally:
                 provider.stop()
     finally:
         if args.keep is None:
             shutil.rmtree(work_root, ignore_errors=True)
 
-    table = Table(title=f"orchestrator overhead: two-run toy session, loopback provider, median of {len(samples)}",
-                  title_justify="left")
+    slow = f", baseline sleeps {args.baseline_s:g} s" if args.baseline_s else ""
+    table = Table(title=f"orchestrator overhead: two-run toy session, loopback provider{slow}, median of "
+                        f"{len(samples)}", title_justify="left")
     table.add_column("")
     for col in COLUMNS:
         table.add_column(col, justify="right")

@@ -60,8 +60,9 @@ ALLOWED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PYTORCH_")
 # appears there was planted (see guard.shadows).
 FORCED_ENV = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1"}
 # Defaults a run gets unless the user's environment or --env sets them. OpenMP threads (torch on the CPU) that wait
-# by spinning lose most of their time when other work shares the cores: a CPU-bound training ran 3 to 4 times
-# slower next to two busy processes than with PASSIVE, which changes no result (bench/run_threads.py).
+# by spinning lose much of their time when other work shares the cores: a CPU-bound torch loop took 1.6 times as
+# long next to two busy processes as with PASSIVE (3 to 4 times under heavier load), and 0.88 times on an idle
+# machine; the policy changes no result (bench/run_threads.py).
 RUN_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 # Name parts (split on "_") that mark a variable as a credential; the allowlist is the main defence, this is the
