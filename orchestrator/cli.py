@@ -557,7 +557,7 @@ def resume(
 
     Saved settings apply unless an ORCH_* variable or a flag here changes them. A session that a limit ended
     (budget, tokens, wall clock, stalled) goes on when that limit is raised, or, for stalled, with another
-    --model."""
+    --model. A session whose baseline failed (baseline_failed) runs its baseline again."""
 
     forwarded = [arg for flag, value in (("--model", _absolute_scripted(model)), ("--api-base", api_base),
                                          ("--max-tokens-total", max_tokens_total), ("--wall-clock", wall_clock),

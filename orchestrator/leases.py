@@ -135,9 +135,19 @@ class _Ticket:
     def __init__(self, queue: Path, priority: float, since: float, label: str) -> None:
         self.name = f"{os.getpid()}-{random.getrandbits(48):012x}"
         self.path = queue / self.name
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        os.pwrite(self.fd, json.dumps({"priority": priority, "since": since, "label": label}).encode(), 0)
+        # Written and locked under a hidden name, then renamed: a reader never sees it unlocked, so never takes a
+        # live waiter's ticket for a dead one's.
+        making = queue / f".{self.name}"
+        self.fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            os.pwrite(self.fd, json.dumps({"priority": priority, "since": since, "label": label}).encode(), 0)
+            os.rename(making, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                making.unlink()
+            os.close(self.fd)
+            raise
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -153,7 +163,7 @@ def _waiters(queue: Path, mine: str | None = None) -> list[tuple[float, float, s
     except FileNotFoundError:
         return out
     for name in names:
-        if name == mine:
+        if name == mine or name.startswith("."):  # "." : a ticket still being made
             continue
         try:
             fd = os.open(queue / name, os.O_RDONLY | os.O_CLOEXEC)

@@ -806,11 +806,7 @@ class Driver:
             self._record("baseline_reused", stage="experiment", run=0, commit=head, tag="run_0",
                          metrics={n: m.model_dump(mode="json") for n, m in metrics.items()})
             return
-        # Each resume of a session whose baseline failed runs it once more, as its next attempt (a drive that only
-        # goes on after a crash replays the same attempt).
-        attempt = 1 + sum(1 for e in self.journal.events()
-                          if e.kind == "drive_started" and e.data.get("reopened") == "baseline_failed")
-        result = self._execute("experiment", 0, attempt, self._run_request("run_0"))
+        result = self._execute("experiment", 0, self._baseline_attempt(), self._run_request("run_0"))
         if result["outcome"] != "ok":
             raise _SessionFailed(f"the baseline run_0 failed ({result['outcome']}): {result.get('message', '')}; "
                                  "no model was called. Fix the cause, then resume the session to run it again",
@@ -818,10 +814,16 @@ class Driver:
         record_baseline_hash(self.dir)  # so this folder can serve as a template whose baseline is reused
         self._record_run(0, "ok")
 
+    def _baseline_attempt(self) -> int:
+        """Each resume of a session whose baseline failed runs it once more, as its next attempt (a drive that only
+        goes on after a crash replays the same attempt)."""
+        return 1 + sum(1 for e in self.journal.events()
+                       if e.kind == "drive_started" and e.data.get("reopened") == "baseline_failed")
+
     # ---------------------------------------------------------------------------------------------- stages
 
     def _experiments(self) -> tuple[str, str]:
-        self._phase("baseline", "experiment", 0, 1)
+        self._phase("baseline", "experiment", 0, self._baseline_attempt())
         self._baseline()
         situation = _Situation(name="first_turn", show_files=True)
         editable = tuple(self.template.editable)

@@ -226,8 +226,8 @@ def _header(session: Path, state: SessionState) -> str:
     elif info.status == "failed":
         out.append(f'<div class="banner bad">Failed: {_e(redact(info.reason))}</div>')
     elif info.status == "baseline_failed":
-        out.append(f'<div class="banner bad">The baseline failed: {_e(redact(info.reason))}. Once its cause is '
-                   f"fixed, run it again with <code>orchestrator resume {_e(session)}</code>.</div>")
+        out.append(f'<div class="banner bad">The baseline failed: {_e(redact(info.reason))}: '
+                   f"<code>orchestrator resume {_e(session)}</code>.</div>")
     cost = f"${t.cost_usd:.4f}" + (f" (+{t.cost_unknown_calls} calls of unknown cost)" if t.cost_unknown_calls else "")
     ok = sum(1 for r in state.runs if r.status == "ok" and r.run > 0)
     facts = [
@@ -578,8 +578,9 @@ def write_batch_report(folder: Path, output: Path | None = None) -> Path:
         vs = "-" if row.vs_baseline is None else f"{row.vs_baseline * 100:+.1f}%"
         cls = "" if row.vs_baseline is None or row.better is None else ("better" if row.better else "worse")
         link = links.get(row.path)
+        shown = "waiting for a slot" if row.status == "running" and row.phase == "queued" else row.status
         cells = [str(n), f'<td class="l">{_e(row.idea)}</td>',
-                 f'<td class="l"><span class="badge {_STATUS_CLASS.get(row.status, "")}">{_e(row.status)}</span></td>',
+                 f'<td class="l"><span class="badge {_STATUS_CLASS.get(row.status, "")}">{_e(shown)}</span></td>',
                  str(row.runs_ok), f"run_{row.best_run}" if row.best_run is not None else "-", _fmt(row.value),
                  _fmt(row.baseline), f'<td class="{cls}">{_e(vs)}</td>', f"${row.cost_usd:.4f}",
                  _duration(row.elapsed_s),

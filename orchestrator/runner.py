@@ -892,7 +892,8 @@ except OSError as err:
 """
 
 # Inside the sandbox, first: say on the pipe `argv[1]` that bwrap has set the sandbox up and started a command
-# in it, then become the experiment (the run's own interpreter, -S: nothing imported). A run that ends without
+# in it, then become the experiment (the run's own interpreter; -I -S: nothing imported from the session folder,
+# where the run's code lives, nor from PYTHON* variables). A run that ends without
 # that word failed in bwrap's set-up (a mount refused, namespaces unavailable): no code of the model's ran.
 _READY_SHIM = """import os, sys
 fd = int(sys.argv[1])
@@ -939,7 +940,7 @@ def start(req: RunRequest, gate: bool = False) -> RunHandle:
             cow_before = sandboxing.prepare_scratch(req.sandbox, cwd, scratch)
             prefix = sandboxing.bwrap_command(req.sandbox, cwd, run_dir, scratch, req.python)
             ready_r, ready_w = os.pipe()
-            command = [*prefix, req.python, "-S", "-c", _READY_SHIM, str(ready_w), *command]
+            command = [*prefix, req.python, "-I", "-S", "-c", _READY_SHIM, str(ready_w), *command]
         except BaseException:
             for fd in (ready_r, ready_w):
                 if fd is not None:
@@ -954,7 +955,7 @@ def start(req: RunRequest, gate: bool = False) -> RunHandle:
     (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
     gate_r, gate_w = os.pipe() if gate else (None, None)
     if gate_r is not None:
-        command = [sys.executable, "-S", "-c", _GATE_SHIM, str(gate_r), *command]
+        command = [sys.executable, "-I", "-S", "-c", _GATE_SHIM, str(gate_r), *command]
     try:
         started_at = time.time()
         t0 = time.monotonic()

@@ -94,7 +94,7 @@ def create_missing(folder: Path, spec: BatchSpec, template: Template, session_se
 
 def unfinished(spec: BatchSpec, reopen: set[str] | frozenset[str] = frozenset()) -> list[BatchSession]:
     """The sessions `resume BATCH` drives: every one not in a final status, and those whose status is in
-    `reopen` (a limit that was raised). A session that cannot be read is driven too, so its own process says
+    `reopen` (a limit that was raised, or `baseline_failed`). A session that cannot be read is driven too, so its own process says
     what is wrong with it, in its log."""
     todo = []
     for entry in spec.sessions:

@@ -440,6 +440,12 @@ def test_a_session_whose_baseline_crashes_fails_alone_and_its_gpu_comes_back(tmp
     assert "baseline_failed" in line_a
     assert f"orchestrator resume {folder}" in res.stdout  # which runs that baseline again
     assert_no_slot_held(folder)
+    again = run_batch(["resume", str(folder)])
+    assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-3000:]
+    assert [e["data"]["attempt"] for e in run_finished(a, 0)] == [1, 2]  # run again, and it crashed again
+    assert final_status(a) == "baseline_failed" and final_status(b) == "max_runs"
+    assert len(run_finished(b, 0)) == 1  # the finished session was left alone
+    assert_no_slot_held(folder)
 
 
 @pytest.mark.slow
@@ -512,6 +518,9 @@ def test_a_run_waiting_for_its_slot_shows_as_waiting_in_status(tmp_path: Path, b
     as_json = json.loads(orchestrator("status", str(folder), "--json").stdout)
     phases = {item["idea"]: item["session"]["phase"] for item in as_json["sessions"]}
     assert phases[queued_idea] == "queued" and phases[executing_idea] != "queued"
+    assert orchestrator("report", str(folder), "-o", str(tmp_path / "board.html")).returncode == 0
+    page = (tmp_path / "board.html").read_text()
+    assert page.count("waiting for a slot") == 1, page
     os.kill(b.proc.pid, signal.SIGINT)
     assert b.wait(timeout=DEADLINE_S) == 130, b.text()
 
