@@ -130,7 +130,8 @@ def bwrap_command(spec: SandboxSpec, root: Path, run_dir: Path, scratch: Path, p
     `scratch` holds the copy-on-write copies of `spec.copy_on_write` (same relative paths); `python` is bound
     read-only if it lives under /tmp, which the sandbox replaces with a private one."""
     exe = shutil.which("bwrap") or "bwrap"
-    root = root.resolve()
+    # bwrap reads source paths from its own working folder, which is not ours: every path it gets is absolute.
+    root, run_dir, scratch = root.resolve(), run_dir.resolve(), scratch.resolve()
     args = [exe, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", *gpu_binds(),
             "--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
             "--cap-drop", "ALL"]

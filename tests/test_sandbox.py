@@ -366,3 +366,20 @@ def test_a_run_whose_sandbox_fails_costs_no_attempt_and_resume_runs_it(tmp_path)
     assert run1["status"] == "ok" and [a["outcome"] for a in run1["history"]] == ["ok"]
     assert state["session"]["totals"]["calls"] == 2  # the model was not asked again for run 1
     assert sorted(git(session, "tag", "--list").split()) == ["run_0", "run_1", "run_2"]
+
+
+@needs_bwrap
+def test_a_session_under_a_relative_root_runs_sandboxed(tmp_path):
+    """`--root` as most users give it (and its default, experiments/): relative to where they stand."""
+    replies = tmp_path / "replies.yaml"
+    replies.write_text(json.dumps([{"content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1: LR 0.2.")}]))
+    result = orchestrator("launch", str(make_idea(tmp_path)), "--template", str(make_template(tmp_path)),
+                          "--model", f"scripted:{replies}", "--root", "sessions", "--max-runs", "1", "--no-plots",
+                          env={"ORCH_SANDBOX": "bwrap"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    session = tmp_path / result.stdout.splitlines()[0].strip()
+    assert session.parent == tmp_path / "sessions"
+    state = status_json(session)
+    assert state["session"]["status"] == "max_runs"
+    assert [r["status"] for r in state["runs"]] == ["ok", "ok"]
+    assert state["session"]["sandbox"] == "bwrap"
