@@ -171,7 +171,8 @@ def _make_model(settings: Any, replies_done: int, hooks: _ProgressHooks | None) 
 
     return make_model(settings.model, api_base=settings.api_base, timeout_s=settings.request_timeout_s,
                       profile=settings.profile, max_attempts=settings.model_max_attempts,
-                      on_retry=hooks.retry if hooks else None, start_at=replies_done)
+                      on_retry=hooks.retry if hooks else None, start_at=replies_done,
+                      client=settings.model_client)
 
 
 def _absolute_scripted(model: str | None) -> str | None:
@@ -233,7 +234,7 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
 
     # litellm's import overlaps the baseline run. Started only now: a thread importing holds the GIL most of the
     # time, and would slow the copy, git and journal work before the first line.
-    start_warm_up(settings.model, settings.api_base)
+    start_warm_up(settings.model, settings.api_base, settings.model_client)
     return _drive(session, settings)
 
 
@@ -316,7 +317,9 @@ def launch(
 
     The model's API key comes from the provider's own variable (DEEPSEEK_API_KEY, OPENAI_API_KEY, ...) and is
     checked before anything starts; a server on this machine or the local network given with --api-base needs
-    none for openai/ models."""
+    none for openai/ models. deepseek/ models, and openai/ models with --api-base, are sent straight to their
+    OpenAI-compatible endpoint, without loading litellm (seconds of CPU); model_client = "litellm" (or
+    ORCH_MODEL_CLIENT=litellm) sends them through litellm like every other provider."""
     cli = {"model": _absolute_scripted(model), "api_base": api_base, "max_runs": max_runs, "root": root,
            "timeout_s": timeout, "gpus": gpus, "budget_usd": budget_usd, "wall_clock_s": wall_clock,
            "max_tokens_total": max_tokens_total, "stall_replies": stall_replies,
@@ -442,7 +445,8 @@ def _drive_batch(folder: Path, forwarded: list[str] | None = None,
         import orchestrator.report_html  # noqa: F401
         from orchestrator.models import preload
 
-        preload()
+        saved = spec.settings
+        preload(str(saved.get("model") or DEFAULT_MODEL), saved.get("api_base"), saved.get("model_client") or "auto")
         fork_entry = _run_command
     with _BatchView(out) as view, _ray_for(spec, extra):
         try:
@@ -609,7 +613,7 @@ def resume(
         from orchestrator.models import start_warm_up
 
         if not in_batch:  # a batch's session: its model calls hold no slot, and its start competes for the CPU
-            start_warm_up(settings.model, settings.api_base)
+            start_warm_up(settings.model, settings.api_base, settings.model_client)
         return _drive(session, settings, reopen=extended)
 
     _guard(run)

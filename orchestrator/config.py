@@ -26,6 +26,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from orchestrator.direct import ModelClient
 from orchestrator.errors import OrchestratorError
 from orchestrator.sandbox import SandboxMode
 from orchestrator.secrets import looks_secret
@@ -49,6 +50,7 @@ class Settings(BaseSettings):
 
     model: str = "deepseek/deepseek-reasoner"
     api_base: str | None = None
+    model_client: ModelClient = "auto"  # litellm: send every route through litellm, the direct ones too
     profile: str | None = None
     max_runs: int = Field(10, ge=1, le=10)
     attempts_per_run: int = Field(4, ge=1, le=10)

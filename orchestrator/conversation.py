@@ -20,7 +20,7 @@ earlier stays meaningful as the history grows.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, field_validator, model_validator
@@ -136,6 +136,13 @@ def _profile_from_model_info(model_name: str) -> Profile:
         info: dict[str, Any] = dict(litellm.get_model_info(model_name))
     except Exception:  # litellm raises a plain Exception subclass for unmapped models
         return PROFILES["default"]
+    return _profile_from_info(info)
+
+
+def _profile_from_info(info: Mapping[str, Any] | None) -> Profile:
+    """The profile a model map entry implies (None: an unmapped model, the default profile)."""
+    if info is None:
+        return PROFILES["default"]
     provider = str(info.get("litellm_provider") or "")
     if provider.startswith("anthropic") or "claude" in str(info.get("key") or ""):
         return PROFILES["anthropic"]
@@ -146,15 +153,21 @@ def _profile_from_model_info(model_name: str) -> Profile:
     return PROFILES["default"]
 
 
-def profile_for(model_name: str, override: str | None = None) -> Profile:
-    """The profile for a litellm model name; `override` (a key of PROFILES) wins when given."""
+_ASK_LITELLM: Any = object()
+
+
+def profile_for(model_name: str, override: str | None = None, info: Mapping[str, Any] | None = _ASK_LITELLM) -> Profile:
+    """The profile for a litellm model name; `override` (a key of PROFILES) wins when given. `info`: the model's
+    map entry when the caller has it (None for an unmapped model); otherwise litellm is asked."""
     if override:
         try:
             return PROFILES[override]
         except KeyError:
             known = ", ".join(sorted(PROFILES))
             raise UnknownProfileError(f"unknown model profile {override!r} (known: {known})") from None
-    return _profile_from_name(model_name) or _profile_from_model_info(model_name)
+    if info is _ASK_LITELLM:
+        return _profile_from_name(model_name) or _profile_from_model_info(model_name)
+    return _profile_from_name(model_name) or _profile_from_info(info)
 
 
 # --------------------------------------------------------------------------------------------------- history
@@ -452,9 +465,17 @@ def fit(
     Steps are taken in policy order (older file dumps elided, oldest first; then the oldest exchanges dropped);
     a binary search over how many steps keeps the number of counts logarithmic. When even every step is not
     enough, the most trimmed history is returned: the caller may check `count_tokens(apply_trim(...))`, or send
-    it and let the provider decide. `limit` should leave room for the reply."""
+    it and let the provider decide. `limit` should leave room for the reply.
+
+    A history whose `token_ceiling` is within the limit fits without being counted: the same answer, without
+    the tokenizer (which, for most models, needs litellm's import)."""
+
+    def fits(trim: Trim) -> bool:
+        trimmed = apply_trim(messages, trim)
+        return token_ceiling(trimmed) <= limit or count_tokens(trimmed) <= limit
+
     trim = start or Trim()
-    if count_tokens(apply_trim(messages, trim)) <= limit:
+    if fits(trim):
         return trim
     trims: list[Trim] = []
     for step in _pending(messages, trim):
@@ -465,11 +486,24 @@ def fit(
     lo, hi = 0, len(trims) - 1  # find the first trim that fits; trims[hi] is the answer if none does
     while lo < hi:
         mid = (lo + hi) // 2
-        if count_tokens(apply_trim(messages, trims[mid])) <= limit:
+        if fits(trims[mid]):
             hi = mid
         else:
             lo = mid + 1
     return trims[lo]
+
+
+# Per message, more than any tokenizer adds around a message's text (role, separators, a BOS token) and more than
+# `normalise` can add (a joining separator, a short placeholder message).
+_CEILING_PER_MESSAGE = 32
+
+
+def token_ceiling(messages: Sequence[Message]) -> int:
+    """A number of tokens the history cannot exceed for any model, counted without a tokenizer: the tokenizers
+    models use (byte-level BPE, SentencePiece with byte fallback) give no token less than one byte of text, so
+    the UTF-8 size of the text, plus a margin per message, is a ceiling."""
+    return sum(len(m.content.encode("utf-8", "surrogatepass")) + _CEILING_PER_MESSAGE for m in messages) \
+        + _CEILING_PER_MESSAGE
 
 
 def _size(messages: Sequence[Message]) -> int:

@@ -1,4 +1,4 @@
-"""Models: the `Model` protocol, `LiteLLMModel` (any litellm name) and `ScriptedModel` (`scripted:PATH`).
+"""Models: the `Model` protocol, `ProviderModel` (any litellm name) and `ScriptedModel` (`scripted:PATH`).
 
 `complete(messages)` normalises and validates the history for the model's profile before anything goes out, never
 mutates what it is given, and returns a `Reply` with usage, cached tokens and cost. Transient failures (rate
@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.conversation import STRICTEST_PROFILE, Message, Profile, profile_for, to_wire
+from orchestrator.direct import DirectClient, ModelClient, ProviderHTTPError, route_for
 from orchestrator.errors import OrchestratorError
 from orchestrator.secrets import is_secret_env_name, redact
 
@@ -255,10 +256,23 @@ def _litellm() -> Any:
     return litellm
 
 
-def preload() -> None:
-    """Import litellm here and now, on this thread and starting none, so that processes forked from this one
-    (a batch's sessions) have it loaded already."""
-    _litellm()
+def preload(name: str, api_base: str | None = None, client: ModelClient = "auto") -> None:
+    """Load what model `name`'s calls need here and now, on this thread and starting none, so that processes
+    forked from this one (a batch's sessions) have it loaded already: litellm, or for a direct route only the
+    model map and httpx."""
+    if name.startswith(SCRIPTED_PREFIX):
+        return
+    if route_for(name, api_base, client) is not None:
+        _load_direct()
+    else:
+        _litellm()
+
+
+def _load_direct() -> None:
+    from orchestrator import direct, model_map
+
+    model_map.load()
+    direct.warm()
 
 
 class _WarmUp:
@@ -270,19 +284,23 @@ class _WarmUp:
 _WARM_UP: _WarmUp | None = None
 
 
-def start_warm_up(name: str, api_base: str | None = None) -> None:
-    """Import litellm and do its lazy per-provider set-up for model `name` on a background (daemon) thread, so
-    that it overlaps the session's start (template copy, git, baseline run) and the first model call costs what
-    later ones do. Nothing goes out on the network: the warm-up call is answered by litellm's `mock_response`.
-    Any later use of litellm in this module waits for it; a failure here is ignored (the real call will say)."""
+def start_warm_up(name: str, api_base: str | None = None, client: ModelClient = "auto") -> None:
+    """Load what model `name`'s first call needs on a background (daemon) thread, so that it overlaps the
+    session's start (template copy, git, baseline run) and the first model call costs what later ones do. For a
+    direct route that is the model map and httpx; otherwise litellm's import and its lazy per-provider set-up.
+    Nothing goes out on the network: the warm-up call is answered by litellm's `mock_response`. Any later use of
+    litellm in this module waits for it; a failure here is ignored (the real call will say)."""
     global _WARM_UP
     if _WARM_UP is not None or name.startswith(SCRIPTED_PREFIX):
         return
 
     def work() -> None:
         try:
+            if route_for(name, api_base, client) is not None:
+                _load_direct()
+                return
             litellm = _litellm()
-            model = LiteLLMModel(name, api_base=api_base)
+            model = ProviderModel(name, api_base=api_base, client="litellm")
             model.context_limit()
             model.count_tokens([Message(role="user", content="warm up")])
             model.price_known()
@@ -432,26 +450,42 @@ def _classify(litellm: Any, exc: Exception) -> _Classified | None:
     if isinstance(exc, litellm.ServiceUnavailableError | litellm.BadGatewayError):
         return _Classified(kind="server_error", status=status)
     if status is not None:
-        if status == 429:
-            return _Classified(kind="rate_limit", status=status)
-        if status == 408:
-            return _Classified(kind="timeout", status=status)
-        if status >= 500:
-            return _Classified(kind="server_error", status=status)
-        return _Classified(kind="rejected", status=status)
+        return _by_status(status)
     if isinstance(exc, litellm.BadRequestError):
         return _Classified(kind="rejected", status=400)
-    # Transport errors that escaped litellm's mapping.
-    try:
-        import httpx
+    return _by_transport(exc)  # transport errors that escaped litellm's mapping
 
-        if isinstance(exc, httpx.TimeoutException):
-            return _Classified(kind="timeout")
-        if isinstance(exc, httpx.TransportError):
-            return _Classified(kind="connection")
-    except ImportError:  # pragma: no cover - httpx comes with litellm
-        pass
+
+def _by_status(status: int) -> _Classified:
+    """An HTTP error status: 429 and 408 retried as rate limit and timeout, 5xx as a server error; others final."""
+    if status == 429:
+        return _Classified(kind="rate_limit", status=status)
+    if status == 408:
+        return _Classified(kind="timeout", status=status)
+    if status >= 500:
+        return _Classified(kind="server_error", status=status)
+    return _Classified(kind="rejected", status=status)
+
+
+def _by_transport(exc: Exception) -> _Classified | None:
+    import httpx  # comes with litellm, and carries the direct routes
+
+    if isinstance(exc, httpx.TimeoutException):
+        return _Classified(kind="timeout")
+    if isinstance(exc, httpx.TransportError):
+        return _Classified(kind="connection")
     return None
+
+
+def _classify_direct(exc: Exception) -> _Classified | None:
+    """Sort an exception from a direct route (`direct.DirectClient`) as `_classify` sorts litellm's."""
+    if isinstance(exc, ProviderHTTPError):
+        if exc.is_context_window():
+            return _Classified(kind="context", status=exc.status_code)
+        if exc.status_code is None:  # an answer that is not a chat completion: a fault of the server's, may pass
+            return _Classified(kind="server_error")
+        return _by_status(exc.status_code)
+    return _by_transport(exc)
 
 
 def _usage_field(usage: Any, name: str) -> Any:
@@ -473,8 +507,10 @@ def _cached_tokens(usage: Any) -> int:
     return int(cached or 0)
 
 
-class LiteLLMModel:
-    """Any model litellm can reach, with our own retry loop and the profile's message rules."""
+class ProviderModel:
+    """Any model litellm can name, with our own retry loop and the profile's message rules. The routes of
+    `direct.route_for` (deepseek/, openai/ with an api_base) are posted by `direct.DirectClient` without litellm;
+    the others, or all with `client="litellm"`, go through litellm."""
 
     def __init__(
         self,
@@ -491,6 +527,7 @@ class LiteLLMModel:
         profile: str | None = None,
         on_retry: Callable[[RetryEvent], None] | None = None,
         context_tokens: int | None = None,
+        client: ModelClient = "auto",
     ) -> None:
         if not name.strip():
             raise ModelError("no model name given")
@@ -515,16 +552,21 @@ class LiteLLMModel:
         self._credentials_checked = False
         self._info: dict[str, Any] | None = None
         self._info_looked_up = False
+        self.route = route_for(name, api_base, client)  # None: litellm carries the calls
+        self._direct: DirectClient | None = None
 
     def __repr__(self) -> str:  # never shows the key
-        return f"LiteLLMModel(name={self.name!r}, api_base={self.api_base!r}, profile={self.profile.name!r})"
+        return f"ProviderModel(name={self.name!r}, api_base={self.api_base!r}, profile={self.profile.name!r})"
 
     @property
     def profile(self) -> Profile:
         """The message rules for this model: the override, else from its name or litellm's model map."""
         if self._profile is None:
-            _litellm()  # waits for a warm-up under way (litellm's lazy set-up is not made for two threads)
-            self._profile = profile_for(self.name)
+            if self.route is not None:
+                self._profile = profile_for(self.name, info=self._model_info())
+            else:
+                _litellm()  # waits for a warm-up under way (litellm's lazy set-up is not made for two threads)
+                self._profile = profile_for(self.name)
         return self._profile
 
     # ---------------------------------------------------------------------------------------------- helpers
@@ -543,11 +585,16 @@ class LiteLLMModel:
     def _model_info(self) -> dict[str, Any] | None:
         """litellm's (bundled, offline) entry for the model; None when it has none."""
         if not self._info_looked_up:
-            litellm = _litellm()
-            try:
-                self._info = dict(litellm.get_model_info(self.name))
-            except Exception:  # an unmapped model
-                self._info = None
+            if self.route is not None:
+                from orchestrator import model_map
+
+                self._info = model_map.entry(self.name)
+            else:
+                litellm = _litellm()
+                try:
+                    self._info = dict(litellm.get_model_info(self.name))
+                except Exception:  # an unmapped model
+                    self._info = None
             self._info_looked_up = True
         return self._info
 
@@ -676,21 +723,73 @@ class LiteLLMModel:
             finish_reason=str(choice.finish_reason) if getattr(choice, "finish_reason", None) else None,
         )
 
+    def _direct_reply(self, data: Mapping[str, Any], latency_s: float, attempts: int) -> Reply:
+        from orchestrator import model_map
+
+        choice = data["choices"][0]
+        message = choice["message"]
+        content = message.get("content") or ""
+        reasoning = message.get("reasoning_content") or message.get("reasoning") or None
+        usage = data.get("usage") if isinstance(data.get("usage"), Mapping) else None
+        prompt = int(_usage_field(usage, "prompt_tokens") or 0)
+        completion = int(_usage_field(usage, "completion_tokens") or 0)
+        cached = _cached_tokens(usage)
+        finish = choice.get("finish_reason")
+        return Reply(
+            content=self._redact(str(content)),
+            reasoning=self._redact(str(reasoning)) if reasoning else None,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached,
+            cost_usd=model_map.cost_usd(self.name, prompt, completion, cached),
+            latency_s=latency_s,
+            model=self.name,
+            attempts=attempts,
+            finish_reason=str(finish) if finish else None,
+        )
+
     # ---------------------------------------------------------------------------------------------- call
+
+    def _direct_body(self, wire: list[dict[str, str]]) -> dict[str, Any]:
+        """What litellm would send on a direct route (a fresh copy per attempt)."""
+        assert self.route is not None
+        body: dict[str, Any] = {"model": self.route.wire_model, "messages": copy.deepcopy(wire), "stream": False}
+        if self.temperature is not None and self.profile.temperature:
+            body["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            body["max_completion_tokens" if self.profile.name == "openai-reasoning" else "max_tokens"] = \
+                self.max_tokens
+        return body
+
+    def _direct_key(self) -> str | None:
+        if self._api_key:
+            return self._api_key
+        assert self.route is not None
+        key = next((os.environ[v].strip() for v in PROVIDER_KEY_VARS[self.route.provider]
+                    if os.environ.get(v, "").strip()), None)
+        return key or (LOCAL_PLACEHOLDER_KEY if self._needs_no_key() else None)
 
     def complete(self, messages: Sequence[Message]) -> Reply:
         wire = to_wire(messages, self.profile)  # raises ConversationError before anything is sent
         self.check_credentials()
-        litellm = _litellm()
+        litellm: Any = None
+        if self.route is None:
+            litellm = _litellm()
+        elif self._direct is None:
+            _install_log_redaction()  # httpx logs requests too
+            self._direct = DirectClient(self.route, self.timeout_s)
         attempt = 0
         while True:
             attempt += 1
-            kwargs = self._request_kwargs(wire)
             started = time.monotonic()
             try:
-                response = litellm.completion(**kwargs)
+                if litellm is None:
+                    assert self._direct is not None
+                    response = self._direct.complete(self._direct_body(wire), self._direct_key())
+                else:
+                    response = litellm.completion(**self._request_kwargs(wire))
             except Exception as exc:
-                verdict = _classify(litellm, exc)
+                verdict = _classify(litellm, exc) if litellm is not None else _classify_direct(exc)
                 text = self._error_text(exc)
                 if verdict is None:
                     raise ModelError(f"model {self.name!r} call failed: {text}") from None
@@ -727,11 +826,17 @@ class LiteLLMModel:
                 time.sleep(wait)
                 continue
             latency = time.monotonic() - started
-            reply = self._reply(litellm, response, latency, attempt)
+            if litellm is None:
+                reply = self._direct_reply(response, latency, attempt)
+            else:
+                reply = self._reply(litellm, response, latency, attempt)
             log.debug("model %s answered in %.2fs after %d attempt(s)", self.name, latency, attempt)
             return reply
 
     def _expected_key_vars(self, litellm: Any) -> list[str]:
+        if litellm is None:
+            assert self.route is not None
+            return list(PROVIDER_KEY_VARS[self.route.provider])
         try:
             report = litellm.validate_environment(model=self.name, api_base=self.api_base)
             found = [k for k in report.get("missing_keys", []) if is_secret_env_name(k)]
@@ -905,7 +1010,7 @@ def make_model(
     on_retry: Callable[[RetryEvent], None] | None = None,
     **kw: Any,
 ) -> Model:
-    """`scripted:PATH` -> ScriptedModel (kw: start_at, context_tokens); anything else -> LiteLLMModel (kw: its other
+    """`scripted:PATH` -> ScriptedModel (kw: start_at, context_tokens); anything else -> ProviderModel (kw: its other
     options). Either is checked as it is made: an unusable script, or an unknown profile, is one clear error."""
     if name.startswith(SCRIPTED_PREFIX):
         if profile:
@@ -923,7 +1028,7 @@ def make_model(
             where, start_at=int(kw.get("start_at", 0)), context_tokens=kw.get("context_tokens")
         )
     kw.pop("start_at", None)
-    return LiteLLMModel(
+    return ProviderModel(
         name,
         api_base=api_base,
         api_key=api_key,

@@ -22,6 +22,7 @@ from orchestrator.conversation import (
     profile_for,
     tighten,
     to_wire,
+    token_ceiling,
     validate,
 )
 
@@ -350,6 +351,32 @@ def test_a_history_that_fits_is_left_alone() -> None:
     msgs = long_history()
     trim = fit(msgs, chars, chars(msgs))
     assert trim == Trim() and apply_trim(msgs, trim) == msgs
+
+
+def test_a_history_within_its_byte_ceiling_fits_without_being_counted() -> None:
+    msgs = long_history()
+
+    def no_tokenizer(messages: object) -> int:
+        raise AssertionError("counted a history whose size alone shows it fits")
+
+    assert fit(msgs, no_tokenizer, token_ceiling(msgs)) == Trim()
+    counted: list[int] = []
+    fit(msgs, lambda m: counted.append(1) or 0, token_ceiling(msgs) - 1)  # too close to call: counted
+    assert counted
+
+
+UNICODE_TURN = "Résumé: 学习率 0.1 → 0.2 🚀🚀\n\tΔloss = −0.03\n" + "    " * 50 + "```python\nx = 1\n```"
+
+
+@pytest.mark.parametrize("model", ["deepseek/deepseek-chat", "deepseek/deepseek-reasoner", "openai/gpt-4o",
+                                   "openai/my-local-model", "anthropic/claude-sonnet-4-5", "gemini/gemini-2.5-pro"])
+def test_no_model_counts_more_tokens_than_the_byte_ceiling(model: str) -> None:
+    import litellm
+
+    for msgs in (long_history(), append(append([], "system", "s"), "user", UNICODE_TURN),
+                 append(append([], "user", "x"), "assistant", "")):
+        wire = to_wire(msgs, DEFAULT, check=False)
+        assert litellm.token_counter(model=model, messages=wire) <= token_ceiling(msgs)
 
 
 def test_old_file_dumps_are_elided_oldest_first_before_anything_is_dropped() -> None:

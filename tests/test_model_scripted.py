@@ -7,8 +7,8 @@ import pytest
 
 from orchestrator.conversation import ConversationError, Message, UnknownProfileError, append
 from orchestrator.models import (
-    LiteLLMModel,
     Model,
+    ProviderModel,
     ScriptedModel,
     ScriptExhaustedError,
     ScriptFormatError,
@@ -189,5 +189,5 @@ def test_make_model_picks_the_implementation(yaml_script: Path) -> None:
     real = make_model(
         "openai/some-model", api_base="http://127.0.0.1:9/v1", api_key="k", timeout_s=5, max_attempts=2
     )
-    assert isinstance(real, LiteLLMModel) and real.max_attempts == 2 and real.timeout_s == 5
+    assert isinstance(real, ProviderModel) and real.max_attempts == 2 and real.timeout_s == 5
     assert isinstance(scripted, Model) and isinstance(real, Model)

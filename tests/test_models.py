@@ -1,7 +1,10 @@
-"""LiteLLMModel over litellm's real HTTP path, against the fake provider (tests/fake_provider.py) on 127.0.0.1."""
+"""ProviderModel against the fake provider (tests/fake_provider.py) on 127.0.0.1, every test twice: with the
+default client (deepseek/ and openai/ with an api_base posted directly, without litellm) and with every call
+through litellm's real HTTP path (`client="litellm"`): both must behave the same."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -9,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from orchestrator import models
 from orchestrator.conversation import Message, append
 from orchestrator.models import (
     PROVIDER_KEY_VARS,
     ContextWindowError,
-    LiteLLMModel,
     MissingAPIKeyError,
+    ProviderModel,
     ProviderRejectedError,
     RetryEvent,
     TransientError,
@@ -32,6 +36,14 @@ FAST = {"backoff_base_s": 0.01, "backoff_max_s": 0.05}
 StartFake = Callable[..., "FakeProvider"]
 
 
+@pytest.fixture(autouse=True, params=["auto", "litellm"])
+def model_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The client every ProviderModel of this module is made with (this module's name for the class is bound to
+    the class with that client)."""
+    monkeypatch.setitem(globals(), "ProviderModel", functools.partial(models.ProviderModel, client=request.param))
+    return str(request.param)
+
+
 def history(*texts: str) -> list[Message]:
     """system, then user/assistant alternating over `texts` (starting with user)."""
     msgs = [Message(role="system", content="You edit experiment.py.")]
@@ -40,10 +52,10 @@ def history(*texts: str) -> list[Message]:
     return msgs
 
 
-def model(name: str, fake: FakeProvider, **kw: Any) -> LiteLLMModel:
+def model(name: str, fake: FakeProvider, **kw: Any) -> ProviderModel:
     kw.setdefault("api_key", KEY)
     kw.setdefault("timeout_s", 10)
-    return LiteLLMModel(name, api_base=fake.url, **{**FAST, **kw})
+    return ProviderModel(name, api_base=fake.url, **{**FAST, **kw})
 
 
 # --------------------------------------------------------------------------------------------------- routes
@@ -305,7 +317,7 @@ def test_connection_refused_is_retried_then_reported(fake_provider: StartFake) -
     url = fake.url
     fake.stop()
     events: list[RetryEvent] = []
-    m = LiteLLMModel(
+    m = ProviderModel(
         UNKNOWN_OPENAI, api_base=url, api_key=KEY, max_attempts=2, on_retry=events.append, **FAST
     )
     with pytest.raises(TransientError) as excinfo:
@@ -331,7 +343,7 @@ def test_missing_api_key_names_the_variable_and_sends_nothing(
 ) -> None:
     monkeypatch.delenv(var, raising=False)
     fake = fake_provider(["ok"])
-    m = LiteLLMModel(name, api_base=fake.url, **FAST)
+    m = ProviderModel(name, api_base=fake.url, **FAST)
     with pytest.raises(MissingAPIKeyError, match=var) as excinfo:
         m.check_credentials()
     assert "\n" not in str(excinfo.value)
@@ -343,7 +355,7 @@ def test_missing_api_key_names_the_variable_and_sends_nothing(
 def test_key_from_the_environment_is_used(fake_provider: StartFake, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEEPSEEK_API_KEY", KEY)
     fake = fake_provider(["ok"], api_key=KEY)
-    m = LiteLLMModel(DEEPSEEK, api_base=fake.url, **FAST)
+    m = ProviderModel(DEEPSEEK, api_base=fake.url, **FAST)
     m.check_credentials()
     assert m.complete(history("go")).content == "ok"
 
@@ -366,7 +378,7 @@ def test_the_key_never_appears_in_anything_the_model_layer_writes(
     }
     fake = fake_provider(plan, api_key=secret)
     events: list[RetryEvent] = []
-    m = LiteLLMModel(DEEPSEEK, api_base=fake.url, on_retry=events.append, **FAST)
+    m = ProviderModel(DEEPSEEK, api_base=fake.url, on_retry=events.append, **FAST)
     with pytest.raises(ProviderRejectedError) as excinfo:
         m.complete(history("go"))
     reply = m.complete(history("go"))
@@ -465,7 +477,7 @@ def test_a_reply_cut_at_max_tokens_says_so(fake_provider: StartFake, name: str) 
 def test_the_missing_key_message_says_which_variable_to_export(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
     with pytest.raises(MissingAPIKeyError) as excinfo:
-        LiteLLMModel(DEEPSEEK).check_credentials()
+        ProviderModel(DEEPSEEK).check_credentials()
     text = str(excinfo.value)
     assert "--api-key" not in text  # no such flag
     assert "export DEEPSEEK_API_KEY=" in text and "\n" not in text
@@ -473,7 +485,7 @@ def test_the_missing_key_message_says_which_variable_to_export(monkeypatch: pyte
 
 def test_a_hosted_openai_route_still_needs_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    m = LiteLLMModel(UNKNOWN_OPENAI, api_base="https://llm.example.invalid/v1", **FAST)
+    m = ProviderModel(UNKNOWN_OPENAI, api_base="https://llm.example.invalid/v1", **FAST)
     with pytest.raises(MissingAPIKeyError, match="export OPENAI_API_KEY="):
         m.check_credentials()
     with pytest.raises(MissingAPIKeyError):
@@ -486,7 +498,7 @@ def test_a_local_openai_compatible_server_needs_no_key(
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     fake = fake_provider(["ok"])  # checks no key
-    m = LiteLLMModel(UNKNOWN_OPENAI, api_base=fake.url.replace("127.0.0.1", host), **FAST)
+    m = ProviderModel(UNKNOWN_OPENAI, api_base=fake.url.replace("127.0.0.1", host), **FAST)
     m.check_credentials()
     assert m.complete(history("go")).content == "ok"
     (req,) = fake.requests()
@@ -498,7 +510,7 @@ def test_a_local_server_gets_the_real_key_when_there_is_one(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     fake = fake_provider(["ok"], api_key=KEY)
-    assert LiteLLMModel(UNKNOWN_OPENAI, api_base=fake.url, **FAST).complete(history("go")).content == "ok"
+    assert ProviderModel(UNKNOWN_OPENAI, api_base=fake.url, **FAST).complete(history("go")).content == "ok"
 
 
 def test_a_local_deepseek_route_still_needs_its_key(
@@ -507,26 +519,26 @@ def test_a_local_deepseek_route_still_needs_its_key(
     monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
     fake = fake_provider(["ok"])
     with pytest.raises(MissingAPIKeyError, match="DEEPSEEK_API_KEY"):
-        LiteLLMModel(DEEPSEEK, api_base=fake.url, **FAST).check_credentials()
+        ProviderModel(DEEPSEEK, api_base=fake.url, **FAST).check_credentials()
 
 
 def test_price_is_known_for_mapped_models_only() -> None:
-    assert LiteLLMModel("deepseek/deepseek-chat").price_known()
-    assert not LiteLLMModel("openai/my-local-model").price_known()
+    assert ProviderModel("deepseek/deepseek-chat").price_known()
+    assert not ProviderModel("openai/my-local-model").price_known()
 
 
 def test_context_limit_comes_from_litellms_map_or_the_caller() -> None:
     import litellm
 
     expected = litellm.get_model_info("deepseek/deepseek-chat")["max_input_tokens"]
-    assert expected and LiteLLMModel("deepseek/deepseek-chat").context_limit() == expected
-    assert LiteLLMModel("openai/my-local-model").context_limit() is None
-    assert LiteLLMModel("openai/my-local-model", context_tokens=32_000).context_limit() == 32_000
+    assert expected and ProviderModel("deepseek/deepseek-chat").context_limit() == expected
+    assert ProviderModel("openai/my-local-model").context_limit() is None
+    assert ProviderModel("openai/my-local-model", context_tokens=32_000).context_limit() == 32_000
 
 
 @pytest.mark.parametrize("name", ["deepseek/deepseek-chat", UNKNOWN_OPENAI, "ollama/llama-3-8b"])
 def test_count_tokens_counts_what_would_be_sent(name: str) -> None:
-    m = LiteLLMModel(name)
+    m = ProviderModel(name)
     short = m.count_tokens(history("go"))
     long = m.count_tokens(history("go " * 2000))
     assert 0 < short < long
@@ -578,7 +590,7 @@ def test_a_real_key_never_reaches_the_fake_providers_log(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     fake = fake_provider(["ok"])
-    LiteLLMModel(UNKNOWN_OPENAI, api_base=fake.url, **FAST).complete(history("go"))
+    ProviderModel(UNKNOWN_OPENAI, api_base=fake.url, **FAST).complete(history("go"))
     (req,) = fake.requests()
     assert req["authorization"] == "(a key)" and KEY not in fake.log_path.read_text()
 
@@ -599,12 +611,12 @@ def test_the_key_table_asks_for_what_litellm_asks_for(monkeypatch: pytest.Monkey
     asked = litellm.validate_environment(model=name)
     assert not asked["keys_in_environment"] and set(asked["missing_keys"]) == set(names)
     with pytest.raises(MissingAPIKeyError) as excinfo:
-        LiteLLMModel(name).check_credentials()
+        ProviderModel(name).check_credentials()
     assert excinfo.value.env_vars == list(names)
     for var in names:
         monkeypatch.setenv(var, KEY)
         assert litellm.validate_environment(model=name)["keys_in_environment"]
-        LiteLLMModel(name).check_credentials()
+        ProviderModel(name).check_credentials()
         monkeypatch.delenv(var)
 
 
@@ -613,28 +625,52 @@ def test_a_name_litellm_cannot_place_is_one_clear_error(name: str) -> None:
     from orchestrator.models import UnknownModelError
 
     with pytest.raises(UnknownModelError) as excinfo:
-        LiteLLMModel(name).check_credentials()
+        ProviderModel(name).check_credentials()
     assert "\n" not in str(excinfo.value) and "provider/model" in str(excinfo.value)
 
 
 @pytest.mark.parametrize("host", ["192.168.1.20", "10.0.0.5", "172.16.3.4", "[fd00::1]"])
 def test_a_server_on_the_local_network_needs_no_key(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    LiteLLMModel(UNKNOWN_OPENAI, api_base=f"http://{host}:8000/v1").check_credentials()
+    ProviderModel(UNKNOWN_OPENAI, api_base=f"http://{host}:8000/v1").check_credentials()
 
 
 def test_the_warm_up_sends_nothing_and_the_first_call_then_works(
-    fake_provider: StartFake, monkeypatch: pytest.MonkeyPatch
+    fake_provider: StartFake, monkeypatch: pytest.MonkeyPatch, model_client: Any
 ) -> None:
-    from orchestrator import models
-
     monkeypatch.setattr(models, "_WARM_UP", None)
     monkeypatch.setenv("DEEPSEEK_API_KEY", KEY)
     fake = fake_provider(["ok"], api_key=KEY)
-    models.start_warm_up("deepseek/deepseek-chat", fake.url)
+    models.start_warm_up("deepseek/deepseek-chat", fake.url, model_client)
     warm = models._WARM_UP
     assert warm is not None
-    m = LiteLLMModel("deepseek/deepseek-chat", api_base=fake.url, **FAST)
+    m = ProviderModel("deepseek/deepseek-chat", api_base=fake.url, **FAST)
     assert m.complete(history("go")).content == "ok"  # waits for the warm-up, then calls
     assert not warm.thread.is_alive() and warm.error is None
     assert [r["status"] for r in fake.requests()] == [200]
+
+
+@pytest.mark.parametrize("name", ROUTES)
+def test_a_direct_route_never_loads_litellm(fake_provider: StartFake, model_client: str, name: str) -> None:
+    """litellm's import takes seconds of CPU; the direct routes (and the session around them) need none of it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fake = fake_provider([{"content": "ok", "prompt_tokens": 10, "completion_tokens": 2}], api_key=KEY)
+    code = (
+        "import json, sys\n"
+        "from orchestrator.conversation import Message\n"
+        "from orchestrator.models import ProviderModel\n"
+        f"m = ProviderModel({name!r}, api_base={fake.url!r}, api_key={KEY!r}, client={model_client!r})\n"
+        "m.context_limit(); m.price_known()\n"
+        "reply = m.complete([Message(role='system', content='s'), Message(role='user', content='go')])\n"
+        "print(json.dumps([reply.content, reply.prompt_tokens, 'litellm' in sys.modules]))\n"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": repo}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == ["ok", 10, model_client == "litellm"]
