@@ -425,11 +425,12 @@ def _batch(ideas_file: Path, opts: dict[str, Any], cli: dict[str, Any], config: 
                           settings, max_runs, pool, parallel, opts["backend"], opts["ray_address"], resources,
                           opts["budget_usd"], opts["session_budget_usd"],
                           on_claimed=lambda claimed: print(claimed, flush=True))  # the first line
-    return _drive_batch(folder)
+    return _drive_batch(folder, settings)
 
 
-def _drive_batch(folder: Path, forwarded: list[str] | None = None,
+def _drive_batch(folder: Path, settings: Any, forwarded: list[str] | None = None,
                  per_session: dict[str, list[str]] | None = None, reopen: set[str] | None = None) -> int:
+    """Drive a batch's sessions; `settings`: what they will run with (launch's, or resume's with its flags)."""
     from orchestrator.batch import leaderboard, load_batch, session_states
     from orchestrator.report import batch_table
     from orchestrator.scheduler import BatchStopped, child_env, drive_batch
@@ -445,8 +446,7 @@ def _drive_batch(folder: Path, forwarded: list[str] | None = None,
         import orchestrator.report_html  # noqa: F401
         from orchestrator.models import preload
 
-        saved = spec.settings
-        preload(str(saved.get("model") or DEFAULT_MODEL), saved.get("api_base"), saved.get("model_client") or "auto")
+        preload(settings.model, settings.api_base, settings.model_client)
         fork_entry = _run_command
     with _BatchView(out) as view, _ray_for(spec, extra):
         try:
@@ -658,7 +658,7 @@ def _resume_batch(folder: Path, budget_usd: float | None, overrides: dict[str, A
     if budget_usd is not None:  # a session the budget ended goes on: under its own budget, else the batch's
         again = str(spec.session_budget_usd or budget_usd)
         per_session = {entry.path: ["--budget-usd", again] for entry in todo}
-    return _drive_batch(folder, forwarded, per_session, reopen)
+    return _drive_batch(folder, settings, forwarded, per_session, reopen)
 
 
 @app.command()

@@ -7,10 +7,14 @@ OpenAI-compatible HTTP, and are sent here instead:
 - `deepseek/<model>`: to `--api-base`, else DEEPSEEK_API_BASE, else DeepSeek's API (the base litellm uses);
 - `openai/<model>` with `--api-base`: an OpenAI-compatible server (vLLM, llama.cpp, Ollama, a proxy ...).
 
-Everything else (and these too with `model_client = "litellm"`) goes through litellm. What is sent is what
-litellm sends for these routes: the model name without its prefix, the messages as given, temperature and
-max_tokens when set, no streaming. Errors come back as `ProviderHTTPError` (an HTTP status with the provider's
-message) or httpx's own transport errors; the caller sorts them for retries exactly as it sorts litellm's.
+Everything else (and these too with `model_client = "litellm"`) goes through litellm. The request carries what
+litellm's does for these routes (the model name without its prefix, the messages as given, temperature and
+max_tokens when set) and `"stream": false`; 307/308 redirects are followed, others are an error naming where
+they lead; TLS certificates are checked as litellm
+checks them (SSL_VERIFY, SSL_CERT_FILE). Replies are read as litellm reads them (`reasoning_and_content`,
+`finish_reason`). Errors come back as `ProviderHTTPError` (an HTTP status with the provider's message) or httpx's
+own transport errors; the caller sorts them for retries as it sorts litellm's (context-window and rate-limit
+wordings as litellm knows them).
 """
 
 from __future__ import annotations
@@ -18,28 +22,42 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import ssl
 import threading
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 DEEPSEEK_DEFAULT_BASE = "https://api.deepseek.com/beta"
+MAX_REDIRECTS = 5
+MAX_SHOWN_CHARS = 4000  # of a body that is not a reply, in its error
 ModelClient = Literal["auto", "litellm"]
 
-# What providers answer when the prompt is longer than the model's context window (lower case; litellm's list).
+# What servers answer, whatever the status, when the prompt is longer than the model's context window (lower
+# case; litellm's list, so both paths shorten the history on the same answers).
 _CONTEXT_PHRASES = (
     "exceed context limit",
     "this model's maximum context length is",
     "requested token count exceeds the model's maximum context length",
     "model's maximum context limit",
     "is longer than the model's context length",
+    "is longer than the model's maximum context length",
     "input tokens exceed the configured limit",
-    "exceeds the available context size",
+    "`inputs` tokens + `max_new_tokens` must be",
+    "exceeds the available context size",  # llama.cpp
+    "exceeds the maximum number of tokens allowed",
     "context_length_exceeded",
     "prompt is too long",
 )
+_CONTEXT_PAIRS = (("current length is", "while limit is"), ("maximum input length is", "tokens"),
+                  ("input too long:", "input tokens, limit is"))
+# A finish reason meaning the reply was cut at the output limit, as servers other than OpenAI's spell it.
+_LENGTH_REASONS = frozenset({"length", "max_tokens", "MAX_TOKENS", "model_context_window_exceeded"})
+_THINK_BLOCK = re.compile(r"<(?:think|thinking|budget:thinking)>(.*?)</(?:think|thinking|budget:thinking)>(.*)",
+                          re.DOTALL)
 
 
 class Route(BaseModel):
@@ -84,9 +102,38 @@ class ProviderHTTPError(Exception):
 
     def is_context_window(self) -> bool:
         text = self.message.lower()
+        if "string_above_max_length" in text or ("invalid 'user'" in text and "string too long" in text):
+            return False  # a request field too long, not the prompt
         code = str((self.body or {}).get("code") or "").lower()
-        return self.status_code == 400 and (code == "context_length_exceeded" or
-                                            any(p in text for p in _CONTEXT_PHRASES))
+        return (code == "context_length_exceeded" or any(p in text for p in _CONTEXT_PHRASES)
+                or any(a in text and b in text for a, b in _CONTEXT_PAIRS))
+
+    def is_rate_limit(self) -> bool:
+        """A rate limit some servers send as another status than 429."""
+        return "rate limit" in self.message.lower()
+
+
+def reasoning_and_content(message: Mapping[str, Any]) -> tuple[str | None, str]:
+    """The reasoning and the answer of a reply message, as litellm reads them: the `reasoning_content` field (even
+    null), else `reasoning`, else a leading <think>...</think> block of the content (servers running a reasoning
+    model without a reasoning parser: Ollama, llama.cpp, vLLM)."""
+    content = message.get("content")
+    text = content if isinstance(content, str) else ""
+    for field in ("reasoning_content", "reasoning"):
+        if field in message:
+            value = message[field]
+            return (value if isinstance(value, str) and value else None), text
+    found = _THINK_BLOCK.match(text)
+    if found:
+        return found.group(1) or None, found.group(2)
+    return None, text
+
+
+def finish_reason(value: Any) -> str | None:
+    """The reply's finish reason, with the spellings of 'cut at the output limit' read as OpenAI's `length`."""
+    if not isinstance(value, str) or not value:
+        return None
+    return "length" if value in _LENGTH_REASONS else value
 
 
 def _error_object(data: Any) -> Mapping[str, Any] | None:
@@ -101,27 +148,44 @@ def _error_object(data: Any) -> Mapping[str, Any] | None:
 
 
 @functools.cache
-def _tls_context() -> ssl.SSLContext:
-    import certifi
-
-    return ssl.create_default_context(cafile=certifi.where())  # what httpx would make: the same CA bundle
+def _tls_context(cafile: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cafile)
 
 
 _TLS_LOCK = threading.Lock()
 
 
-def tls_context() -> ssl.SSLContext:
-    """The TLS settings every direct client shares: made once (loading the CA bundle takes 50 to 100 ms), on the
-    warm-up thread when there is one."""
+def tls_context() -> ssl.SSLContext | bool:
+    """How direct clients check TLS certificates, read from the environment as litellm reads it: SSL_VERIFY (a CA
+    bundle's path, or false to check nothing), else SSL_CERT_FILE when it exists, else certifi's bundle. A context
+    is made once per bundle (loading one takes 50 to 100 ms), on the warm-up thread when there is one."""
+    verify = os.environ.get("SSL_VERIFY", "").strip()
+    if verify.lower() in ("false", "0", "no", "off"):
+        return False
+    cafile = verify if verify and os.path.exists(verify) else None
+    if cafile is None:
+        cert_file = os.environ.get("SSL_CERT_FILE", "").strip()
+        if cert_file and os.path.exists(cert_file):
+            cafile = cert_file
+    if cafile is None:
+        import certifi
+
+        cafile = certifi.where()
     with _TLS_LOCK:
-        return _tls_context()
+        return _tls_context(cafile)
 
 
 def warm() -> None:
-    """What a first direct call would otherwise load: httpx and the TLS context."""
-    import httpx  # noqa: F401
+    """What a first direct call would otherwise load: httpx, the transport under it (httpcore, imported when
+    a client is made) and the TLS context."""
+    import httpx
 
-    tls_context()
+    httpx.Client(verify=tls_context()).close()
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port
 
 
 class DirectClient:
@@ -142,7 +206,7 @@ class DirectClient:
                    "User-Agent": f"orchestrator/{__version__}"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        response = self._http.post(self.route.url, content=json.dumps(body).encode("utf-8"), headers=headers)
+        response = self._post(json.dumps(body).encode("utf-8"), headers)
         try:
             data = response.json()
         except ValueError:
@@ -155,10 +219,30 @@ class DirectClient:
         choices = data.get("choices") if isinstance(data, Mapping) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping) \
                 or not isinstance(choices[0].get("message"), Mapping):
-            shown = response.text[:200] if response.text else "(empty body)"
+            shown = response.text[:MAX_SHOWN_CHARS] if response.text else "(empty body)"  # cut again once redacted
             raise ProviderHTTPError(f"{self.route.provider}'s answer is not a chat completion: {shown}",
                                     None, _error_object(data), response)
         return data
+
+    def _post(self, content: bytes, headers: dict[str, str]) -> Any:
+        """POST, following a server's 307/308 (which keep the method and body) up to 5 times, without the key
+        to another origin. Any other redirect (a 301/302 would turn the POST into a GET) is an error naming
+        where it leads, for the user to give as --api-base."""
+        url = self.route.url
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._http.post(url, content=content, headers=headers)
+            if not 300 <= response.status_code < 400:
+                return response
+            location = response.headers.get("location")
+            if response.status_code not in (307, 308) or not location:
+                break
+            target = urllib.parse.urljoin(url, location)
+            if _origin(target) != _origin(url):
+                headers = {k: v for k, v in headers.items() if k != "Authorization"}
+            url = target
+        where = response.headers.get("location") or "nowhere"
+        raise ProviderHTTPError(f"{self.route.provider} redirected ({response.status_code}) {url} to {where}: "
+                                "give the final address as --api-base", response.status_code, None, response)
 
     def close(self) -> None:
         self._http.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -76,6 +77,28 @@ def _in_window(window: Mapping[str, Any], at: datetime) -> bool:
     return False
 
 
+_PRICE_KEYS = ("input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost")
+_THRESHOLD = re.compile(r"^input_cost_per_token_above_(\d+(?:\.\d+)?)(k?)_tokens$")
+
+
+def _tier(info: Mapping[str, Any], prompt_tokens: int) -> Mapping[str, Any]:
+    """The entry's prices for a prompt of this size: a long prompt (above N tokens, where the map has
+    `input_cost_per_token_above_<N>_tokens`) is billed, all of it, at that tier's prices."""
+    thresholds = []
+    for key in info:
+        found = _THRESHOLD.match(key)
+        if found and info[key] is not None:
+            thresholds.append((float(found.group(1)) * (1000 if found.group(2) else 1), key.split("_above_")[1]))
+    prices = dict(info)
+    for limit, suffix in sorted(thresholds):
+        if prompt_tokens > limit:
+            for name in _PRICE_KEYS:
+                tiered = info.get(f"{name}_above_{suffix}")
+                if tiered is not None:
+                    prices[name] = tiered
+    return prices
+
+
 def _prices(info: Mapping[str, Any], at: datetime) -> Mapping[str, Any]:
     """The entry's prices in force at `at`: its off-peak prices inside an off-peak window (DeepSeek's discount
     hours), the list prices otherwise."""
@@ -92,13 +115,14 @@ def _prices(info: Mapping[str, Any], at: datetime) -> Mapping[str, Any]:
 
 def cost_usd(name: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
              at: datetime | None = None) -> float | None:
-    """What a call made at `at` (default now) cost at the map's prices then: cached prompt tokens at the
-    cache-read price (the input price when the map has none), the rest of the prompt at the input price, the
-    completion at the output price. None when the map lacks the model or either price."""
+    """What a call made at `at` (default now) cost at the map's prices then (for a prompt of its size, see
+    `_tier`): cached prompt tokens at the cache-read price (the input price when the map has none), the rest of
+    the prompt at the input price, the completion at the output price. None when the map lacks the model or
+    either price."""
     found = entry(name)
     if found is None:
         return None
-    info = _prices(found, at or datetime.now(UTC))
+    info = _prices(_tier(found, prompt_tokens), at or datetime.now(UTC))
     input_price, output_price = info.get("input_cost_per_token"), info.get("output_cost_per_token")
     if input_price is None or output_price is None:
         return None

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import ssl
 import threading
 import time
 import urllib.parse
@@ -34,7 +35,14 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.conversation import STRICTEST_PROFILE, Message, Profile, profile_for, to_wire
-from orchestrator.direct import DirectClient, ModelClient, ProviderHTTPError, route_for
+from orchestrator.direct import (
+    DirectClient,
+    ModelClient,
+    ProviderHTTPError,
+    finish_reason,
+    reasoning_and_content,
+    route_for,
+)
 from orchestrator.errors import OrchestratorError
 from orchestrator.secrets import is_secret_env_name, redact
 
@@ -438,6 +446,8 @@ def _classify(litellm: Any, exc: Exception) -> _Classified | None:
         return _Classified(kind="missing_key", status=status)
     if isinstance(exc, litellm.RateLimitError):
         return _Classified(kind="rate_limit", status=status)
+    if _certificate_refused(exc):
+        return None  # final, as on the direct routes
     if isinstance(exc, litellm.APIConnectionError):
         return _Classified(kind="connection", status=status)
     if isinstance(exc, litellm.InternalServerError):
@@ -467,9 +477,23 @@ def _by_status(status: int) -> _Classified:
     return _Classified(kind="rejected", status=status)
 
 
+def _certificate_refused(exc: BaseException) -> bool:
+    """A TLS certificate the client would not trust: a setting to fix (SSL_CERT_FILE ...), not a passing fault."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def _by_transport(exc: Exception) -> _Classified | None:
     import httpx  # comes with litellm, and carries the direct routes
 
+    if _certificate_refused(exc):
+        return None  # final: "call failed" with the TLS error's text
     if isinstance(exc, httpx.TimeoutException):
         return _Classified(kind="timeout")
     if isinstance(exc, httpx.TransportError):
@@ -482,6 +506,8 @@ def _classify_direct(exc: Exception) -> _Classified | None:
     if isinstance(exc, ProviderHTTPError):
         if exc.is_context_window():
             return _Classified(kind="context", status=exc.status_code)
+        if exc.is_rate_limit():
+            return _Classified(kind="rate_limit", status=exc.status_code)
         if exc.status_code is None:  # an answer that is not a chat completion: a fault of the server's, may pass
             return _Classified(kind="server_error")
         return _by_status(exc.status_code)
@@ -495,6 +521,16 @@ def _usage_field(usage: Any, name: str) -> Any:
     if value is None and isinstance(usage, Mapping):
         value = usage.get(name)
     return value
+
+
+def _count(value: Any) -> int:
+    """A token count from a reply's usage; 0 for what is not a count (a server's odd answer does not end the
+    session: the reply itself is good)."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int | float) and math.isfinite(value):
+        return max(0, int(value))
+    return 0
 
 
 def _cached_tokens(usage: Any) -> int:
@@ -556,7 +592,8 @@ class ProviderModel:
         self._direct: DirectClient | None = None
 
     def __repr__(self) -> str:  # never shows the key
-        return f"ProviderModel(name={self.name!r}, api_base={self.api_base!r}, profile={self.profile.name!r})"
+        base = self._redact(self.api_base) if self.api_base else None
+        return f"ProviderModel(name={self.name!r}, api_base={base!r}, profile={self.profile.name!r})"
 
     @property
     def profile(self) -> Profile:
@@ -630,7 +667,8 @@ class ProviderModel:
         return info.get("input_cost_per_token") is not None and info.get("output_cost_per_token") is not None
 
     def _error_text(self, exc: BaseException) -> str:
-        return self._redact(_one_line(f"{type(exc).__name__}: {provider_text(exc)}"))
+        # redacted whole, then cut: a key cut in two would match neither its value nor a key's shape
+        return _one_line(self._redact(f"{type(exc).__name__}: {provider_text(exc)}"))
 
     def _wait_s(self, failed_attempt: int, exc: BaseException) -> float:
         cap = min(self.backoff_max_s, self.backoff_base_s * (2 ** (failed_attempt - 1)))
@@ -727,17 +765,16 @@ class ProviderModel:
         from orchestrator import model_map
 
         choice = data["choices"][0]
-        message = choice["message"]
-        content = message.get("content") or ""
-        reasoning = message.get("reasoning_content") or message.get("reasoning") or None
+        reasoning, content = reasoning_and_content(choice["message"])
         usage = data.get("usage") if isinstance(data.get("usage"), Mapping) else None
-        prompt = int(_usage_field(usage, "prompt_tokens") or 0)
-        completion = int(_usage_field(usage, "completion_tokens") or 0)
-        cached = _cached_tokens(usage)
-        finish = choice.get("finish_reason")
+        prompt = _count(_usage_field(usage, "prompt_tokens"))
+        completion = _count(_usage_field(usage, "completion_tokens"))
+        details = _usage_field(usage, "prompt_tokens_details")
+        cached = _count(_usage_field(details if isinstance(details, Mapping) else None, "cached_tokens")) \
+            or _count(_usage_field(usage, "prompt_cache_hit_tokens"))
         return Reply(
-            content=self._redact(str(content)),
-            reasoning=self._redact(str(reasoning)) if reasoning else None,
+            content=self._redact(content),
+            reasoning=self._redact(reasoning) if reasoning else None,
             prompt_tokens=prompt,
             completion_tokens=completion,
             cached_tokens=cached,
@@ -745,7 +782,7 @@ class ProviderModel:
             latency_s=latency_s,
             model=self.name,
             attempts=attempts,
-            finish_reason=str(finish) if finish else None,
+            finish_reason=finish_reason(choice.get("finish_reason")),
         )
 
     # ---------------------------------------------------------------------------------------------- call
@@ -757,8 +794,8 @@ class ProviderModel:
         if self.temperature is not None and self.profile.temperature:
             body["temperature"] = self.temperature
         if self.max_tokens is not None:
-            body["max_completion_tokens" if self.profile.name == "openai-reasoning" else "max_tokens"] = \
-                self.max_tokens
+            reasoning = self.profile.name in ("openai-reasoning", "no-system")  # o-series: max_completion_tokens
+            body["max_completion_tokens" if reasoning else "max_tokens"] = self.max_tokens
         return body
 
     def _direct_key(self) -> str | None:

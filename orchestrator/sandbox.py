@@ -155,7 +155,7 @@ def bwrap_command(spec: SandboxSpec, root: Path, run_dir: Path, scratch: Path, p
     if spec.writable_tree:
         args += ["--bind", str(root), str(root)]
     for cache in spec.caches:
-        folder = Path(cache)
+        folder = Path(cache).resolve()
         with contextlib.suppress(OSError):
             folder.mkdir(parents=True, exist_ok=True)
         if folder.is_dir():

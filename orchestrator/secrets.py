@@ -107,10 +107,11 @@ def _values_pattern(values: tuple[str, ...]) -> re.Pattern[str] | None:
 def _secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(
         sorted(
-            {
-                v
+            {  # as set, and without the spaces around it (a client may send it stripped)
+                form
                 for k, v in env.items()
                 if isinstance(v, str) and len(v.strip()) >= MIN_SECRET_LENGTH and is_secret_env_name(k)
+                for form in (v, v.strip())
             }
         )
     )

@@ -107,19 +107,20 @@ def test_entry_and_litellm_agree_a_model_is_unmapped(name: str) -> None:
         litellm.get_model_info(name)
 
 
-@pytest.mark.parametrize("cached", [0, 400], ids=["no-cache", "400-cached"])
+@pytest.mark.parametrize(("prompt", "cached"), [(1000, 0), (1000, 400), (300_000, 120_000)],
+                         ids=["no-cache", "400-cached", "long-prompt"])
 @pytest.mark.parametrize(
     ("moment", "expected_disagreeing"),
     [(PEAK, NO_PRICES), (OFF_PEAK_TIME, NO_PRICES)] + [(moment, NO_PRICES) for moment in WINDOW_EDGES],
     ids=["peak", "off-peak", *(m.strftime("%a-%H:%M") for m in WINDOW_EDGES)],
 )
 def test_cost_usd_agrees_with_litellm_completion_cost(
-    cached: int, moment: datetime, expected_disagreeing: set[str]
+    prompt: int, cached: int, moment: datetime, expected_disagreeing: set[str]
 ) -> None:
     disagreeing = {}
     for name in chat_models():
-        ours = model_map.cost_usd(name, 1000, 300, cached_tokens=cached, at=moment)
-        theirs = litellm_cost(name, 1000, 300, cached, moment)
+        ours = model_map.cost_usd(name, prompt, 300, cached_tokens=cached, at=moment)
+        theirs = litellm_cost(name, prompt, 300, cached, moment)
         if ours is None or ours != pytest.approx(theirs, rel=1e-9):
             disagreeing[name] = (ours, theirs)
     assert set(disagreeing) == expected_disagreeing, disagreeing

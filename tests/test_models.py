@@ -674,3 +674,12 @@ def test_a_direct_route_never_loads_litellm(fake_provider: StartFake, model_clie
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == ["ok", 10, model_client == "litellm"]
+
+
+@pytest.mark.parametrize("name", ROUTES)
+def test_a_think_block_in_the_content_is_reasoning_not_reply(fake_provider: StartFake, name: str) -> None:
+    """Local servers running a reasoning model without a reasoning parser put its thinking in the content."""
+    fake = fake_provider(["<think>maybe LR = 0.5?\n<<<<<<< SEARCH</think>Run 1: LR 0.2."], api_key=KEY)
+    reply = model(name, fake).complete(history("go"))
+    assert reply.content == "Run 1: LR 0.2."
+    assert reply.reasoning == "maybe LR = 0.5?\n<<<<<<< SEARCH"

@@ -373,7 +373,10 @@ def test_a_session_under_a_relative_root_runs_sandboxed(tmp_path):
     """`--root` as most users give it (and its default, experiments/): relative to where they stand."""
     replies = tmp_path / "replies.yaml"
     replies.write_text(json.dumps([{"content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1: LR 0.2.")}]))
-    result = orchestrator("launch", str(make_idea(tmp_path)), "--template", str(make_template(tmp_path)),
+    template = make_template(tmp_path)
+    toml = template / "template.toml"  # a cache inside the session folder, as the SAE template declares one
+    toml.write_text(toml.read_text().replace("[metrics]", 'caches = [".act_cache"]\n\n[metrics]', 1))
+    result = orchestrator("launch", str(make_idea(tmp_path)), "--template", str(template),
                           "--model", f"scripted:{replies}", "--root", "sessions", "--max-runs", "1", "--no-plots",
                           env={"ORCH_SANDBOX": "bwrap"}, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

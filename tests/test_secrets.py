@@ -102,3 +102,9 @@ def test_redact_obj_reaches_every_string_leaf(monkeypatch: pytest.MonkeyPatch) -
     assert out["a"][1]["b"] == (REDACTED, 3)
     assert out["n"] == 1.5 and out["none"] is None
     assert obj["a"][0] == "x deep-secret-value-42"  # the input is not modified
+
+
+def test_a_key_set_with_spaces_around_it_is_redacted_as_sent() -> None:
+    """Clients send a key stripped of the spaces a careless `export` left around it; that form is secret too."""
+    env = {"DEEPSEEK_API_KEY": "  abcdEFGH1234ijklMNOP5678qrst \n"}
+    assert "abcdEFGH1234ijklMNOP5678qrst" not in redact("401: invalid key abcdEFGH1234ijklMNOP5678qrst", env)
