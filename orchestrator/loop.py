@@ -540,7 +540,8 @@ class Driver:
             self._record("reply", **key, content=got.content, reasoning=got.reasoning,
                          prompt_tokens=got.prompt_tokens, completion_tokens=got.completion_tokens,
                          cached_tokens=got.cached_tokens, cost_usd=got.cost_usd, latency_s=got.latency_s,
-                         model=got.model, call_attempts=got.attempts, finish_reason=got.finish_reason)
+                         model=got.model, call_attempts=got.attempts, finish_reason=got.finish_reason,
+                         via=got.via)
             # the transcript follows the journal: a reply on record there is never missing from the journal
             self.journal.transcript_append({"request": wire, "reply": got.model_dump(mode="json")})
             if room is not None:  # the provider's window as we count it, recorded once the paid reply is safe

@@ -85,6 +85,7 @@ class Reply(BaseModel):
     model: str
     attempts: int = 1
     finish_reason: str | None = None  # "stop"; "length" when cut at max_tokens (the reply may be incomplete)
+    via: Literal["direct", "litellm", "scripted"] | None = None  # what carried the call (None: not recorded)
 
     @field_validator("content", "reasoning", "model", "finish_reason", mode="after")
     @classmethod
@@ -759,6 +760,7 @@ class ProviderModel:
             model=self.name,
             attempts=attempts,
             finish_reason=str(choice.finish_reason) if getattr(choice, "finish_reason", None) else None,
+            via="litellm",
         )
 
     def _direct_reply(self, data: Mapping[str, Any], latency_s: float, attempts: int) -> Reply:
@@ -783,6 +785,7 @@ class ProviderModel:
             model=self.name,
             attempts=attempts,
             finish_reason=finish_reason(choice.get("finish_reason")),
+            via="direct",
         )
 
     # ---------------------------------------------------------------------------------------------- call
@@ -1031,6 +1034,7 @@ class ScriptedModel:
             model=self.name,
             attempts=1,
             finish_reason=item.finish_reason,
+            via="scripted",
         )
 
 

@@ -1,4 +1,5 @@
-"""Whole sessions, end to end: the CLI in a subprocess, litellm over real HTTP to the fake DeepSeek-rules server."""
+"""Whole sessions, end to end: the CLI in a subprocess, over real HTTP (the direct route, and litellm where a test
+says so) to the fake DeepSeek-rules server."""
 
 from __future__ import annotations
 
@@ -562,3 +563,19 @@ def test_a_trimmed_history_is_journaled_and_later_calls_start_from_it(tmp_path, 
     # only the first too-long call is refused: every later one (also after the resume) is fitted ahead of time
     # to what the provider accepted; before, every call from the third on was refused first
     assert statuses.count(400) == 1, statuses
+
+
+@pytest.mark.parametrize(("client", "via"), [("auto", "direct"), ("litellm", "litellm")])
+def test_the_model_client_setting_chooses_what_carries_the_calls(tmp_path, fake_provider, client, via):
+    server = fake_provider.start({"replies": [{"content": edit("LR = 0.1\n", "LR = 0.2\n", plan="Run 1: LR 0.2."),
+                                               "prompt_tokens": 900, "completion_tokens": 100}]},
+                                 api_key=TEST_KEY)
+    res = orchestrator(*launch_args(tmp_path, server.url, "--no-plots", "--max-runs", "1"),
+                       env={**MODEL_ENV, "ORCH_MODEL_CLIENT": client})
+    assert res.returncode == 0, res.stdout + res.stderr
+    session = session_from(res)
+    events = [json.loads(line) for line in (session / ".orchestrator" / "journal.jsonl").read_text().splitlines()]
+    replies = [e["data"] for e in events if e["kind"] == "reply"]
+    assert [(r["via"], r["prompt_tokens"], r["completion_tokens"]) for r in replies] == [(via, 900, 100)]
+    assert replies[0]["cost_usd"] > 0  # priced from the same map either way
+    assert status_json(session)["session"]["status"] == "max_runs"
