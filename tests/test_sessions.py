@@ -346,6 +346,34 @@ def test_a_failed_baseline_costs_no_call_and_resume_runs_it_again_once_fixed(tmp
     assert git(session, "tag", "--list").split() == ["run_0", "run_1"]
 
 
+def test_a_baseline_retry_killed_midway_is_replayed_as_the_same_attempt(tmp_path, fake_provider):
+    server = fake_provider.start({"replies": [{"content": edit("LR = 0.1\n", "LR = 0.3\n", plan="LR 0.3.")}]},
+                                 api_key=TEST_KEY)
+    args = launch_args(tmp_path, server.url, "--no-plots", "--max-runs", "1")
+    experiment = tmp_path / "toy_template" / "experiment.py"
+    experiment.write_text(experiment.read_text().replace(
+        "    os.makedirs(args.out_dir, exist_ok=True)\n",
+        "    os.makedirs(args.out_dir, exist_ok=True)\n"
+        "    if not os.environ.get('TOY_DATA'):\n"
+        "        raise SystemExit('dataset not found: set TOY_DATA')\n"))
+    session = session_from(orchestrator(*args, env=MODEL_ENV))
+    assert status_json(session)["session"]["status"] == "baseline_failed"
+
+    # The retry (attempt 2) is killed with its orchestrator as soon as its run has started.
+    killed = orchestrator("resume", str(session), "--env", "TOY_DATA=1",
+                          env={**MODEL_ENV, "ORCH_TEST_CRASH_AT": "run_spawned"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    fixed = orchestrator("resume", str(session), "--env", "TOY_DATA=1", env=MODEL_ENV)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    state = status_json(session)
+    assert state["session"]["status"] == "max_runs"
+    run0 = next(r for r in state["runs"] if r["run"] == 0)
+    assert run0["status"] == "ok" and run0["history"][0]["outcome"] == "error"
+    assert run0["history"][-1]["outcome"] == "ok"
+    assert {a["attempt"] for a in run0["history"][1:]} == {2}  # the killed retry is replayed, not counted again
+    assert len(server.requests()) == 1
+
+
 # --------------------------------------------------------------------------------------------------- limits, Ctrl-C, baseline
 
 
