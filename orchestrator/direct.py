@@ -11,7 +11,7 @@ Everything else (and these too with `model_client = "litellm"`) goes through lit
 litellm's does for these routes (the model name without its prefix, the messages as given, temperature and
 max_tokens when set) and `"stream": false`; 307/308 redirects are followed, others are an error naming where
 they lead; TLS certificates are checked as litellm
-checks them (SSL_VERIFY, SSL_CERT_FILE). Replies are read as litellm reads them (`reasoning_and_content`,
+checks them (SSL_VERIFY, SSL_CERT_FILE; not litellm's client certificates, SSL_CERTIFICATE). Replies are read as litellm reads them (`reasoning_and_content`,
 `finish_reason`). Errors come back as `ProviderHTTPError` (an HTTP status with the provider's message) or httpx's
 own transport errors; the caller sorts them for retries as it sorts litellm's (context-window and rate-limit
 wordings as litellm knows them).
@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+from orchestrator.errors import OrchestratorError
 
 DEEPSEEK_DEFAULT_BASE = "https://api.deepseek.com/beta"
 MAX_REDIRECTS = 5
@@ -56,8 +58,13 @@ _CONTEXT_PAIRS = (("current length is", "while limit is"), ("maximum input lengt
                   ("input too long:", "input tokens, limit is"))
 # A finish reason meaning the reply was cut at the output limit, as servers other than OpenAI's spell it.
 _LENGTH_REASONS = frozenset({"length", "max_tokens", "MAX_TOKENS", "model_context_window_exceeded"})
+_RATE_LIMIT = re.compile(r"rate[\s_\-]*limit")
 _THINK_BLOCK = re.compile(r"<(?:think|thinking|budget:thinking)>(.*?)</(?:think|thinking|budget:thinking)>(.*)",
                           re.DOTALL)
+
+
+class TLSSettingsError(OrchestratorError, ValueError):
+    """The CA bundle the environment names cannot be read."""
 
 
 class Route(BaseModel):
@@ -101,6 +108,8 @@ class ProviderHTTPError(Exception):
         self.response = response
 
     def is_context_window(self) -> bool:
+        if self.status_code is None:  # a 200 that is not a reply: its text may be model output
+            return False
         text = self.message.lower()
         if "string_above_max_length" in text or ("invalid 'user'" in text and "string too long" in text):
             return False  # a request field too long, not the prompt
@@ -109,8 +118,8 @@ class ProviderHTTPError(Exception):
                 or any(a in text and b in text for a, b in _CONTEXT_PAIRS))
 
     def is_rate_limit(self) -> bool:
-        """A rate limit some servers send as another status than 429."""
-        return "rate limit" in self.message.lower()
+        """A rate limit some servers send as another status than 429 (litellm's wording test)."""
+        return self.status_code is not None and _RATE_LIMIT.search(self.message.lower()) is not None
 
 
 def reasoning_and_content(message: Mapping[str, Any]) -> tuple[str | None, str]:
@@ -155,24 +164,42 @@ def _tls_context(cafile: str) -> ssl.SSLContext:
 _TLS_LOCK = threading.Lock()
 
 
-def tls_context() -> ssl.SSLContext | bool:
-    """How direct clients check TLS certificates, read from the environment as litellm reads it: SSL_VERIFY (a CA
-    bundle's path, or false to check nothing), else SSL_CERT_FILE when it exists, else certifi's bundle. A context
-    is made once per bundle (loading one takes 50 to 100 ms), on the warm-up thread when there is one."""
+def _ca_bundle() -> str | None:
+    """The CA bundle the environment names, as litellm reads it: SSL_VERIFY (a bundle's path; false: check
+    nothing, None here), else SSL_CERT_FILE when it exists, else certifi's bundle."""
     verify = os.environ.get("SSL_VERIFY", "").strip()
-    if verify.lower() in ("false", "0", "no", "off"):
-        return False
-    cafile = verify if verify and os.path.exists(verify) else None
-    if cafile is None:
-        cert_file = os.environ.get("SSL_CERT_FILE", "").strip()
-        if cert_file and os.path.exists(cert_file):
-            cafile = cert_file
-    if cafile is None:
-        import certifi
+    if verify.lower() == "false":
+        return None
+    if verify and os.path.exists(verify):
+        return verify
+    cert_file = os.environ.get("SSL_CERT_FILE", "").strip()
+    if cert_file and os.path.exists(cert_file):
+        return cert_file
+    import certifi
 
-        cafile = certifi.where()
+    return certifi.where()
+
+
+def check_tls_settings() -> None:
+    """Before any work: a CA bundle named by the environment that cannot be a bundle (a folder, an unreadable
+    file) is one clear error now rather than at the first model call. Cheap: the bundle is not parsed here."""
+    cafile = _ca_bundle()
+    if cafile is not None and not (os.path.isfile(cafile) and os.access(cafile, os.R_OK)):
+        raise TLSSettingsError(f"{cafile} (from SSL_VERIFY or SSL_CERT_FILE) is not a readable CA bundle file")
+
+
+def tls_context() -> ssl.SSLContext | bool:
+    """How direct clients check TLS certificates (see `_ca_bundle`). A context is made once per bundle (loading
+    one takes 50 to 100 ms), on the warm-up thread when there is one."""
+    cafile = _ca_bundle()
+    if cafile is None:
+        return False
     with _TLS_LOCK:
-        return _tls_context(cafile)
+        try:
+            return _tls_context(cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSSettingsError(f"cannot read the CA bundle {cafile} (from SSL_VERIFY, SSL_CERT_FILE or certifi) "
+                                   f"to check the provider's certificate: {exc}") from None
 
 
 def warm() -> None:
@@ -183,9 +210,14 @@ def warm() -> None:
     httpx.Client(verify=tls_context()).close()
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urllib.parse.urlsplit(url)
-    return parts.scheme, parts.hostname or "", parts.port
+def _keeps_key(old: str, new: str) -> bool:
+    """Whether a redirect may carry the key on (httpx's rule): to the same origin, or from http to https on the same
+    host with the default ports."""
+    a, b = urllib.parse.urlsplit(old), urllib.parse.urlsplit(new)
+    if (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port):
+        return True
+    return (a.hostname == b.hostname and a.scheme == "http" and b.scheme == "https"
+            and a.port in (None, 80) and b.port in (None, 443))
 
 
 class DirectClient:
@@ -219,7 +251,8 @@ class DirectClient:
         choices = data.get("choices") if isinstance(data, Mapping) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping) \
                 or not isinstance(choices[0].get("message"), Mapping):
-            shown = response.text[:MAX_SHOWN_CHARS] if response.text else "(empty body)"  # cut again once redacted
+            # collapsed before it is cut, as the error text will be: a key across the cut is past what is shown
+            shown = " ".join(response.text.split())[:MAX_SHOWN_CHARS] if response.text else "(empty body)"
             raise ProviderHTTPError(f"{self.route.provider}'s answer is not a chat completion: {shown}",
                                     None, _error_object(data), response)
         return data
@@ -237,12 +270,16 @@ class DirectClient:
             if response.status_code not in (307, 308) or not location:
                 break
             target = urllib.parse.urljoin(url, location)
-            if _origin(target) != _origin(url):
+            if not _keeps_key(url, target):
                 headers = {k: v for k, v in headers.items() if k != "Authorization"}
             url = target
-        where = response.headers.get("location") or "nowhere"
-        raise ProviderHTTPError(f"{self.route.provider} redirected ({response.status_code}) {url} to {where}: "
-                                "give the final address as --api-base", response.status_code, None, response)
+        location = response.headers.get("location")
+        if 300 <= response.status_code < 400 and response.status_code in (307, 308) and location:
+            why = f"more than {MAX_REDIRECTS} redirects, the last from {url}"
+        else:
+            where = urllib.parse.urljoin(url, location) if location else "nowhere"
+            why = f"redirected ({response.status_code}) {url} to {where}: give the final address as --api-base"
+        raise ProviderHTTPError(f"{self.route.provider}: {why}", response.status_code, None, response)
 
     def close(self) -> None:
         self._http.close()

@@ -39,6 +39,8 @@ from orchestrator.direct import (
     DirectClient,
     ModelClient,
     ProviderHTTPError,
+    TLSSettingsError,
+    check_tls_settings,
     finish_reason,
     reasoning_and_content,
     route_for,
@@ -447,7 +449,7 @@ def _classify(litellm: Any, exc: Exception) -> _Classified | None:
         return _Classified(kind="missing_key", status=status)
     if isinstance(exc, litellm.RateLimitError):
         return _Classified(kind="rate_limit", status=status)
-    if _certificate_refused(exc):
+    if isinstance(exc, litellm.APIConnectionError) and _certificate_refused(exc):
         return None  # final, as on the direct routes
     if isinstance(exc, litellm.APIConnectionError):
         return _Classified(kind="connection", status=status)
@@ -690,6 +692,8 @@ class ProviderModel:
         if known is not None and self.name.split("/", 1)[1].strip():
             if not (self._api_key or self._needs_no_key() or any(os.environ.get(v, "").strip() for v in known)):
                 raise MissingAPIKeyError(self.name, known, api_base=self.api_base)
+            if self.route is not None:
+                check_tls_settings()
             self._credentials_checked = True
             return
         litellm = _litellm()
@@ -797,7 +801,7 @@ class ProviderModel:
         if self.temperature is not None and self.profile.temperature:
             body["temperature"] = self.temperature
         if self.max_tokens is not None:
-            reasoning = self.profile.name in ("openai-reasoning", "no-system")  # o-series: max_completion_tokens
+            reasoning = self.profile.name == "openai-reasoning"  # o-series and gpt-5: max_completion_tokens
             body["max_completion_tokens" if reasoning else "max_tokens"] = self.max_tokens
         return body
 
@@ -817,7 +821,10 @@ class ProviderModel:
             litellm = _litellm()
         elif self._direct is None:
             _install_log_redaction()  # httpx logs requests too
-            self._direct = DirectClient(self.route, self.timeout_s)
+            try:
+                self._direct = DirectClient(self.route, self.timeout_s)
+            except TLSSettingsError as exc:
+                raise ModelError(f"model {self.name!r}: {exc}") from None
         attempt = 0
         while True:
             attempt += 1

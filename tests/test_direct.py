@@ -238,10 +238,10 @@ def test_an_echoed_key_is_never_shown(server: Server, key: str, status: int) -> 
 
 @pytest.mark.parametrize("key", [KEY, "plain-local-secret-4f9a2c"], ids=["sk-shaped", "plain"])
 @pytest.mark.parametrize("status", [401, 200])
-def test_a_key_cut_by_the_length_limit_is_not_half_shown(server: Server, key: str, status: int) -> None:
-    """The error text is cut (600 characters; 200 of a body that is not a reply) before it is redacted: a key
-    lying across the cut must not leave its first characters behind."""
-    cut = 600 - 3 - len("ProviderHTTPError: ") if status == 401 else 200
+@pytest.mark.parametrize("cut", [200, 580, 4000])
+def test_a_key_cut_by_the_length_limit_is_not_half_shown(server: Server, key: str, status: int, cut: int) -> None:
+    """Error texts are cut (600 characters shown; 4000 kept of a body that is not a reply): a key lying across
+    a cut must not leave its first characters behind."""
     echo = "x" * (cut - 15) + " " + key + " end"
     body = json.dumps({"error": {"message": echo}}).encode() if status != 200 else echo.encode()
     with pytest.raises(ModelError) as caught:
@@ -273,3 +273,36 @@ def test_a_rate_limit_sent_as_a_400_is_retried(server: Server) -> None:
     server.answer((400, {}, b'{"error": {"message": "Rate limit reached for requests"}}'), completion())
     reply = ask(server.model())
     assert reply.content == "OK" and reply.attempts == 2 and len(server.requests) == 2
+
+
+@pytest.mark.parametrize("wording", ["Rate limit reached", "rate_limit_exceeded", "Rate-limit hit"])
+def test_a_rate_limit_in_any_wording_is_retried(server: Server, wording: str) -> None:
+    server.answer((400, {}, json.dumps({"error": {"message": wording}}).encode()), completion())
+    assert ask(server.model()).attempts == 2
+
+
+def test_model_output_that_mentions_a_context_limit_is_not_a_context_error(server: Server) -> None:
+    """A 200 that is not a reply (a stream, say) may hold the model's own words: they are not the server's."""
+    server.answer(b"data: this model's maximum context length is 10 tokens\n\n")
+    with pytest.raises(TransientError):
+        ask(server.model())
+
+
+def test_a_ca_bundle_setting_that_is_a_folder_stops_before_any_work(tmp_path: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.direct import TLSSettingsError
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path))
+    with pytest.raises(TLSSettingsError, match=str(tmp_path)):
+        ProviderModel("deepseek/deepseek-chat", api_key=KEY).check_credentials()
+
+
+@pytest.mark.parametrize(("value", "checked"), [("false", False), ("False", False), ("0", True), ("no", True)])
+def test_only_ssl_verify_false_turns_certificate_checks_off(monkeypatch: pytest.MonkeyPatch, value: str,
+                                                            checked: bool) -> None:
+    """As litellm reads SSL_VERIFY: only "false" means no checks; anything else keeps them."""
+    from orchestrator.direct import tls_context
+
+    monkeypatch.setenv("SSL_VERIFY", value)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    assert (tls_context() is not False) is checked
