@@ -310,16 +310,21 @@ def test_resuming_a_finished_session_changes_nothing(tmp_path, fake_provider):
     assert len(server.requests()) == 1
 
 
-def test_a_failed_baseline_costs_no_call_and_resume_runs_it_again_once_fixed(tmp_path, fake_provider):
-    server = fake_provider.start({"replies": [{"content": edit("LR = 0.1\n", "LR = 0.3\n", plan="LR 0.3.")}]},
-                                 api_key=TEST_KEY)
-    args = launch_args(tmp_path, server.url, "--no-plots", "--max-runs", "1")
-    experiment = tmp_path / "toy_template" / "experiment.py"
+def baseline_needs_toy_data(template: Path) -> None:
+    """The template's experiment fails until its runs get TOY_DATA (as a missing dataset would)."""
+    experiment = template / "experiment.py"
     experiment.write_text(experiment.read_text().replace(
         "    os.makedirs(args.out_dir, exist_ok=True)\n",
         "    os.makedirs(args.out_dir, exist_ok=True)\n"
         "    if not os.environ.get('TOY_DATA'):\n"
         "        raise SystemExit('dataset not found: set TOY_DATA')\n"))
+
+
+def test_a_failed_baseline_costs_no_call_and_resume_runs_it_again_once_fixed(tmp_path, fake_provider):
+    server = fake_provider.start({"replies": [{"content": edit("LR = 0.1\n", "LR = 0.3\n", plan="LR 0.3.")}]},
+                                 api_key=TEST_KEY)
+    args = launch_args(tmp_path, server.url, "--no-plots", "--max-runs", "1")
+    baseline_needs_toy_data(tmp_path / "toy_template")
     first = orchestrator(*args, env=MODEL_ENV)
     session = session_from(first)
     assert first.returncode == 1, first.stdout + first.stderr
@@ -350,12 +355,7 @@ def test_a_baseline_retry_killed_midway_is_replayed_as_the_same_attempt(tmp_path
     server = fake_provider.start({"replies": [{"content": edit("LR = 0.1\n", "LR = 0.3\n", plan="LR 0.3.")}]},
                                  api_key=TEST_KEY)
     args = launch_args(tmp_path, server.url, "--no-plots", "--max-runs", "1")
-    experiment = tmp_path / "toy_template" / "experiment.py"
-    experiment.write_text(experiment.read_text().replace(
-        "    os.makedirs(args.out_dir, exist_ok=True)\n",
-        "    os.makedirs(args.out_dir, exist_ok=True)\n"
-        "    if not os.environ.get('TOY_DATA'):\n"
-        "        raise SystemExit('dataset not found: set TOY_DATA')\n"))
+    baseline_needs_toy_data(tmp_path / "toy_template")
     session = session_from(orchestrator(*args, env=MODEL_ENV))
     assert status_json(session)["session"]["status"] == "baseline_failed"
 
