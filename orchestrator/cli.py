@@ -232,8 +232,9 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     print(session, flush=True)
     from orchestrator.models import start_warm_up
 
-    # litellm's import overlaps the baseline run. Started only now: a thread importing holds the GIL most of the
-    # time, and would slow the copy, git and journal work before the first line.
+    # What the first model call needs (litellm, or a direct route's httpx and price map) loads while the baseline
+    # runs. Started only now: a thread importing holds the GIL most of the time, and would slow the copy, git and
+    # journal work before the first line.
     start_warm_up(settings.model, settings.api_base, settings.model_client)
     return _drive(session, settings)
 
