@@ -538,12 +538,9 @@ def _count(value: Any) -> int:
 
 def _cached_tokens(usage: Any) -> int:
     details = _usage_field(usage, "prompt_tokens_details")
-    cached = _usage_field(details, "cached_tokens")
-    if not cached:
-        cached = _usage_field(usage, "prompt_cache_hit_tokens")  # DeepSeek's own name
-    if not cached:
-        cached = _usage_field(usage, "cache_read_input_tokens")  # Anthropic's own name
-    return int(cached or 0)
+    return (_count(_usage_field(details, "cached_tokens"))
+            or _count(_usage_field(usage, "prompt_cache_hit_tokens"))  # DeepSeek's own name
+            or _count(_usage_field(usage, "cache_read_input_tokens")))  # Anthropic's own name
 
 
 class ProviderModel:
@@ -775,9 +772,7 @@ class ProviderModel:
         usage = data.get("usage") if isinstance(data.get("usage"), Mapping) else None
         prompt = _count(_usage_field(usage, "prompt_tokens"))
         completion = _count(_usage_field(usage, "completion_tokens"))
-        details = _usage_field(usage, "prompt_tokens_details")
-        cached = _count(_usage_field(details if isinstance(details, Mapping) else None, "cached_tokens")) \
-            or _count(_usage_field(usage, "prompt_cache_hit_tokens"))
+        cached = _cached_tokens(usage)
         return Reply(
             content=self._redact(content),
             reasoning=self._redact(reasoning) if reasoning else None,
