@@ -6,25 +6,18 @@ a session's settings.json) holds nothing secret; values of `--env` variables who
 
 from __future__ import annotations
 
-import contextvars
 import json
 import os
 import shutil
 import sys
 import tomllib
+from datetime import date
+from datetime import time as dt_time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    NoDecode,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    SettingsError,
-    TomlConfigSettingsSource,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.direct import ModelClient
 from orchestrator.errors import OrchestratorError
@@ -35,18 +28,14 @@ CONFIG_FILE = "orchestrator.toml"
 ENV_PREFIX = "ORCH_"
 DEFAULT_RUN_TIMEOUT_S = 7200.0
 
-# The TOML file the next Settings() reads; load_settings sets it for the duration of one construction.
-_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
-    "orchestrator_toml_path", default=None
-)
-
-
 class ConfigError(OrchestratorError, ValueError):
     """Settings that cannot be used; the message is one line naming the setting, the problem and its source."""
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+class Settings(BaseModel):
+    """Every setting of a session; `load_settings` layers them from their sources."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     model: str = "deepseek/deepseek-reasoner"
     api_base: str | None = None
@@ -64,29 +53,13 @@ class Settings(BaseSettings):
     stall_replies: int = Field(6, ge=1, le=100)
     python: str = sys.executable
     gpus: str | None = None
-    env: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
     root: Path = Path("experiments")
     plots: bool = True
     sandbox: SandboxMode = "auto"
     allow_network: bool = False
-    templates_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    templates_dirs: list[Path] = Field(default_factory=list)
     batch: Path | None = None  # the batch folder a session belongs to: its runs lease that batch's slots
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = _toml_path.get() or Path(CONFIG_FILE)
-        return (
-            _EnvPairs(init_settings, "command line"),
-            _EnvPairs(env_settings, f"environment variable {ENV_PREFIX}ENV"),
-            _EnvPairs(TomlConfigSettingsSource(settings_cls, toml_file=toml), str(toml)),
-        )
 
     @field_validator("model", "python")
     @classmethod
@@ -166,30 +139,18 @@ def parse_env_pairs(v: Any) -> Any:
         for key in v:
             if not _is_env_name(str(key)):
                 raise ValueError(f"{key!r} is not an environment variable name")
-        return {str(k): val if isinstance(val, str) else json.dumps(val) for k, val in v.items()}
+        return {str(k): _env_text(val) for k, val in v.items()}
     return v
 
 
-class _EnvPairs(PydanticBaseSettingsSource):
-    """Wraps a source so its `env` value is a mapping before the sources are merged; the mappings then merge
-    key by key (the CLI's --env adds to and overrides the TOML file's `env` table instead of replacing it)."""
-
-    def __init__(self, inner: PydanticBaseSettingsSource, origin: str) -> None:
-        super().__init__(inner.settings_cls)
-        self.inner = inner
-        self.origin = origin
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self.inner.get_field_value(field, field_name)
-
-    def __call__(self) -> dict[str, Any]:
-        data = self.inner()
-        if "env" not in data:
-            return data
-        try:
-            return {**data, "env": parse_env_pairs(data["env"])}
-        except ValueError as err:
-            raise ConfigError(f"env: {err} (from {self.origin})") from None
+def _env_text(value: Any) -> str:
+    """A run variable's value as text: strings as they are, TOML dates and times in ISO form, anything else
+    (numbers, booleans, lists, tables) as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, date | dt_time):  # datetime is a date
+        return value.isoformat()
+    return json.dumps(value, default=str)
 
 
 def _is_env_name(name: str) -> bool:
@@ -211,9 +172,10 @@ def _one_line(err: ValidationError, cli: dict[str, Any], toml_file: Path) -> str
     kind = e["type"]
     ctx = e.get("ctx") or {}
     got = e.get("input")
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden":  # no ORCH_* variable can bring an unknown setting: those are never read
         known = ", ".join(Settings.model_fields)
-        return f"unknown setting {field!r} in {_source_of(field, cli, toml_file)} (known settings: {known})"
+        where = "command line" if field in cli else str(toml_file)
+        return f"unknown setting {field!r} in {where} (known settings: {known})"
     if kind == "less_than_equal":
         text = f"{field} must be at most {ctx['le']}"
     elif kind == "greater_than_equal":
@@ -243,22 +205,46 @@ def load_settings(cli: dict[str, Any], config_file: Path | None = None) -> Setti
         toml_file = Path(config_file)
         if not toml_file.is_file():
             raise ConfigError(f"config file {toml_file} not found")
+    from_file: dict[str, Any] = {}
     if toml_file.exists():
         try:
-            tomllib.loads(toml_file.read_text(encoding="utf-8"))
+            from_file = tomllib.loads(toml_file.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{toml_file}: invalid TOML: {err}") from None
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{toml_file}: cannot read: {err}") from None
-    token = _toml_path.set(toml_file)
+    layers = ((from_file, str(toml_file)), (_from_environment(), f"environment variable {ENV_PREFIX}ENV"),
+              (cli, "command line"))
+    merged: dict[str, Any] = {}
+    for values, origin in layers:  # lowest first
+        for name, value in values.items():
+            if name == "env":  # the `env` tables merge key by key: --env adds to the file's [env], not replaces it
+                try:
+                    value = parse_env_pairs(value)
+                except ValueError as err:
+                    raise ConfigError(f"env: {err} (from {origin})") from None
+                if not isinstance(value, dict):
+                    raise ConfigError(f"env: must be a table of KEY = VALUE variables, got {value!r} (from {origin})")
+                value = merged.get("env", {}) | value
+            merged[name] = value
     try:
-        return Settings(**cli)
+        return Settings.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_one_line(err, cli, toml_file)) from None
-    except SettingsError as err:
-        raise ConfigError(str(err).splitlines()[0] if str(err) else "invalid settings") from None
-    finally:
-        _toml_path.reset(token)
+
+
+def _from_environment() -> dict[str, str]:
+    """The settings that ORCH_* variables set, by field name. Names match in any case (ORCH_MAX_RUNS,
+    orch_max_runs); ORCH_* variables that name no setting are left alone (other tools may use the prefix)."""
+    found: dict[str, str] = {}
+    for field in Settings.model_fields:
+        name = (ENV_PREFIX + field).upper()
+        value = os.environ.get(name)  # the usual spelling first, then any other case
+        if value is None:
+            value = next((v for k, v in os.environ.items() if k.upper() == name), None)
+        if value is not None:
+            found[field] = value
+    return found
 
 
 def env_overrides() -> set[str]:

@@ -149,3 +149,151 @@ def test_public_dump_is_json_and_hides_secrets() -> None:
     # What is dumped reads back as the same settings, secrets aside.
     again = Settings.model_validate({**data, "env": {"SEED": "1"}, "api_base": None})
     assert again.root == s.root and again.max_runs == s.max_runs
+
+
+# --- Hostile cases for the hand-layered loader ---------------------------------------------------------------
+
+
+def test_env_json_orch_env_and_cli_override_per_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORCH_ENV as a JSON object keeps values with commas intact; TOML numbers and booleans become text; for one
+    key the flag beats the environment, which beats the file, while the other keys of every layer survive."""
+    (tmp_path / "orchestrator.toml").write_text('[env]\nA = "toml"\nB = "toml"\nN = 3\nFLAG = true\n')
+    monkeypatch.setenv("ORCH_ENV", '{"B": "env", "N": 4, "XLA_FLAGS": "--a=1,--b=2"}')
+    s = load_settings({"env": ["B=cli", "XLA_FLAGS=--c=3"]})
+    assert s.env == {"A": "toml", "B": "cli", "N": "4", "FLAG": "true", "XLA_FLAGS": "--c=3"}
+    s = load_settings({})
+    assert s.env == {"A": "toml", "B": "env", "N": "4", "FLAG": "true", "XLA_FLAGS": "--a=1,--b=2"}
+
+
+def test_lower_case_orch_variable_counts_and_upper_case_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "orchestrator.toml").write_text("max_runs = 2\n")
+    monkeypatch.setenv("orch_max_runs", "5")
+    assert load_settings({}).max_runs == 5
+    monkeypatch.setenv("orch_max_runs", "50")
+    with pytest.raises(ConfigError) as err:
+        load_settings({})
+    text = one_line(err)
+    assert (
+        text.startswith("max_runs must be at most 10")
+        and "environment variable orch_max_runs" in text.lower()
+    )
+    assert "orchestrator.toml" not in text
+    # The exact upper-case spelling is preferred: the bad lower-case one is then not used at all.
+    monkeypatch.setenv("ORCH_MAX_RUNS", "4")
+    assert load_settings({}).max_runs == 4
+
+
+def test_foreign_orch_variables_ignored_but_misspelled_toml_key_blames_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other tools may use the ORCH_ prefix: such variables are ignored, and they must not be blamed for an
+    unknown key in orchestrator.toml that happens to share their name."""
+    monkeypatch.setenv("ORCH_MAX_RUN", "3")
+    monkeypatch.setenv("ORCH_WORKER_ID", "abc")
+    s = load_settings({})
+    assert s.max_runs == 10
+    (tmp_path / "orchestrator.toml").write_text("max_run = 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings({})
+    text = one_line(err)
+    assert "unknown setting 'max_run' in orchestrator.toml" in text, text
+    assert "environment variable" not in text
+
+
+@pytest.mark.parametrize("toml", ["env = 5\n", "env = true\n", "env = [1, 2]\n", '[env]\n"A-B" = "x"\n'])
+def test_toml_env_that_is_not_a_table_of_variables_is_one_config_error(tmp_path: Path, toml: str) -> None:
+    (tmp_path / "orchestrator.toml").write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_settings({})
+    text = one_line(err)
+    assert text.startswith("env") and text.endswith("(from orchestrator.toml)"), text
+
+
+def test_toml_dates_under_env_reach_runs_as_iso_text(tmp_path: Path) -> None:
+    """TOML has dates and times; `WHEN = 2024-01-01` under [env] is the text a run would expect, not a crash."""
+    (tmp_path / "orchestrator.toml").write_text("[env]\nWHEN = 2024-01-01\nAT = 07:30:00\nLIST = [2024-01-01]\n")
+    assert load_settings({}).env == {"WHEN": "2024-01-01", "AT": "07:30:00", "LIST": '["2024-01-01"]'}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("A=1,oops", "env: entries must be KEY=VALUE, got 'oops'"),
+        ("1BAD=x", "env: '1BAD' is not an environment variable name"),
+        ('{"A": ', "env: invalid JSON object"),
+    ],
+)
+def test_bad_orch_env_names_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    (tmp_path / "orchestrator.toml").write_text('[env]\nA = "fine"\n')
+    monkeypatch.setenv("ORCH_ENV", value)
+    with pytest.raises(ConfigError) as err:
+        load_settings({"env": ["B=fine"]})
+    text = one_line(err)
+    assert text.startswith(expected) and text.endswith("(from environment variable ORCH_ENV)"), text
+
+
+def test_templates_dirs_from_environment_json_and_separated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "orchestrator.toml").write_text('templates_dirs = ["from_toml"]\n')
+    monkeypatch.setenv("ORCH_TEMPLATES_DIRS", '["/a:b", "dir with space"]')  # JSON: ':' is part of a name
+    assert load_settings({}).templates_dirs == [Path("/a:b"), Path("dir with space")]
+    monkeypatch.setenv("ORCH_TEMPLATES_DIRS", "/x::/y:")  # empty pieces are dropped
+    assert load_settings({}).templates_dirs == [Path("/x"), Path("/y")]
+    monkeypatch.setenv("ORCH_TEMPLATES_DIRS", '["/a", ')
+    with pytest.raises(ConfigError) as err:
+        load_settings({})
+    text = one_line(err)
+    assert text.startswith("templates_dirs: invalid JSON list")
+    assert text.endswith("(from environment variable ORCH_TEMPLATES_DIRS)"), text
+
+
+def test_empty_orch_api_base_means_no_api_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "orchestrator.toml").write_text('api_base = "http://toml.example/v1"\n')
+    assert load_settings({}).api_base == "http://toml.example/v1"
+    for blank in ("", "   "):
+        monkeypatch.setenv("ORCH_API_BASE", blank)
+        assert load_settings({}).api_base is None
+    assert load_settings({"api_base": "http://cli.example/v1"}).api_base == "http://cli.example/v1"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field", "expected"),
+    [
+        ("ORCH_PLOTS", "false", "plots", False),
+        ("ORCH_PLOTS", "FALSE", "plots", False),
+        ("ORCH_PLOTS", "0", "plots", False),
+        ("ORCH_ALLOW_NETWORK", "1", "allow_network", True),
+        ("ORCH_ALLOW_NETWORK", "true", "allow_network", True),
+        ("orch_allow_network", "yes", "allow_network", True),
+    ],
+)
+def test_booleans_from_environment_override_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, field: str, expected: bool
+) -> None:
+    (tmp_path / "orchestrator.toml").write_text(f"{field} = {str(not expected).lower()}\n")
+    assert getattr(load_settings({}), field) is (not expected)
+    monkeypatch.setenv(name, value)
+    assert getattr(load_settings({}), field) is expected
+    assert getattr(load_settings({field: not expected}), field) is (not expected)  # a flag still wins
+
+
+def test_bad_boolean_and_named_file_errors_name_their_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORCH_PLOTS", "maybe")
+    with pytest.raises(ConfigError) as err:
+        load_settings({})
+    assert one_line(err) == "plots must be true or false, got 'maybe' (from environment variable ORCH_PLOTS)"
+    monkeypatch.delenv("ORCH_PLOTS")
+    cfg = tmp_path / "conf" / "mine.toml"
+    cfg.parent.mkdir()
+    cfg.write_text("attempts_per_run = 0\n")
+    (tmp_path / "orchestrator.toml").write_text("attempts_per_run = 2\n")  # not read, must not be blamed
+    with pytest.raises(ConfigError) as err:
+        load_settings({}, cfg)
+    assert one_line(err) == f"attempts_per_run must be at least 1 (from {cfg})"
