@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.config import load_settings
-from orchestrator.loop import Driver, create_session
+from orchestrator.loop import Driver
 from orchestrator.models import make_model
+from orchestrator.new_session import create_session
 from orchestrator.spec import load_idea
 from orchestrator.template import find_template
 

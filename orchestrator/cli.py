@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, cast
 
 import typer
-from rich.console import Console
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.journal import FINAL_STATUSES as FINAL
 from orchestrator.journal import REOPENABLE_STATUSES
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(
     name="orchestrator",
@@ -30,9 +31,27 @@ app = typer.Typer(
     ),
 )
 
-# Piped output (logs, CI) gets a wide page rather than rich's 80 columns, so results tables stay readable.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False)
+
+
+class _ConsoleOnFirstUse:
+    """A rich Console made when first used: rich's import stays out of the time to a launch's first line."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            # Piped output (logs, CI) gets a wide page rather than rich's 80 columns: results tables stay readable.
+            wide = not self._stderr and not sys.stdout.isatty()
+            self._console = Console(stderr=self._stderr, highlight=False, width=160 if wide else None)
+        return getattr(self._console, name)
+
+
+out = cast("Console", _ConsoleOnFirstUse(stderr=False))
+err = cast("Console", _ConsoleOnFirstUse(stderr=True))
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_MODEL = "deepseek/deepseek-reasoner"  # shown in --help; a test checks it is config.Settings' default
@@ -216,7 +235,7 @@ def _drive(session: Path, settings: Any, reopen: bool = False) -> int:
 def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, cli: dict[str, Any],
             config: Path | None) -> int:
     from orchestrator.config import load_settings
-    from orchestrator.loop import create_session
+    from orchestrator.new_session import create_session
     from orchestrator.spec import load_idea
     from orchestrator.template import find_template
 
@@ -244,7 +263,7 @@ def _check_usable(settings: Any, budgets: tuple[float | None, ...] | None = None
     sandbox, the model's name and credentials, and that each dollar budget (default: the settings' own) can be
     enforced for that model."""
     from orchestrator.config import check_python
-    from orchestrator.loop import check_budget_enforceable
+    from orchestrator.new_session import check_budget_enforceable
     from orchestrator.runner import check_env_set
 
     check_env_set(dict(settings.env))
@@ -908,7 +927,8 @@ def _exit_now(code: object) -> NoReturn:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe: nothing more can be said there
             pass
-    logging.shutdown()
+    if "logging" in sys.modules:  # loaded by litellm or httpx, not by the commands themselves
+        sys.modules["logging"].shutdown()
     os._exit(status)
 
 

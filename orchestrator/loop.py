@@ -17,8 +17,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
-from datetime import datetime
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,13 +27,12 @@ from pydantic import BaseModel
 from orchestrator import conversation, guard, prompts
 from orchestrator.atomic import write_text_atomic
 from orchestrator.batch import batch_budget, spent_usd
-from orchestrator.config import ConfigError, Settings, public_dump
+from orchestrator.config import ConfigError, Settings
 from orchestrator.edits import PLAN_CHARS, SUBJECT_CHARS, apply_edits, plan_line, shorten
 from orchestrator.errors import OrchestratorError
 from orchestrator.executors import Executor, LocalExecutor
 from orchestrator.journal import (
     FINAL_STATUSES,
-    IDEA_FILE,
     META_DIR,
     REOPENABLE_STATUSES,
     SETTINGS_FILE,
@@ -42,17 +40,16 @@ from orchestrator.journal import (
     JournalError,
     SessionState,
     StateFold,
-    rebuild,
-    write_model_atomic,
     write_snapshot,
 )
 from orchestrator.leases import LeaseTimeout
 from orchestrator.models import ContextWindowError, Model, ModelError, Reply
+from orchestrator.new_session import settings_file_text
 from orchestrator.runner import RunLimits, RunRequest, RunResult, stop_orphan
 from orchestrator.sandbox import SandboxSpec, choose, protect_process, stop_strays
 from orchestrator.secrets import redact_folder, redact_obj
 from orchestrator.spec import IdeaSpec
-from orchestrator.template import Template, baseline_reusable, copy_template, record_baseline_hash
+from orchestrator.template import Template, record_baseline_hash
 from orchestrator.workspace import Workspace
 
 ALL_COMPLETED = "ALL_COMPLETED"
@@ -113,73 +110,6 @@ class _Applied(BaseModel):
     commit: str | None = None
 
 
-# --------------------------------------------------------------------------------------------------- creating
-
-
-def session_dir_name(idea: IdeaSpec, now: datetime | None = None) -> str:
-    stamp = (now or datetime.now()).strftime("%Y-%m-%dT%H-%M-%S")
-    return f"{stamp}_{idea.name}"
-
-
-def claim_session_dir(root: Path, name: str) -> Path:
-    """Create and return `root/name`, or `root/name-2`, `-3` ... when taken. `os.mkdir` either creates the folder
-    or fails, so two launches in the same second (or two batch sessions) never share a folder."""
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"root {root} is a file, not a folder for session folders")
-    root.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 10_000):
-        session = root / (name if n == 1 else f"{name}-{n}")
-        try:
-            os.mkdir(session)
-        except FileExistsError:
-            continue
-        return session
-    raise ConfigError(f"no free session folder name for {name!r} under {root}")
-
-
-def create_session(idea: IdeaSpec, template: Template, settings: Settings, max_runs: int,
-                   now: datetime | None = None, on_claimed: Callable[[Path], None] | None = None) -> Path:
-    """Copy the template into a fresh session folder, make it a git repo and journal the launch. `on_claimed` is
-    called with the folder as soon as it exists (the CLI starts litellm's import there, to overlap the copy)."""
-    session = claim_session_dir(Path(settings.root), session_dir_name(idea, now))
-    if on_claimed is not None:
-        on_claimed(session)
-    try:
-        copy_template(template, session)
-    except BaseException:
-        with suppress(OSError):
-            session.rmdir()
-        raise
-    reuse = baseline_reusable(template)
-    ws = Workspace.init(session)
-    meta = session / META_DIR
-    meta.mkdir(exist_ok=True)
-    write_model_atomic(meta / IDEA_FILE, idea)
-    write_text_atomic(meta / SETTINGS_FILE, _json(public_dump(settings) | {"max_runs": max_runs}))
-    system = prompts.render("system", {"template_system": template.system_prompt})
-    journal = Journal(session, redact=redact_obj)
-    journal.append(
-        "session_started",
-        idea=idea.model_dump(mode="json"),
-        template=template.model_dump(mode="json"),
-        model=settings.model,
-        max_runs=max_runs,
-        baseline_reusable=reuse,
-        commit=ws.head(),
-        system_prompt=system,
-    )
-    write_snapshot(session, rebuild(journal.events(), session))
-    return session
-
-
-def check_budget_enforceable(settings: Settings, model: Model) -> None:
-    """A dollar budget needs prices: refuse it for a model whose price litellm does not know, unless a token
-    budget bounds the session too (its calls would count as $0 and the budget would never stop anything)."""
-    if settings.budget_usd is not None and settings.max_tokens_total is None and not model.price_known():
-        raise ConfigError(f"--budget-usd cannot be enforced: litellm does not know the price of {settings.model!r}; "
-                          "add --max-tokens-total N to bound the session")
-
-
 def resume_settings(session: Path, overrides: dict[str, Any],
                     check: Callable[[Settings], None] | None = None) -> Settings:
     """The settings a session was launched with, under ORCH_* variables and the flags given to `resume` (the
@@ -209,12 +139,8 @@ def resume_settings(session: Path, overrides: dict[str, Any],
                           "resume --api-base URL (or ORCH_API_BASE)")
     if check is not None:
         check(settings)
-    write_text_atomic(path, _json(public_dump(settings) | {"max_runs": max_runs}))
+    write_text_atomic(path, settings_file_text(settings, max_runs))
     return settings
-
-
-def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str) + "\n"
 
 
 _HELD_LOCKS: set[tuple[Path, int]] = set()  # (session, thread): re-entrant for the thread that holds it

@@ -37,7 +37,7 @@ from orchestrator.config import Settings, public_dump
 from orchestrator.errors import OrchestratorError
 from orchestrator.journal import FINAL_STATUSES, JournalError, load_state
 from orchestrator.leases import SlotPool, busy_slots, waiting
-from orchestrator.loop import claim_session_dir, create_session
+from orchestrator.new_session import claim_session_dir, create_session
 from orchestrator.spec import IdeaSpec
 from orchestrator.template import Template
 

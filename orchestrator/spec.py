@@ -13,7 +13,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.errors import OrchestratorError
@@ -175,6 +174,8 @@ def _parse(path: Path, text: str) -> Any:
         if "ideas" in norm and "experiment" not in norm:
             return data[norm["ideas"]]
         return data
+    import yaml  # only for YAML files: its import is a noticeable part of a launch's start
+
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:

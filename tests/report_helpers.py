@@ -19,8 +19,9 @@ import pytest
 
 from orchestrator.config import Settings
 from orchestrator.journal import META_DIR
-from orchestrator.loop import Driver, create_session
+from orchestrator.loop import Driver
 from orchestrator.models import make_model
+from orchestrator.new_session import create_session
 from orchestrator.spec import load_idea
 from orchestrator.template import find_template
 from tests.session_helpers import REPO, edit, make_idea, make_template

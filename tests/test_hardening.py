@@ -390,8 +390,9 @@ def test_resume_refuses_a_locked_session_naming_the_holder_and_leaves_its_pid(tm
 
 def test_two_drivers_built_before_either_drives_never_repeat_a_reply_or_a_run(tmp_path, monkeypatch):
     from orchestrator.config import load_settings
-    from orchestrator.loop import Driver, create_session
+    from orchestrator.loop import Driver
     from orchestrator.models import ScriptedModel
+    from orchestrator.new_session import create_session
     from orchestrator.spec import load_idea
     from orchestrator.template import find_template
 
@@ -585,7 +586,7 @@ def test_launch_errors_are_one_line_and_exit_2(case, tmp_path):
 
 
 def test_sessions_claimed_at_once_get_distinct_folders(tmp_path):
-    from orchestrator.loop import claim_session_dir
+    from orchestrator.new_session import claim_session_dir
 
     root = tmp_path / "sessions"
     barrier = threading.Barrier(5)
