@@ -14,7 +14,9 @@ and times, per session:
 - wall: the whole session, from the process start to its exit.
 
 Each is also shown as a ratio to `python -c pass` (the interpreter's start-up, timed in the same bench, median of
-`--repeat`), so machines can be compared. Prints one table with the median over `--sessions` sessions.
+`--repeat`), so machines can be compared. Prints one table with the median over `--sessions` sessions, then the
+import floor: what `python -c` takes to import typer and pydantic and make one pydantic model, the least any launch
+that validates its input before making the session folder pays before its first line.
 
     PYTHONPATH=. python bench/overhead.py [--sessions 3] [--repeat 5] [--keep DIR] [--baseline-s 10]
 
@@ -51,11 +53,18 @@ REPLIES = [
 COLUMNS = ("first line", "loop", "first call", "later call", "exit lag", "wall")
 
 
-def python_pass_s(repeat: int) -> float:
+# What any launch pays before its first line, whatever orchestrator does: the command-line library, pydantic, and
+# pydantic's first model class (which loads the rest of pydantic). The input is validated with pydantic models
+# before the session folder is made, so the first line cannot come sooner than this.
+FLOOR_CODE = "import typer\nfrom pydantic import BaseModel\nclass M(BaseModel):\n    x: int = 0\nM(x=1)"
+
+
+def python_s(repeat: int, code: str = "pass") -> float:
+    """Median wall time of `python -c CODE`."""
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        subprocess.run([sys.executable, "-c", code], check=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -128,7 +137,8 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    base = python_pass_s(args.repeat)
+    base = python_s(args.repeat)
+    floor = python_s(args.repeat, FLOOR_CODE)
     work_root = Path(tempfile.mkdtemp(prefix="orch-overhead-")) if args.keep is None else args.keep
     work_root.mkdir(parents=True, exist_ok=True)
     samples: list[dict[str, float]] = []
@@ -157,6 +167,8 @@ def main() -> int:
     Console(width=140).print(table)
     print(f"python -c pass: {base:.3f} s (median of {args.repeat}); {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.2f}; python {sys.version.split()[0]}")
+    print(f"import floor before any first line (typer, pydantic, one model class): {floor:.3f} s "
+          f"(median of {args.repeat}, {floor / base:.1f} x python -c pass)")
     for c in COLUMNS:
         print(f"  {c:<11} " + " ".join(f"{s[c]:.3f}" for s in samples))
     return 0
