@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -32,22 +33,26 @@ app = typer.Typer(
 )
 
 
+@functools.cache
+def _console(stderr: bool) -> Console:
+    """The rich Console for stdout or stderr, made when first needed: rich's import stays out of the time to a
+    launch's first line. Give this, never the `out`/`err` stand-ins, to rich objects that hold a console
+    (Progress, Live: they use it as a context manager and swap sys.stdout for it)."""
+    from rich.console import Console
+
+    # Piped output (logs, CI) gets a wide page rather than rich's 80 columns: results tables stay readable.
+    wide = not stderr and not sys.stdout.isatty()
+    return Console(stderr=stderr, highlight=False, width=160 if wide else None)
+
 
 class _ConsoleOnFirstUse:
-    """A rich Console made when first used: rich's import stays out of the time to a launch's first line."""
+    """Stands for `_console(stderr)` in `out.print(...)`, `err.print(...)` and other attribute uses."""
 
     def __init__(self, stderr: bool) -> None:
         self._stderr = stderr
-        self._console: Console | None = None
 
     def __getattr__(self, name: str) -> Any:
-        if self._console is None:
-            from rich.console import Console
-
-            # Piped output (logs, CI) gets a wide page rather than rich's 80 columns: results tables stay readable.
-            wide = not self._stderr and not sys.stdout.isatty()
-            self._console = Console(stderr=self._stderr, highlight=False, width=160 if wide else None)
-        return getattr(self._console, name)
+        return getattr(_console(self._stderr), name)
 
 
 out = cast("Console", _ConsoleOnFirstUse(stderr=False))
@@ -206,7 +211,7 @@ def _drive(session: Path, settings: Any, reopen: bool = False) -> int:
     from orchestrator.loop import Driver, session_lock
     from orchestrator.report import results_table
 
-    with session_lock(session), _ProgressHooks(out) as hooks:  # the lock before the journal is read
+    with session_lock(session), _ProgressHooks(_console(stderr=False)) as hooks:  # the lock before the journal is read
         replies_done = load_state(session).session.totals.calls
         model = _make_model(settings, replies_done, hooks)
         driver = Driver(session, model, settings, hooks=hooks, executor=executor_for(settings))
@@ -468,7 +473,7 @@ def _drive_batch(folder: Path, settings: Any, forwarded: list[str] | None = None
 
         preload(settings.model, settings.api_base, settings.model_client)
         fork_entry = _run_command
-    with _BatchView(out) as view, _ray_for(spec, extra):
+    with _BatchView(_console(stderr=False)) as view, _ray_for(spec, extra):
         try:
             codes = drive_batch(folder, view, child_env(extra), args=forwarded or [], per_session=per_session,
                                 reopen=reopen or set(), fork_entry=fork_entry)

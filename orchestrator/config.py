@@ -35,7 +35,9 @@ class ConfigError(OrchestratorError, ValueError):
 class Settings(BaseModel):
     """Every setting of a session; `load_settings` layers them from their sources."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # protected_namespaces: `model_client` and `model_max_attempts` are settings, not pydantic's (older pydantic
+    # releases warn about the `model_` prefix otherwise)
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
 
     model: str = "deepseek/deepseek-reasoner"
     api_base: str | None = None
@@ -213,6 +215,7 @@ def load_settings(cli: dict[str, Any], config_file: Path | None = None) -> Setti
             raise ConfigError(f"{toml_file}: invalid TOML: {err}") from None
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{toml_file}: cannot read: {err}") from None
+    from_file = {name.lower(): value for name, value in from_file.items()}  # setting names in any case
     layers = ((from_file, str(toml_file)), (_from_environment(), f"environment variable {ENV_PREFIX}ENV"),
               (cli, "command line"))
     merged: dict[str, Any] = {}

@@ -297,3 +297,16 @@ def test_bad_boolean_and_named_file_errors_name_their_source(
     with pytest.raises(ConfigError) as err:
         load_settings({}, cfg)
     assert one_line(err) == f"attempts_per_run must be at least 1 (from {cfg})"
+
+
+def test_setting_names_in_the_file_may_be_in_any_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for ORCH_* variables, a file written with `MAX_RUNS = 3` or an `[ENV]` table is read, and its errors
+    name the setting as the tool spells it."""
+    (tmp_path / "orchestrator.toml").write_text('MAX_RUNS = 3\nModel = "openai/gpt-4o"\n[ENV]\nSeed = "1"\n')
+    monkeypatch.setenv("ORCH_ENV", "B=2")
+    s = load_settings({})
+    assert (s.max_runs, s.model, s.env) == (3, "openai/gpt-4o", {"Seed": "1", "B": "2"})
+    (tmp_path / "orchestrator.toml").write_text("MAX_RUNS = 30\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings({})
+    assert one_line(err) == "max_runs must be at most 10 (from orchestrator.toml)"
