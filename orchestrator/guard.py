@@ -208,10 +208,13 @@ class Verdict(BaseModel):
             return ""
         names = ", ".join(self.tampered[:8]) + (f" and {len(self.tampered) - 8} more" if len(self.tampered) > 8
                                                  else "")
-        text = f"tampered: the run changed {names}; restored, and its results do not count"
-        if self.unrestored:
-            text += f" (could not restore: {', '.join(self.unrestored[:8])})"
-        return text
+        if not self.unrestored:
+            return f"tampered: the run changed {names}; restored, and its results do not count"
+        kept = ", ".join(self.unrestored[:8]) + (f" and {len(self.unrestored) - 8} more" if len(self.unrestored) > 8
+                                                  else "")
+        restored = "the rest restored, " if len(self.unrestored) < len(self.tampered) else ""
+        return (f"tampered: the run changed {names}; {kept} could not be restored; {restored}its results do not "
+                f"count")
 
 
 def earlier_runs(root: Path, run_name: str) -> list[str]:

@@ -92,7 +92,7 @@ def report_template(root: Path, baseline_fails: bool = False) -> Path:
 
 
 def drive_scripted(root: Path, replies: list[dict], max_runs: int = 5, plots: bool = True,
-                   baseline_fails: bool = False, template: Path | None = None) -> Path:
+                   baseline_fails: bool = False, template: Path | None = None, sandbox: str = "auto") -> Path:
     """Launch the toy idea with scripted replies and drive it until it stops; returns the session folder.
     `template`: a template folder made by the caller (default: `report_template(root)`)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def drive_scripted(root: Path, replies: list[dict], max_runs: int = 5, plots: bo
     idea = make_idea(root)
     script = root / "replies.json"
     script.write_text(json.dumps(replies))
-    settings = Settings(model=f"scripted:{script}", root=root / "sessions", plots=plots)
+    settings = Settings(model=f"scripted:{script}", root=root / "sessions", plots=plots, sandbox=sandbox)
     session = create_session(load_idea(idea), find_template(str(template)), settings, max_runs)
     Driver(session, make_model(settings.model), settings).drive()
     return session

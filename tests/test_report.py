@@ -96,6 +96,27 @@ def test_failed_and_interrupted_reports_say_why_and_how_to_go_on(sessions):
     assert "attempt 1 failed: error" in run2 and "exploded on purpose" in run2
 
 
+def test_a_run_that_forges_git_history_fails_the_session_and_the_report_says_so(tmp_path):
+    """Unsandboxed (--sandbox none), run 1 overwrites a git object: the guard cannot undo that, so the session
+    ends `failed` and the report's banner says the session cannot be trusted past that run, with the file."""
+    forge = ("    import pathlib\n"
+             "    obj = next(p for p in sorted(pathlib.Path('.git/objects').rglob('*')) if p.is_file())\n"
+             "    obj.chmod(0o644)\n"
+             "    obj.write_bytes(b'forged')\n")
+    replies = [{"content": edit("    os.makedirs(args.out_dir, exist_ok=True)\n",
+                                "    os.makedirs(args.out_dir, exist_ok=True)\n" + forge, plan="Run 1: LR 0.1.")}]
+    session = drive_scripted(tmp_path / "forged", replies, plots=False, sandbox="none")
+    info = load_state(session).session
+    assert info.status == "failed" and "cannot be trusted past this run" in info.reason
+    page = render_report(session)
+    banner = re.search(r'<div class="banner bad">(.*?)</div>', page, re.S)
+    assert banner is not None and banner.group(1).startswith("Failed: ")
+    text = banner.group(1)
+    assert "cannot be trusted past this run" in text and re.search(r"\.git/objects/\S+ could not be restored", text)
+    assert "; restored" not in text  # the one changed file was not restored: the banner must not say it was
+    assert 'id="status">failed<' in page
+
+
 def test_a_journal_cut_mid_run_still_renders(sessions, tmp_path):
     session = tmp_path / "cut"
     shutil.copytree(sessions["completed"], session, symlinks=True)
