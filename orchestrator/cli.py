@@ -34,7 +34,7 @@ app = typer.Typer(
 
 
 @functools.cache
-def _console(stderr: bool) -> Console:
+def _console(stderr: bool, /) -> Console:
     """The rich Console for stdout or stderr, made when first needed: rich's import stays out of the time to a
     launch's first line. Give this, never the `out`/`err` stand-ins, to rich objects that hold a console
     (Progress, Live: they use it as a context manager and swap sys.stdout for it)."""
@@ -211,7 +211,7 @@ def _drive(session: Path, settings: Any, reopen: bool = False) -> int:
     from orchestrator.loop import Driver, session_lock
     from orchestrator.report import results_table
 
-    with session_lock(session), _ProgressHooks(_console(stderr=False)) as hooks:  # the lock before the journal is read
+    with session_lock(session), _ProgressHooks(_console(False)) as hooks:  # the lock before the journal is read
         replies_done = load_state(session).session.totals.calls
         model = _make_model(settings, replies_done, hooks)
         driver = Driver(session, model, settings, hooks=hooks, executor=executor_for(settings))
@@ -473,7 +473,7 @@ def _drive_batch(folder: Path, settings: Any, forwarded: list[str] | None = None
 
         preload(settings.model, settings.api_base, settings.model_client)
         fork_entry = _run_command
-    with _BatchView(_console(stderr=False)) as view, _ray_for(spec, extra):
+    with _BatchView(_console(False)) as view, _ray_for(spec, extra):
         try:
             codes = drive_batch(folder, view, child_env(extra), args=forwarded or [], per_session=per_session,
                                 reopen=reopen or set(), fork_entry=fork_entry)

@@ -215,7 +215,11 @@ def load_settings(cli: dict[str, Any], config_file: Path | None = None) -> Setti
             raise ConfigError(f"{toml_file}: invalid TOML: {err}") from None
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{toml_file}: cannot read: {err}") from None
-    from_file = {name.lower(): value for name, value in from_file.items()}  # setting names in any case
+    spelled: dict[str, str] = {}  # setting names may be in any case, but one setting is set once
+    for name in from_file:
+        if (first := spelled.setdefault(name.lower(), name)) != name:
+            raise ConfigError(f"{toml_file} sets {name.lower()} twice ({first!r} and {name!r})")
+    from_file = {name.lower(): value for name, value in from_file.items()}
     layers = ((from_file, str(toml_file)), (_from_environment(), f"environment variable {ENV_PREFIX}ENV"),
               (cli, "command line"))
     merged: dict[str, Any] = {}

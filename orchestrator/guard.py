@@ -206,15 +206,19 @@ class Verdict(BaseModel):
     def message(self) -> str:
         if not self.tampered:
             return ""
-        names = ", ".join(self.tampered[:8]) + (f" and {len(self.tampered) - 8} more" if len(self.tampered) > 8
-                                                 else "")
+        names = _some(self.tampered)
         if not self.unrestored:
             return f"tampered: the run changed {names}; restored, and its results do not count"
-        kept = ", ".join(self.unrestored[:8]) + (f" and {len(self.unrestored) - 8} more" if len(self.unrestored) > 8
-                                                  else "")
-        restored = "the rest restored, " if len(self.unrestored) < len(self.tampered) else ""
-        return (f"tampered: the run changed {names}; {kept} could not be restored; {restored}its results do not "
-                f"count")
+        if len(self.unrestored) == len(self.tampered):
+            return f"tampered: the run changed {names}, which could not be restored; its results do not count"
+        return (f"tampered: the run changed {names}; {_some(self.unrestored)} could not be restored, the rest was; "
+                f"its results do not count")
+
+
+def _some(paths: list[str], shown: int = 8) -> str:
+    """The first `shown` paths, and how many more."""
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more
 
 
 def earlier_runs(root: Path, run_name: str) -> list[str]:

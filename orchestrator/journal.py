@@ -226,7 +226,8 @@ class AttemptRecord(BaseModel):
     outcome: str
     message: str = ""
     sandbox: str | None = None  # bwrap | none: how its run was contained (None: it never ran)
-    tampered: list[str] = Field(default_factory=list)  # guarded paths its run changed (restored)
+    tampered: list[str] = Field(default_factory=list)  # guarded paths its run changed
+    unrestored: list[str] = Field(default_factory=list)  # those of them that could not be put back
     commit: str | None = None
     plan: str = ""
     duration_s: float | None = None
@@ -500,6 +501,7 @@ class StateFold:
         a.outcome = d["outcome"]
         a.message = d.get("message", "")
         a.tampered = list(d.get("tampered", []))
+        a.unrestored = list(d.get("unrestored", []))
         a.duration_s = d.get("duration_s")
         a.stderr_tail = d.get("stderr_tail", "")
         self.info.totals.run_seconds += float(d.get("duration_s") or 0.0)

@@ -518,8 +518,11 @@ def _run_section(state: SessionState, r: ReportRun, formatter: HtmlFormatter) ->
             body.append(f"<p class=\"dim\">Edits of this attempt:</p>{_diff_html(r.attempt_diffs[a.attempt], formatter)}")
         summary = f"attempt {a.attempt} failed: {a.outcome}" + (f" ({_duration(a.duration_s)})" if a.duration_s else "")
         if a.tampered:
-            body.insert(0, f'<p class="banner">The run changed guarded files (restored, results not counted): '
-                           f'{_e(", ".join(a.tampered))}</p>')
+            restored = [t for t in a.tampered if t not in a.unrestored]
+            parts = ([f"could not be restored: {', '.join(a.unrestored)}"] if a.unrestored else []) + (
+                [f"restored: {', '.join(restored)}"] if restored else [])
+            body.insert(0, f'<p class="banner">The run changed guarded files (results not counted); '
+                           f'{_e("; ".join(parts))}</p>')
         out.append(f'<details class="attempt"><summary>{_e(summary)}</summary>{"".join(body)}</details>')
     if r.edit_feedback:
         items = "".join(f'<pre class="wrap">{_e(_cut(f, MAX_LOG_CHARS, tail=False))}</pre>' for f in r.edit_feedback)

@@ -310,3 +310,10 @@ def test_setting_names_in_the_file_may_be_in_any_case(tmp_path: Path, monkeypatc
     with pytest.raises(ConfigError) as err:
         load_settings({})
     assert one_line(err) == "max_runs must be at most 10 (from orchestrator.toml)"
+
+
+def test_one_setting_spelled_twice_in_the_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "orchestrator.toml").write_text('max_runs = 3\nMAX_RUNS = 7\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings({})
+    assert one_line(err) == "orchestrator.toml sets max_runs twice ('max_runs' and 'MAX_RUNS')"

@@ -112,8 +112,11 @@ def test_a_run_that_forges_git_history_fails_the_session_and_the_report_says_so(
     banner = re.search(r'<div class="banner bad">(.*?)</div>', page, re.S)
     assert banner is not None and banner.group(1).startswith("Failed: ")
     text = banner.group(1)
-    assert "cannot be trusted past this run" in text and re.search(r"\.git/objects/\S+ could not be restored", text)
+    assert "cannot be trusted past this run" in text and re.search(r"\.git/objects/\S+,? which could not be restored", text)
     assert "; restored" not in text  # the one changed file was not restored: the banner must not say it was
+    run1 = text_of(page, "run-1")  # the attempt's own banner says the same
+    assert re.search(r"could not be restored: \.git/objects/\S+", run1) and "restored:" not in run1.replace(
+        "could not be restored:", "")
     assert 'id="status">failed<' in page
 
 

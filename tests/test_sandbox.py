@@ -294,6 +294,17 @@ def test_a_change_to_git_objects_cannot_be_undone_and_is_reported_unrestored(ses
     assert rel in verdict.tampered and rel in verdict.unrestored
 
 
+@pytest.mark.parametrize(("unrestored", "says"), [
+    ([], "tampered: the run changed a.py, .git/HEAD; restored, and its results do not count"),
+    ([".git/HEAD"], "tampered: the run changed a.py, .git/HEAD; .git/HEAD could not be restored, the rest was; its "
+                    "results do not count"),
+    (["a.py", ".git/HEAD"], "tampered: the run changed a.py, .git/HEAD, which could not be restored; its results do "
+                            "not count"),
+], ids=["all-restored", "some", "none-restored"])
+def test_the_tampering_message_never_calls_restored_what_was_not(unrestored, says):
+    assert guard.Verdict(tampered=["a.py", ".git/HEAD"], unrestored=unrestored).message() == says
+
+
 # --------------------------------------------------------------------------------------------------- bwrap set-up
 
 
