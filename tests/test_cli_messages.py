@@ -180,3 +180,79 @@ def test_a_crashed_attempt_stays_on_the_terminal(tmp_path):
     assert any(line.startswith("run 1 attempt 1: error") and "ValueError: bad shape" in line for line in lines), plain
     assert any(line.startswith("run 1 attempt 2: ok") for line in lines), plain
     assert any(line.startswith("baseline: ok") for line in lines), plain
+
+
+def test_ctrl_c_in_a_terminal_leaves_its_message_on_a_line_of_its_own(tmp_path):
+    """Stopped with Ctrl-C while run 1 runs, in a terminal: the live progress line is cleared before the message
+    saying the session is saved, so the message and its resume command are not glued onto the progress text."""
+    import json
+    import os
+    import pty
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.session_helpers import (
+        WAITING_EXPERIMENT_PATCH,
+        default_stop_signals,
+        edit,
+        make_idea,
+        make_template,
+        stop_waiting_run,
+    )
+
+    go = tmp_path / "go"
+    script = tmp_path / "replies.json"
+    script.write_text(json.dumps([edit(*WAITING_EXPERIMENT_PATCH, plan="Run 1: wait for the go file.")]))
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO), "ORCH_SANDBOX": "none",
+           "TERM": "xterm-256color", "COLUMNS": "160", "LINES": "40"}
+    env.pop("NO_COLOR", None)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "launch", str(make_idea(tmp_path)), "--template",
+         str(make_template(tmp_path)), "--model", f"scripted:{script}", "--root", str(tmp_path / "sessions"),
+         "--no-plots", "--env", f"TOY_GO_FILE={go}"],
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env, cwd=REPO, close_fds=True,
+        preexec_fn=default_stop_signals)
+    os.close(slave)
+    chunks: list[bytes] = []
+    run_pid = None
+
+    def read_for(seconds: float) -> bool:
+        """Read the terminal for up to `seconds`; False once every writer has closed it."""
+        ready, _, _ = select.select([master], [], [], seconds)
+        if not ready:
+            return True
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the process and its children have closed the terminal
+            return False
+        chunks.append(data)
+        return bool(data)
+
+    try:
+        pid_file = Path(f"{go}.pid")
+        deadline = time.monotonic() + 180
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, b"".join(chunks).decode("utf-8", "replace")
+            read_for(0.05)
+        run_pid = int(pid_file.read_text())
+        deadline = time.monotonic() + 5  # let the live view draw its line for run 1 (it refreshes 10 times a second)
+        while time.monotonic() < deadline and b"run 1 of" not in b"".join(chunks):
+            read_for(0.1)
+        os.kill(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and read_for(0.5):
+            if proc.poll() is not None and not select.select([master], [], [], 0.5)[0]:
+                break
+        assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 130
+    finally:
+        stop_waiting_run(go, proc, run_pid)
+        os.close(master)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", text).replace("\r", "\n")
+    lines = [line.strip() for line in plain.splitlines() if line.strip()]
+    saved = [line for line in lines if "the session is saved" in line]
+    assert saved and all(line.startswith("stopped by SIGINT") for line in saved), plain
