@@ -199,3 +199,37 @@ def stopped_after_first_reply(args: list[str], env: dict[str, str]) -> tuple[Pat
     assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
     session = session_from(first)
     return session, float(status_json(session)["session"]["totals"]["active_seconds"])
+
+
+def run_in_a_terminal(args: list[str], env: dict[str, str], deadline_s: float = 180) -> tuple[int, str]:
+    """Run the command line with a pseudo-terminal as stdout and stderr (as a user sees it); its exit status and
+    everything it wrote. Reads until the process has ended and the terminal is drained, within a generous deadline."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=slave, env=env, cwd=REPO, close_fds=True)
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + deadline_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer has closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None and not select.select([master], [], [], 0.5)[0]:
+                break
+        assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return proc.returncode, b"".join(chunks).decode("utf-8", "replace")

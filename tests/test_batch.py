@@ -25,7 +25,15 @@ from typing import Any
 
 import pytest
 import yaml
-from session_helpers import REPO, default_stop_signals, git, orchestrator, pid_alive, status_json
+from session_helpers import (
+    REPO,
+    default_stop_signals,
+    git,
+    orchestrator,
+    pid_alive,
+    run_in_a_terminal,
+    status_json,
+)
 
 from orchestrator.leases import SlotPool, busy_slots, waiting
 
@@ -981,3 +989,17 @@ def test_a_run_whose_wall_clock_ends_while_it_waits_for_a_slot_is_recorded_stopp
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert final_status(session) == "max_runs"
     assert json.loads((session / "run_0" / "slot.json").read_text())["cuda_visible_devices"] == "0"
+
+
+def test_a_batch_in_a_terminal_shows_its_live_table_then_the_leaderboard(tmp_path):
+    """As a user sees it: stdout and stderr a terminal, so the live table (rich Live) is drawn and redrawn."""
+    tpl = make_template(tmp_path, {})
+    env = child_env({"TERM": "xterm-256color", "COLUMNS": "160", "LINES": "40"})
+    env.pop("NO_COLOR", None)
+    code, text = run_in_a_terminal(batch_cmd(tpl, tmp_path / "root", "idea_a,idea_b",
+                                             model=f"scripted:{make_script(tmp_path)}"), env)
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", text).replace("\r", "\n")
+    assert code == 0 and "Traceback" not in plain, plain
+    assert "Batch: slots" in plain  # the live view's caption
+    assert re.search(r"Batch seed_ideas: 2 ideas, ranked by sleep\.score", plain), plain
+    assert re.search(r"│ 1 │ idea_\w .*│ max_runs │", plain) and re.search(r"│ 2 │ idea_\w .*│ max_runs │", plain), plain

@@ -10,7 +10,7 @@ import pytest
 from orchestrator.cli import DEFAULT_MODEL
 from orchestrator.config import Settings
 from tests.report_helpers import completed_session
-from tests.session_helpers import REPO, orchestrator, status_json
+from tests.session_helpers import REPO, orchestrator, run_in_a_terminal, status_json
 
 
 def one_error_line(res) -> str:
@@ -116,44 +116,6 @@ def test_a_killed_session_is_not_shown_as_running(tmp_path):
         assert run1["status"] == "stopped"
     finally:
         stop_waiting_run(go, proc, run_pid)  # the orphaned run ends by itself; stopped by pid if it does not
-
-
-def run_in_a_terminal(args: list[str], env: dict[str, str], deadline_s: float = 180) -> tuple[int, str]:
-    """Run the command line with a pseudo-terminal as stdout and stderr (as a user sees it); its exit status and
-    everything it wrote. Reads until the process has ended and the terminal is drained, within a generous deadline."""
-    import os
-    import pty
-    import select
-    import subprocess
-    import sys
-    import time
-
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], stdin=subprocess.DEVNULL, stdout=slave,
-                            stderr=slave, env=env, cwd=REPO, close_fds=True)
-    os.close(slave)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + deadline_s
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: every writer has closed the terminal
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None and not select.select([master], [], [], 0.5)[0]:
-                break
-        assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) is not None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
-    return proc.returncode, b"".join(chunks).decode("utf-8", "replace")
 
 
 def test_a_crashed_attempt_stays_on_the_terminal(tmp_path):
