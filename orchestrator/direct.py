@@ -25,6 +25,7 @@ import os
 import re
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -227,6 +228,7 @@ class DirectClient:
         import httpx
 
         self.route = route
+        self.timeout_s = timeout_s  # for the whole answer, redirects included (httpx's own bounds each read)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False, verify=tls_context())
 
     def complete(self, body: dict[str, Any], api_key: str | None) -> dict[str, Any]:
@@ -262,8 +264,9 @@ class DirectClient:
         to another origin. Any other redirect (a 301/302 would turn the POST into a GET) is an error naming
         where it leads, for the user to give as --api-base."""
         url = self.route.url
+        deadline = time.monotonic() + self.timeout_s
         for _ in range(MAX_REDIRECTS + 1):
-            response = self._http.post(url, content=content, headers=headers)
+            response = self._post_once(url, content, headers, deadline)
             if not 300 <= response.status_code < 400:
                 return response
             location = response.headers.get("location")
@@ -280,6 +283,22 @@ class DirectClient:
             where = urllib.parse.urljoin(url, location) if location else "nowhere"
             why = f"redirected ({response.status_code}) {url} to {where}: give the final address as --api-base"
         raise ProviderHTTPError(f"{self.route.provider}: {why}", response.status_code, None, response)
+
+    def _post_once(self, url: str, content: bytes, headers: dict[str, str], deadline: float) -> Any:
+        """One POST whose whole answer must have arrived by `deadline` (time.monotonic()), else
+        httpx.ReadTimeout. A server that keeps the connection alive with a byte now and then (DeepSeek sends blank
+        lines while a reply is being made) never trips a timeout on each read; this bounds the request itself."""
+        import httpx
+
+        with self._http.stream("POST", url, content=content, headers=headers) as streamed:
+            raw = bytearray()
+            for chunk in streamed.iter_raw():
+                raw += chunk
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout(f"no whole answer within {self.timeout_s:g} s", request=streamed.request)
+        # the same answer, read: its body decoded (Content-Encoding) when used, as a plain post's would be
+        return httpx.Response(streamed.status_code, headers=streamed.headers, content=bytes(raw),
+                              request=streamed.request, extensions=streamed.extensions)
 
     def close(self) -> None:
         self._http.close()

@@ -4,8 +4,10 @@ shapes, redirects, echoed keys ...). Every test asserts what a user would notice
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -24,6 +26,7 @@ from orchestrator.models import (
 KEY = "sk-test-0123456789abcdefXYZ"
 HTML = b"<html><head><style>body { color: red }</style></head><body><h1>Welcome to nginx!</h1></body></html>"
 Answer = tuple[int, dict[str, str], bytes]
+TRICKLE_HEADER = "X-Test-Keep-Alive-S"  # not sent: the test server's cue to trickle blank lines first
 
 
 def completion(message: Any = None, **extra: Any) -> bytes:
@@ -67,12 +70,22 @@ def server() -> Iterator[Server]:
             status, headers, body = state.answers[min(posts, len(state.answers)) - 1]
             if self.command != "POST":
                 status, headers, body = 405, {}, b'{"error": {"message": "Method Not Allowed"}}'
+            headers = dict(headers)
+            # TRICKLE_HEADER: keep-alive blank lines, one every 0.1 s for that many seconds, before the body
+            keep_alive = int(float(headers.pop(TRICKLE_HEADER, 0)) / 0.1)
             self.send_response(status)
             for name, value in {"Content-Type": "application/json", **headers}.items():
                 self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(keep_alive + len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            try:
+                for _ in range(keep_alive):
+                    self.wfile.write(b"\n")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+                self.wfile.write(body)
+            except OSError:  # the client gave up on this answer
+                self.close_connection = True
 
         do_GET = do_POST
 
@@ -306,3 +319,28 @@ def test_only_ssl_verify_false_turns_certificate_checks_off(monkeypatch: pytest.
     monkeypatch.setenv("SSL_VERIFY", value)
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     assert (tls_context() is not False) is checked
+
+
+# --------------------------------------------------------------------------------------------------- slow answers
+
+
+def test_blank_keep_alive_lines_before_a_reply_are_read_past(server: Server) -> None:
+    """DeepSeek keeps a slow non-streaming request alive with blank lines until the reply is ready."""
+    server.answer((200, {TRICKLE_HEADER: "0.5"}, completion()))
+    reply = ask(server.model(timeout_s=5))
+    assert reply.content == "OK" and reply.attempts == 1
+
+
+def test_an_answer_kept_alive_past_the_timeout_is_cut_there_and_asked_again(server: Server) -> None:
+    """Each byte comes within the timeout, so no read times out; the whole answer still may not take longer than
+    timeout_s: the request is abandoned there and retried (the second answer comes at once)."""
+    server.answer((200, {TRICKLE_HEADER: "4"}, completion({"role": "assistant", "content": "too late"})),
+                  (200, {}, completion()))
+    reply = ask(server.model(timeout_s=1))
+    assert reply.content == "OK" and reply.attempts == 2
+    assert len(server.requests) == 2
+
+
+def test_a_compressed_answer_is_read(server: Server) -> None:
+    server.answer((200, {"Content-Encoding": "gzip"}, gzip.compress(completion())))
+    assert ask(server.model()).content == "OK"
