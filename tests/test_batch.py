@@ -544,8 +544,10 @@ def test_a_stop_signal_while_session_processes_are_still_starting_loses_nothing(
     or (SIGTERM case) each session resumed on its own, both at once, still sharing the batch's one GPU."""
     tpl = make_template(tmp_path, {"idea_a": [3, 3], "idea_b": [3, 3]})
     env = {"ORCH_SANDBOX": "none"}
+    # runs of 1.5 s: a session is nearly always still going when the signal comes (one that finished first is
+    # accepted below, whole)
     b = Batch(batch_cmd(tpl, tmp_path / "root", "idea_a,idea_b", "--gpus", "0",
-                        model=f"scripted:{make_script(tmp_path)}", scale=0.1), tmp_path, env)
+                        model=f"scripted:{make_script(tmp_path)}", scale=0.5), tmp_path, env)
     batches.append(b)
     folder = b.wait_folder()
     sessions = b.wait_sessions(2)
@@ -559,9 +561,14 @@ def test_a_stop_signal_while_session_processes_are_still_starting_loses_nothing(
              deadline_s=30)
     for idea, session in sessions.items():
         # a session caught before it drove has nothing to record; one that drove must not read `running`
-        if kinds(session, "drive_started"):
-            assert final_status(session) == "interrupted", (idea, [e["kind"] for e in journal(session)][-5:])
-            assert status_json(session)["session"]["status"] == "interrupted"
+        if not kinds(session, "drive_started"):
+            continue
+        state = status_json(session)
+        if final_status(session) == "max_runs":  # it ended on its own before the signal reached it: whole
+            assert state["session"]["status"] == "max_runs" and [r["status"] for r in state["runs"]] == ["ok", "ok"]
+            continue
+        assert final_status(session) == "interrupted", (idea, [e["kind"] for e in journal(session)][-5:])
+        assert state["session"]["status"] == "interrupted"
     line_by_idea = {idea: next(line for line in orchestrator("status", str(folder)).stdout.splitlines()
                                if idea in line) for idea in sessions}
     assert not any(" running " in line for line in line_by_idea.values()), line_by_idea
