@@ -171,6 +171,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def waiting_run_script(where: Path) -> tuple[Path, Path]:
+    """(the go file, a scripted model's file) for a session whose run 1 waits for that go file (see
+    WAITING_EXPERIMENT_PATCH): launch with `--env TOY_GO_FILE=<go file>`; the run's pid appears in `<go file>.pid`."""
+    script = where / "replies.json"
+    script.write_text(json.dumps([edit(*WAITING_EXPERIMENT_PATCH, plan="Run 1: wait for the go file.")]))
+    return where / "go", script
+
+
 def stop_waiting_run(go: Path, proc: subprocess.Popen, run_pid: int | None, grace_s: float = 30) -> None:
     """A test's clean-up, pass or fail: let a WAITING_EXPERIMENT_PATCH run end (touch its go file), kill the
     orchestrator if it still runs, and SIGKILL the run by pid if it has not ended within `grace_s`."""

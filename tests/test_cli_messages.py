@@ -74,24 +74,15 @@ def test_the_sae_explained_variance_figure_is_titled_for_both_conditions():
 
 def test_a_killed_session_is_not_shown_as_running(tmp_path):
     """SIGKILL leaves no record of why the session stopped: status shows it interrupted, its run stopped."""
-    import json
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    from tests.session_helpers import (
-        WAITING_EXPERIMENT_PATCH,
-        edit,
-        make_idea,
-        make_template,
-        stop_waiting_run,
-    )
+    from tests.session_helpers import make_idea, make_template, stop_waiting_run, waiting_run_script
 
-    go = tmp_path / "go"
-    script = tmp_path / "replies.json"
-    script.write_text(json.dumps([edit(*WAITING_EXPERIMENT_PATCH, plan="Run 1: wait for the go file.")]))
+    go, script = waiting_run_script(tmp_path)
     # unsandboxed: the run writes its pid file into this test's folder, which a sandboxed run cannot see
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO), "ORCH_SANDBOX": "none"}
     proc = subprocess.Popen(
@@ -147,7 +138,6 @@ def test_a_crashed_attempt_stays_on_the_terminal(tmp_path):
 def test_ctrl_c_in_a_terminal_leaves_its_message_on_a_line_of_its_own(tmp_path):
     """Stopped with Ctrl-C while run 1 runs, in a terminal: the live progress line is cleared before the message
     saying the session is saved, so the message and its resume command are not glued onto the progress text."""
-    import json
     import os
     import pty
     import select
@@ -157,17 +147,14 @@ def test_ctrl_c_in_a_terminal_leaves_its_message_on_a_line_of_its_own(tmp_path):
     import time
 
     from tests.session_helpers import (
-        WAITING_EXPERIMENT_PATCH,
         default_stop_signals,
-        edit,
         make_idea,
         make_template,
         stop_waiting_run,
+        waiting_run_script,
     )
 
-    go = tmp_path / "go"
-    script = tmp_path / "replies.json"
-    script.write_text(json.dumps([edit(*WAITING_EXPERIMENT_PATCH, plan="Run 1: wait for the go file.")]))
+    go, script = waiting_run_script(tmp_path)
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO), "ORCH_SANDBOX": "none",
            "TERM": "xterm-256color", "COLUMNS": "160", "LINES": "40"}
     env.pop("NO_COLOR", None)
