@@ -121,21 +121,32 @@ def redact(text: str, env: Mapping[str, str] | None = None) -> str:
     """The text with secret values from `env` (default: os.environ) and key-shaped strings replaced."""
     if not text:
         return text
-    pattern = _values_pattern(_secret_values(os.environ if env is None else env))
-    if pattern is not None:
-        text = pattern.sub(REDACTED, text)
+    return _redact_with(_values_pattern(_secret_values(os.environ if env is None else env)), text)
+
+
+def _redact_with(values: re.Pattern[str] | None, text: str) -> str:
+    if not text:
+        return text
+    if values is not None:
+        text = values.sub(REDACTED, text)
     text = _KEY_SHAPES.sub(REDACTED, text)
     return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
 
 
 def redact_obj(obj: Any, env: Mapping[str, str] | None = None) -> Any:
-    """A deep copy of dicts/lists/tuples with every string (keys included) redacted; other leaves as they are."""
+    """A deep copy of dicts/lists/tuples with every string (keys included) redacted; other leaves as they are.
+    The environment is read once per call, not once per string."""
+    return _redact_obj(_values_pattern(_secret_values(os.environ if env is None else env)), obj)
+
+
+def _redact_obj(values: re.Pattern[str] | None, obj: Any) -> Any:
     if isinstance(obj, str):
-        return redact(obj, env)
+        return _redact_with(values, obj)
     if isinstance(obj, Mapping):
-        return {(redact(k, env) if isinstance(k, str) else k): redact_obj(v, env) for k, v in obj.items()}
+        return {(_redact_with(values, k) if isinstance(k, str) else k): _redact_obj(values, v)
+                for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        items = [redact_obj(v, env) for v in obj]
+        items = [_redact_obj(values, v) for v in obj]
         return items if isinstance(obj, list) else tuple(items)
     return obj
 

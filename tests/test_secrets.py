@@ -108,3 +108,35 @@ def test_a_key_set_with_spaces_around_it_is_redacted_as_sent() -> None:
     """Clients send a key stripped of the spaces a careless `export` left around it; that form is secret too."""
     env = {"DEEPSEEK_API_KEY": "  abcdEFGH1234ijklMNOP5678qrst \n"}
     assert "abcdEFGH1234ijklMNOP5678qrst" not in redact("401: invalid key abcdEFGH1234ijklMNOP5678qrst", env)
+
+
+def test_redact_obj_uses_the_env_it_is_given_and_key_shapes_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `env` given, its secret values are redacted (and the process environment's are not looked at);
+    key-shaped strings are redacted in keys, values and sequences whatever the environment holds."""
+    monkeypatch.setenv("OTHER_API_KEY", "only-in-os-environ-77")
+    env = {"FOO_API_KEY": "value-from-the-argument", "BAR_TOKEN": "short", "HOME": "/home/long-enough-name"}
+    shaped = "sk-abcdefghijklmnopqrstuvwx"
+    obj = {
+        "value-from-the-argument": [("x value-from-the-argument y", shaped), {shaped: b"value-from-the-argument"}],
+        "plain": ("short", "/home/long-enough-name", "only-in-os-environ-77", 7, None, True),
+        1: [[["Bearer abcdefghij"]]],
+    }
+    out = redact_obj(obj, env)
+    assert out == {
+        REDACTED: [(f"x {REDACTED} y", REDACTED), {REDACTED: b"value-from-the-argument"}],  # bytes: not a string
+        "plain": ("short", "/home/long-enough-name", "only-in-os-environ-77", 7, None, True),
+        1: [[[f"Bearer {REDACTED}"]]],
+    }
+    assert type(out["plain"]) is tuple and type(out[REDACTED][0]) is tuple and type(out[1][0]) is list
+    assert redact_obj({"k": ["only-in-os-environ-77"]}, env={}) == {"k": ["only-in-os-environ-77"]}
+    assert redact_obj("a " + shaped, env={}) == f"a {REDACTED}" and redact_obj(3.5, env) == 3.5
+
+
+def test_redact_obj_reads_the_environment_anew_at_each_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LATER_API_KEY", raising=False)
+    obj = {"log": ["key later-set-value-123 used"], "later-set-value-123": ("later-set-value-123",)}
+    assert redact_obj(obj) == obj
+    monkeypatch.setenv("LATER_API_KEY", "later-set-value-123")
+    assert redact_obj(obj) == {"log": [f"key {REDACTED} used"], REDACTED: (REDACTED,)}
+    monkeypatch.setenv("LATER_API_KEY", "changed-value-4567")
+    assert redact_obj(["later-set-value-123", "changed-value-4567"]) == ["later-set-value-123", REDACTED]
