@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from orchestrator.atomic import TEMP_SUFFIX, write_text_atomic
 from orchestrator.errors import OrchestratorError
@@ -104,7 +104,9 @@ class RunCommit(NamedTuple):
     problem: str = ""  # one line when the checkpoint does not hold the run folder's files, saying why; else ""
 
 
+# Models marked defer_build are built on first use: this module is imported on the way to a launch's first line.
 class CommitInfo(BaseModel):
+    model_config = ConfigDict(defer_build=True)
     sha: str
     subject: str
     time: float  # commit time, unix seconds
@@ -200,15 +202,17 @@ class Workspace:
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         ws = cls(root)
-        if not ws.git_dir.exists():
+        fresh = not ws.git_dir.exists()
+        if fresh:
             ws._git("init", "-q", "-b", "main", cwd_only=True)
-            for item in _CONFIG[:2]:
-                key, _, value = item.partition("=")
-                ws._git("config", "--local", key, value)
+            # The identity, for git commands a user runs in the folder by hand (every call here passes it with -c).
+            # Appended as text: a `git config` call per key costs a process each, on the way to a launch's first line.
+            with open(ws.git_dir / "config", "a", encoding="utf-8") as fh:
+                fh.write(f"[user]\n\tname = {IDENTITY_NAME}\n\temail = {IDENTITY_EMAIL}\n")
         elif not ws.git_dir.is_dir():
             raise GitError(f"{ws.root}: .git is not a directory (a worktree or submodule is not a session folder)")
         ws._ensure_gitignore()
-        if ws.resolve("HEAD") is None:
+        if fresh or ws.resolve("HEAD") is None:
             ws.commit(START_MESSAGE)
         return ws
 

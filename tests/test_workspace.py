@@ -438,3 +438,122 @@ def test_a_temp_file_left_by_a_crash_mid_write_is_never_committed(tmp_path: Path
     tracked = git(ws.root, "ls-tree", "-r", "--name-only", result.sha).split()
     assert "run_0/final_info.json" in tracked and left.name not in " ".join(tracked)
     assert left.exists()  # never deleted either: it is only kept out of git
+
+
+def test_a_new_session_folder_has_the_identity_for_git_commands_run_by_hand(tmp_path: Path) -> None:
+    """No global identity here (see bare_git_environment): a user's own `git commit` in the folder works, as the
+    orchestrator, and the identity is no key that `config_problems` would call foreign."""
+    root = session(tmp_path)
+    ws = Workspace.init(root)
+    assert git(root, "config", "user.name").strip() == "orchestrator"
+    assert git(root, "config", "user.email").strip() == "orchestrator@localhost"
+    assert ws.config_problems() == []
+    (root / "notes.txt").write_text("notes by hand\n")
+    git(root, "commit", "-q", "-a", "-m", "by hand")
+    assert git(root, "log", "-1", "--format=%an <%ae>|%cn <%ce>|%s").strip() == (
+        "orchestrator <orchestrator@localhost>|orchestrator <orchestrator@localhost>|by hand"
+    )
+    assert [c.subject for c in ws.log()] == ["by hand", "session start: template files"]
+
+
+def test_init_again_after_a_crash_before_the_first_commit_writes_the_identity_once(tmp_path: Path) -> None:
+    root = session(tmp_path)
+    ws = Workspace.init(root)
+    Workspace.init(root)  # a second init of a whole folder
+    assert git(root, "config", "--get-all", "user.name").splitlines() == ["orchestrator"]
+    assert len(ws.log()) == 1
+    (root / ".git" / "refs" / "heads" / "main").unlink()  # as if killed between `git init` and the first commit
+    assert ws.resolve("HEAD") is None
+    again = Workspace.init(root)
+    assert [c.subject for c in again.log()] == ["session start: template files"]
+    assert sorted(git(root, "ls-files").split()) == [".gitignore", "experiment.py", "notes.txt",
+                                                    "run_0/final_info.json"]
+    assert git(root, "config", "--get-all", "user.name").splitlines() == ["orchestrator"]
+    assert git(root, "config", "--get-all", "user.email").splitlines() == ["orchestrator@localhost"]
+    assert again.config_problems() == []
+    assert not again.is_dirty()
+
+
+# --------------------------------------------------------------------------------------------------- atomic writes
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_an_atomic_write_gives_a_new_file_the_mode_a_plain_write_gives(tmp_path: Path) -> None:
+    from orchestrator.atomic import write_bytes_atomic, write_text_atomic
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what open() makes under this process's umask
+    usual = plain.stat().st_mode & 0o7777
+    assert usual == 0o666 & ~current_umask()
+    write_text_atomic(tmp_path / "a.json", "{}\n")
+    write_bytes_atomic(tmp_path / "b.bin", b"\0\1")
+    assert (tmp_path / "a.json").read_text() == "{}\n" and (tmp_path / "b.bin").read_bytes() == b"\0\1"
+    assert (tmp_path / "a.json").stat().st_mode & 0o7777 == usual
+    assert (tmp_path / "b.bin").stat().st_mode & 0o7777 == usual
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin", "plain.txt"]  # no temp file left
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o755, 0o640])
+def test_an_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path: Path, mode: int) -> None:
+    from orchestrator.atomic import write_bytes_atomic, write_text_atomic
+
+    target = tmp_path / "run.sh"
+    target.write_text("old\n")
+    target.chmod(mode)
+    write_text_atomic(target, "new\n")
+    assert target.read_text() == "new\n" and target.stat().st_mode & 0o7777 == mode
+    write_bytes_atomic(target, b"newer\n", durable=False)
+    assert target.read_bytes() == b"newer\n" and target.stat().st_mode & 0o7777 == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["run.sh"]
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_an_atomic_write_replaces_a_planted_link_and_never_writes_through_it(tmp_path: Path, dangling: bool) -> None:
+    from orchestrator.atomic import write_text_atomic
+
+    folder = tmp_path / "session"
+    folder.mkdir()
+    victim = tmp_path / "victim.txt"
+    if not dangling:
+        victim.write_text("the user's own file\n")
+    target = folder / "session.json"
+    target.symlink_to(victim)
+    write_text_atomic(target, "{}\n")
+    assert not target.is_symlink() and target.is_file() and target.read_text() == "{}\n"
+    if dangling:
+        assert not victim.exists()
+    else:
+        assert victim.read_text() == "the user's own file\n"
+    assert [p.name for p in folder.iterdir()] == ["session.json"]
+
+
+def test_a_temp_file_is_named_for_its_target_and_lies_beside_it(tmp_path: Path) -> None:
+    from orchestrator.atomic import TEMP_SUFFIX, write_temp_beside
+
+    target = tmp_path / "deep" / "er" / "final_info.json"  # folders that do not exist yet are made
+    first = write_temp_beside(target, b"one")
+    second = write_temp_beside(target, b"two", durable=False)
+    assert first != second  # a temp file left behind is never reused nor overwritten
+    for tmp, data in ((first, b"one"), (second, b"two")):
+        assert tmp.parent == target.parent
+        assert tmp.name.startswith(".final_info.json.") and tmp.name.endswith(TEMP_SUFFIX) and TEMP_SUFFIX == ".orch-tmp"
+        assert len(tmp.name) > len(".final_info.json..orch-tmp")  # something random between them
+        assert tmp.read_bytes() == data and tmp.stat().st_mode & 0o7777 == 0o666 & ~current_umask()
+    assert not target.exists()  # the caller renames it into place
+    os.replace(second, target)
+    assert target.read_bytes() == b"two" and sorted(p.name for p in target.parent.iterdir()) == sorted(
+        [first.name, "final_info.json"])
+
+
+def test_an_atomic_write_into_a_missing_folder_makes_it(tmp_path: Path) -> None:
+    from orchestrator.atomic import write_text_atomic
+
+    target = tmp_path / "sessions" / "s1" / ".orchestrator" / "settings.json"
+    write_text_atomic(target, "model = 'x'\n")
+    assert target.read_text() == "model = 'x'\n"
+    assert [p.name for p in target.parent.iterdir()] == ["settings.json"]
