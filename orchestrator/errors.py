@@ -12,3 +12,7 @@ class OrchestratorError(Exception):
     """Base of every user-facing error: one line of message, a non-zero exit code."""
 
     exit_code = 2
+
+
+class ModelError(OrchestratorError, Exception):
+    """Base of every model-layer failure (models.py, credentials.py); str(e) is one clear line."""

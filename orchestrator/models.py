@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import email.utils
-import ipaddress
 import json
 import logging
 import math
@@ -26,7 +25,6 @@ import random
 import ssl
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
 from pathlib import Path
@@ -35,17 +33,22 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.conversation import STRICTEST_PROFILE, Message, Profile, profile_for, to_wire
+from orchestrator.credentials import (
+    PROVIDER_KEY_VARS,
+    MissingAPIKeyError,
+    check_known_provider,
+    needs_no_key,
+)
 from orchestrator.direct import (
     DirectClient,
     ModelClient,
     ProviderHTTPError,
     TLSSettingsError,
-    check_tls_settings,
     finish_reason,
     reasoning_and_content,
     route_for,
 )
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import ModelError
 from orchestrator.secrets import is_secret_env_name, redact
 
 log = logging.getLogger(__name__)
@@ -109,25 +112,6 @@ class RetryEvent(BaseModel):
 # --------------------------------------------------------------------------------------------------- errors
 
 
-class ModelError(OrchestratorError, Exception):
-    """Base of every model-layer failure; str(e) is one clear line."""
-
-
-class MissingAPIKeyError(ModelError):
-    def __init__(self, model: str, env_vars: Sequence[str], api_base: str | None = None) -> None:
-        self.model = model
-        self.env_vars = list(env_vars)
-        if self.env_vars:
-            first, *others = self.env_vars
-            also = f" (or set {' or '.join(others)})" if others else ""
-            how = f"set the environment variable {first}{also}, e.g. export {first}=<your key>"
-            if api_base and model.startswith("openai/"):
-                how += f" (any value will do if the server at {api_base} checks no key)"
-        else:
-            how = "set the provider's API key environment variable (litellm's provider docs name it)"
-        super().__init__(f"model {model!r} needs an API key: {how}")
-
-
 class UnknownModelError(ModelError):
     """litellm cannot tell which provider serves the model name."""
 
@@ -135,27 +119,6 @@ class UnknownModelError(ModelError):
         self.model = model
         super().__init__(f"unknown model {model!r}: litellm cannot tell its provider; name it as provider/model, "
                          "e.g. deepseek/deepseek-reasoner, openai/gpt-4o or anthropic/claude-sonnet-4-5")
-
-
-# Providers whose API key variable is known here, so their key is checked at once, without litellm (whose import
-# takes seconds). Any one of a provider's variables, set and not blank, is its key. A test checks that litellm's
-# own `validate_environment` asks for the same variables. Other providers are checked with litellm.
-PROVIDER_KEY_VARS: dict[str, tuple[str, ...]] = {
-    "deepseek": ("DEEPSEEK_API_KEY",),
-    "openai": ("OPENAI_API_KEY",),
-    "anthropic": ("ANTHROPIC_API_KEY",),
-    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
-    "mistral": ("MISTRAL_API_KEY",),
-    "groq": ("GROQ_API_KEY",),
-    "together_ai": ("TOGETHERAI_API_KEY",),
-    "openrouter": ("OPENROUTER_API_KEY",),
-    "xai": ("XAI_API_KEY",),
-    "fireworks_ai": ("FIREWORKS_AI_API_KEY",),
-    "cohere": ("COHERE_API_KEY",),
-    "perplexity": ("PERPLEXITYAI_API_KEY",),
-    "deepinfra": ("DEEPINFRA_API_KEY",),
-    "cerebras": ("CEREBRAS_API_KEY",),
-}
 
 
 class ContextWindowError(ModelError):
@@ -388,28 +351,6 @@ def retry_after_s(exc: BaseException) -> float | None:
     return None
 
 
-def is_local_api_base(api_base: str | None) -> bool:
-    """Whether a base URL points at this machine (localhost, 127.x.x.x, ::1) or at a private address of the local
-    network (10.x, 172.16-31.x, 192.168.x, fc00::/7, link-local), where OpenAI-compatible servers usually check no
-    key."""
-    if not api_base:
-        return False
-    try:
-        host = urllib.parse.urlsplit(api_base if "//" in api_base else f"//{api_base}").hostname
-    except ValueError:
-        return False
-    if not host:
-        return False
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    # this machine, or one on the local network (10/8, 172.16/12, 192.168/16, fc00::/7, link-local)
-    return address.is_loopback or ((address.is_private or address.is_link_local) and not address.is_unspecified)
-
-
 def provider_text(exc: BaseException) -> str:
     """The provider's own error message where it can be found, else the exception's text (not yet redacted)."""
     body = getattr(exc, "body", None)
@@ -614,11 +555,6 @@ class ProviderModel:
             env = {**os.environ, "ORCHESTRATOR_EXPLICIT_API_KEY": self._api_key}
         return utf8_safe(redact(text, env))
 
-    def _needs_no_key(self) -> bool:
-        """An openai/ model served on this machine or the local network: such servers usually check no key."""
-        base = self.api_base or os.environ.get("OPENAI_API_BASE") or os.environ.get("OPENAI_BASE_URL")
-        return self.name.startswith("openai/") and is_local_api_base(base)
-
     def _model_info(self) -> dict[str, Any] | None:
         """litellm's (bundled, offline) entry for the model; None when it has none."""
         if not self._info_looked_up:
@@ -684,13 +620,7 @@ class ProviderModel:
         checked at once; any other waits for litellm's import."""
         if self._credentials_checked:
             return
-        provider = self.name.split("/", 1)[0] if "/" in self.name else ""
-        known = PROVIDER_KEY_VARS.get(provider)
-        if known is not None and self.name.split("/", 1)[1].strip():
-            if not (self._api_key or self._needs_no_key() or any(os.environ.get(v, "").strip() for v in known)):
-                raise MissingAPIKeyError(self.name, known, api_base=self.api_base)
-            if self.route is not None:
-                check_tls_settings()
+        if check_known_provider(self.name, self.api_base, self.route is not None, api_key=self._api_key):
             self._credentials_checked = True
             return
         litellm = _litellm()
@@ -698,7 +628,7 @@ class ProviderModel:
             litellm.get_llm_provider(model=self.name, api_base=self.api_base)
         except Exception:  # litellm's multi-line "LLM Provider NOT provided" and friends
             raise UnknownModelError(self.name) from None
-        if self._api_key or self._needs_no_key():
+        if self._api_key or needs_no_key(self.name, self.api_base):
             self._credentials_checked = True
             return
         # litellm counts a variable set to "" as present; for us an empty key is a missing key.
@@ -729,7 +659,7 @@ class ProviderModel:
             kwargs["api_base"] = self.api_base
         if self._api_key:
             kwargs["api_key"] = self._api_key
-        elif self._needs_no_key() and not os.environ.get("OPENAI_API_KEY", "").strip():
+        elif needs_no_key(self.name, self.api_base) and not os.environ.get("OPENAI_API_KEY", "").strip():
             kwargs["api_key"] = LOCAL_PLACEHOLDER_KEY
         if self.temperature is not None and self.profile.temperature:
             kwargs["temperature"] = self.temperature
@@ -806,7 +736,7 @@ class ProviderModel:
         assert self.route is not None
         key = next((os.environ[v].strip() for v in PROVIDER_KEY_VARS[self.route.provider]
                     if os.environ.get(v, "").strip()), None)
-        return key or (LOCAL_PLACEHOLDER_KEY if self._needs_no_key() else None)
+        return key or (LOCAL_PLACEHOLDER_KEY if needs_no_key(self.name, self.api_base) else None)
 
     def complete(self, messages: Sequence[Message]) -> Reply:
         wire = to_wire(messages, self.profile)  # raises ConversationError before anything is sent

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -163,3 +164,44 @@ def test_the_exit_does_not_wait_for_interpreter_teardown(tmp_path):
     assert "INTERPRETER-TEARDOWN" not in res.stderr
     res = run_cli(["--help"], env)  # and a plain command still says all it has to say
     assert res.returncode == 0 and "launch" in res.stdout and "INTERPRETER-TEARDOWN" not in res.stderr
+
+
+@pytest.mark.parametrize("key", [None, "   "], ids=["unset", "blank"])
+def test_a_missing_or_blank_key_is_one_line_and_no_session(tmp_path, key):
+    # A launch that got past the check is killed as its session starts (the gate is open: a wrong answer fails
+    # fast; test_a_missing_key_of_a_known_provider_stops_at_once_without_litellm keeps it closed).
+    env, gate = gated_env(tmp_path, ORCH_TEST_CRASH_AT="drive_started")
+    gate.touch()
+    if key is not None:
+        env["DEEPSEEK_API_KEY"] = key
+    res = run_cli(launch_args(tmp_path, "deepseek/deepseek-chat"), env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "DEEPSEEK_API_KEY" in lines[0] and "Traceback" not in res.stderr, res.stderr
+    assert res.stdout == "" and sessions(tmp_path) == [] and not (tmp_path / "sessions").exists()
+
+
+def test_a_ca_bundle_setting_that_is_a_folder_stops_a_launch_before_any_work(tmp_path):
+    bundle = tmp_path / "certs"
+    bundle.mkdir()
+    env, gate = gated_env(tmp_path, DEEPSEEK_API_KEY=TEST_KEY, SSL_CERT_FILE=str(bundle),
+                          ORCH_TEST_CRASH_AT="drive_started")
+    gate.touch()
+    res = run_cli(launch_args(tmp_path, "deepseek/deepseek-chat"), env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bundle) in lines[0] and "CA bundle" in lines[0], res.stderr
+    assert res.stdout == "" and sessions(tmp_path) == []
+
+
+def test_a_local_server_without_a_key_is_not_refused_at_launch(tmp_path):
+    """openai/ on this machine needs no OPENAI_API_KEY: the launch gets past its checks (and is stopped by fault
+    injection once the session starts, before anything would reach the port)."""
+    env, gate = gated_env(tmp_path, ORCH_TEST_CRASH_AT="drive_started")
+    gate.touch()
+    res = run_cli(launch_args(tmp_path, "openai/gpt-4o", "--api-base", "http://127.0.0.1:9/v1"), env)
+    assert res.returncode == -signal.SIGKILL, res.stdout + res.stderr  # killed where the session starts, not refused
+    assert "OPENAI_API_KEY" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+    (session,) = sessions(tmp_path)
+    assert res.stdout.splitlines()[0] == str(session)
+    assert status_json(session)["session"]["model"] == "openai/gpt-4o"

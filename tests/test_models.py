@@ -635,6 +635,64 @@ def test_a_server_on_the_local_network_needs_no_key(monkeypatch: pytest.MonkeyPa
     ProviderModel(UNKNOWN_OPENAI, api_base=f"http://{host}:8000/v1").check_credentials()
 
 
+@pytest.fixture
+def no_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No provider key, no OpenAI base URL and no CA bundle setting in the environment."""
+    for var in {v for names in PROVIDER_KEY_VARS.values() for v in names}:
+        monkeypatch.delenv(var, raising=False)
+    for var in ("OPENAI_API_BASE", "OPENAI_BASE_URL", "SSL_CERT_FILE", "SSL_VERIFY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.usefixtures("no_keys")
+def test_a_known_providers_key_is_checked_without_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`launch` checks the key of a provider of PROVIDER_KEY_VARS before making the model: the same answers as
+    ProviderModel.check_credentials, and False (litellm must judge) for anything else."""
+    from orchestrator import credentials
+    from orchestrator.credentials import check_known_provider
+
+    assert models.MissingAPIKeyError is credentials.MissingAPIKeyError  # what the CLI catches, from either module
+    assert models.PROVIDER_KEY_VARS is credentials.PROVIDER_KEY_VARS
+    for direct in (True, False):
+        with pytest.raises(MissingAPIKeyError, match="DEEPSEEK_API_KEY") as excinfo:
+            check_known_provider("deepseek/deepseek-chat", None, direct)
+        assert "\n" not in str(excinfo.value) and excinfo.value.env_vars == ["DEEPSEEK_API_KEY"]
+        assert check_known_provider("deepseek/deepseek-chat", None, direct, api_key=KEY)
+        assert check_known_provider("openai/x", "http://127.0.0.1:9/v1", direct)  # a local server checks no key
+        with pytest.raises(MissingAPIKeyError, match="OPENAI_API_KEY"):
+            check_known_provider("openai/x", "https://llm.example.invalid/v1", direct)
+        with pytest.raises(MissingAPIKeyError, match="GEMINI_API_KEY .*GOOGLE_API_KEY"):
+            check_known_provider("gemini/gemini-pro", None, direct)
+        for unjudged in ("somecorp/x", "deepseek/", "deepseek/  ", "gpt4o", "scripted:/tmp/replies.json"):
+            assert check_known_provider(unjudged, None, direct) is False, unjudged
+    monkeypatch.setenv("DEEPSEEK_API_KEY", "   ")  # blank is missing
+    with pytest.raises(MissingAPIKeyError, match="DEEPSEEK_API_KEY"):
+        check_known_provider("deepseek/deepseek-chat", None, True)
+    monkeypatch.setenv("DEEPSEEK_API_KEY", KEY)
+    assert check_known_provider("deepseek/deepseek-chat", None, True)
+    monkeypatch.setenv("GOOGLE_API_KEY", KEY)  # any one of a provider's variables
+    assert check_known_provider("gemini/gemini-pro", None, False)
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://localhost:8000/v1")  # a local server named by the environment
+    assert check_known_provider("openai/x", None, False)
+
+
+@pytest.mark.usefixtures("no_keys")
+def test_a_ca_bundle_that_is_a_folder_is_refused_with_the_key_only_on_a_direct_route(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from orchestrator.credentials import check_known_provider
+    from orchestrator.direct import TLSSettingsError
+
+    monkeypatch.setenv("DEEPSEEK_API_KEY", KEY)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path))
+    with pytest.raises(TLSSettingsError, match=re.escape(str(tmp_path))):
+        check_known_provider("deepseek/deepseek-chat", None, direct=True)
+    assert check_known_provider("deepseek/deepseek-chat", None, direct=False)  # litellm reads the bundle its way
+    with pytest.raises(TLSSettingsError):
+        check_known_provider("openai/x", "http://127.0.0.1:9/v1", direct=True)
+    assert check_known_provider("somecorp/x", None, direct=True) is False  # not judged here, TLS neither
+
+
 def test_the_warm_up_sends_nothing_and_the_first_call_then_works(
     fake_provider: StartFake, monkeypatch: pytest.MonkeyPatch, model_client: Any
 ) -> None:
