@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import sys
@@ -248,12 +249,13 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     idea = load_idea(idea_path, idea_name)
     template = find_template(template_name or idea.template or "sae", settings.templates_dirs)
     max_runs = cli.get("max_runs") or idea.max_runs or settings.max_runs  # each is validated to 1..10
-    _check_usable(settings)
+    _check_usable(settings, sandbox_now=settings.sandbox != "auto")
 
-    session = create_session(idea, template, settings, max_runs)
     # The first line, once the journal exists: a folder announced is always one that status and resume can read,
     # whenever the process is killed.
-    print(session, flush=True)
+    session = create_session(idea, template, settings, max_runs, on_journaled=lambda path: print(path, flush=True))
+    if settings.sandbox == "auto":
+        _check_sandbox(settings)  # its probe ran meanwhile; auto never refuses, it may warn
     from orchestrator.models import start_warm_up
 
     # What the first model call needs (litellm, or a direct route's httpx and price map) loads while the baseline
@@ -263,21 +265,40 @@ def _launch(idea_path: Path, idea_name: str | None, template_name: str | None, c
     return _drive(session, settings)
 
 
-def _check_usable(settings: Any, budgets: tuple[float | None, ...] | None = None) -> None:
+def _check_usable(settings: Any, budgets: tuple[float | None, ...] | None = None, sandbox_now: bool = True) -> None:
     """Everything checked before any work (one line, exit 2 on a problem): the runs' --env and interpreter, the
     sandbox, the model's name and credentials, and that each dollar budget (default: the settings' own) can be
-    enforced for that model."""
+    enforced for that model. `sandbox_now=False` (for `--sandbox auto`, which cannot fail): the sandbox's probe
+    only starts, and the caller checks it later."""
     from orchestrator.config import check_python
     from orchestrator.new_session import check_budget_enforceable
     from orchestrator.runner import check_env_set
 
     check_env_set(dict(settings.env))
     check_python(settings.python)
-    _check_sandbox(settings)
+    if sandbox_now:
+        _check_sandbox(settings)
+    else:
+        from orchestrator.sandbox import probe_in_background
+
+        probe_in_background()
+    budgets = budgets if budgets is not None else (settings.budget_usd,)
+    if settings.profile is None and all(b is None for b in budgets) and _key_of_known_provider(settings):
+        return  # nothing else to check: the model layer loads after the first line
     model = _make_model(settings, 0, None)
     model.check_credentials()  # known providers at once; others (and unknown names) after litellm's import
-    for budget in budgets if budgets is not None else (settings.budget_usd,):
+    for budget in budgets:
         check_budget_enforceable(settings.model_copy(update={"budget_usd": budget}), model)
+
+
+def _key_of_known_provider(settings: Any) -> bool:
+    """The key check of `ProviderModel.check_credentials` for a provider whose key variable is known, without
+    loading the model layer: True once checked, False for a model it cannot judge (another provider, scripted:)."""
+    from orchestrator.credentials import check_known_provider
+    from orchestrator.direct import route_for
+
+    direct = route_for(settings.model, settings.api_base, settings.model_client) is not None
+    return check_known_provider(settings.model, settings.api_base, direct)
 
 
 def _check_sandbox(settings: Any) -> None:
@@ -889,10 +910,26 @@ def report(
     _guard(go)
 
 
+def _app_for(argv: list[str]) -> typer.Typer:
+    """The app to run a command line with: for one that starts with a command's name, a copy of the app that holds
+    only that command. typer makes every command's options from its signature at each start, a cost on the way to
+    a launch's first line (about 30 ms for all of ours, a fifth of that for one); what the command parses, prints
+    and refuses is the same."""
+    from typer.main import get_command_name
+
+    picked = [c for c in app.registered_commands
+              if argv and argv[0] == (c.name or get_command_name(getattr(c.callback, "__name__", "")))]
+    if not picked:
+        return app  # no command, an option, or a misspelled name: the whole app answers (help, suggestions)
+    one = copy.copy(app)
+    one.registered_commands = picked
+    return one
+
+
 def main() -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     try:
-        app()
+        _app_for(sys.argv[1:])()
         code: object = 0
     except SystemExit as exc:
         code = exc.code
@@ -902,7 +939,7 @@ def main() -> None:
 def _run_command(argv: list[str]) -> int:
     """Run one command line in this process and return its exit status (a batch's forked session process)."""
     try:
-        app(argv, prog_name="orchestrator")
+        _app_for(argv)(argv, prog_name="orchestrator")
         code: object = 0
     except SystemExit as exc:
         code = exc.code

@@ -23,16 +23,18 @@ import functools
 import json
 import os
 import re
-import ssl
 import threading
 import time
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.errors import OrchestratorError
+
+if TYPE_CHECKING:
+    import ssl  # imported where a context is made: its import is a cost on the way to a launch's first line
 
 DEEPSEEK_DEFAULT_BASE = "https://api.deepseek.com/beta"
 MAX_REDIRECTS = 5
@@ -159,6 +161,8 @@ def _error_object(data: Any) -> Mapping[str, Any] | None:
 
 @functools.cache
 def _tls_context(cafile: str) -> ssl.SSLContext:
+    import ssl
+
     return ssl.create_default_context(cafile=cafile)
 
 
@@ -192,6 +196,8 @@ def check_tls_settings() -> None:
 def tls_context() -> ssl.SSLContext | bool:
     """How direct clients check TLS certificates (see `_ca_bundle`). A context is made once per bundle (loading
     one takes 50 to 100 ms), on the warm-up thread when there is one."""
+    import ssl
+
     cafile = _ca_bundle()
     if cafile is None:
         return False

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.atomic import write_text_atomic
 from orchestrator.errors import OrchestratorError
@@ -202,13 +202,16 @@ class Journal:
 # --------------------------------------------------------------------------------------------------- the snapshot
 
 
+# Models marked defer_build are built on first use: this module is imported on the way to a launch's first line.
 class MetricValue(BaseModel):
+    model_config = ConfigDict(defer_build=True)
     mean: float
     stderr: float | None = None
 
 
 class MetricChange(BaseModel):
     """A metric of one run compared with the baseline and with the previous successful run."""
+    model_config = ConfigDict(defer_build=True)
 
     value: float
     stderr: float | None = None
@@ -221,6 +224,7 @@ class MetricChange(BaseModel):
 
 
 class AttemptRecord(BaseModel):
+    model_config = ConfigDict(defer_build=True)
     attempt: int
     # ok | error | timeout | oom | no_results | quota | tampered | edits_failed | no_edits | running | stopped
     outcome: str
@@ -235,6 +239,7 @@ class AttemptRecord(BaseModel):
 
 
 class RunRecord(BaseModel):
+    model_config = ConfigDict(defer_build=True)
     run: int
     # stopped: it was in progress when the session stopped (resume runs it again)
     status: Literal["ok", "failed", "running", "pending", "stopped"] = "pending"
@@ -260,6 +265,7 @@ class RunRecord(BaseModel):
 
 
 class Totals(BaseModel):
+    model_config = ConfigDict(defer_build=True)
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -271,6 +277,7 @@ class Totals(BaseModel):
 
 
 class SessionInfo(BaseModel):
+    model_config = ConfigDict(defer_build=True)
     schema_version: int = 1
     dir: str = ""
     name: str = ""
@@ -297,6 +304,7 @@ class SessionInfo(BaseModel):
 
 class SessionState(BaseModel):
     """What `status --json` and `show --json` print: the session and a list of runs (one schema for both)."""
+    model_config = ConfigDict(defer_build=True)
 
     session: SessionInfo
     runs: list[RunRecord] = Field(default_factory=list)

@@ -57,9 +57,12 @@ def claim_session_dir(root: Path, name: str) -> Path:
 
 
 def create_session(idea: IdeaSpec, template: Template, settings: Settings, max_runs: int,
-                   now: datetime | None = None, on_claimed: Callable[[Path], None] | None = None) -> Path:
+                   now: datetime | None = None, on_claimed: Callable[[Path], None] | None = None,
+                   on_journaled: Callable[[Path], None] | None = None) -> Path:
     """Copy the template into a fresh session folder, make it a git repo and journal the launch. `on_claimed` is
-    called with the folder as soon as it exists."""
+    called with the folder as soon as it exists; `on_journaled` once its journal holds the launch, so the folder is
+    one that `status` and `resume` can read (before the snapshot, session.json, is written: readers rebuild it from
+    the journal)."""
     session = claim_session_dir(Path(settings.root), session_dir_name(idea, now))
     if on_claimed is not None:
         on_claimed(session)
@@ -87,6 +90,8 @@ def create_session(idea: IdeaSpec, template: Template, settings: Settings, max_r
         commit=ws.head(),
         system_prompt=system,
     )
+    if on_journaled is not None:
+        on_journaled(session)
     write_snapshot(session, rebuild(journal.events(), session))
     return session
 

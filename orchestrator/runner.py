@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator import sandbox as sandboxing
 from orchestrator.atomic import write_bytes_atomic
@@ -92,13 +92,16 @@ class RunStartError(OrchestratorError, RuntimeError):
     """The experiment process could not be started (missing interpreter, unusable folder)."""
 
 
+# Models marked defer_build are built on first use: this module is imported on the way to a launch's first line.
 class Metric(BaseModel):
+    model_config = ConfigDict(defer_build=True)
     mean: float
     stderr: float | None = None
 
 
 class RunLimits(BaseModel):
     """Resource limits of one run (None: no limit)."""
+    model_config = ConfigDict(defer_build=True)
 
     processes: int | None = Field(None, ge=1)  # tasks the run's user may add (RLIMIT_NPROC; not for root)
     file_bytes: int | None = Field(None, ge=1)  # largest file the run may write (RLIMIT_FSIZE)
@@ -106,6 +109,7 @@ class RunLimits(BaseModel):
 
 
 class RunRequest(BaseModel):
+    model_config = ConfigDict(defer_build=True)
     cwd: Path  # the session folder
     run_name: str  # "run_3": the run folder, relative to cwd; its logs go there
     python: str = sys.executable
@@ -127,6 +131,7 @@ class RunRequest(BaseModel):
 
 
 class RunResult(BaseModel):
+    model_config = ConfigDict(defer_build=True)
     outcome: Outcome
     returncode: int | None  # negative: killed by that signal
     duration_s: float

@@ -22,11 +22,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.errors import OrchestratorError
 
@@ -61,8 +62,10 @@ class SandboxChoice(BaseModel):
     warning: str = ""  # one line when `auto` fell back to `none`
 
 
+# Models marked defer_build are built on first use: this module is imported on the way to a launch's first line.
 class SandboxSpec(BaseModel):
     """What one sandboxed run may see and touch. Paths are relative to the session folder unless absolute."""
+    model_config = ConfigDict(defer_build=True)
 
     readonly: list[str] = Field(default_factory=list)  # kept read-only even where the tree is writable
     copy_on_write: list[str] = Field(default_factory=list)  # files the run may change; changes are discarded
@@ -93,6 +96,12 @@ def bwrap_problem() -> str | None:
         detail = lines[-1] if lines else f"exit {proc.returncode}"
         return f"bubblewrap cannot run here ({detail}; unprivileged user namespaces may be disabled)"
     return None
+
+
+def probe_in_background() -> None:
+    """Start `bwrap_problem`'s probe (a bwrap process, about 10 ms) on a thread, so that it overlaps the caller's
+    own work; a later `bwrap_problem()` finds its answer (or, called before it is in, probes again: same answer)."""
+    threading.Thread(target=bwrap_problem, name="bwrap-probe", daemon=True).start()
 
 
 def choose(mode: SandboxMode) -> SandboxChoice:

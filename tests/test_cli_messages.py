@@ -205,3 +205,54 @@ def test_ctrl_c_in_a_terminal_leaves_its_message_on_a_line_of_its_own(tmp_path):
     lines = [line.strip() for line in plain.splitlines() if line.strip()]
     saved = [line for line in lines if "the session is saved" in line]
     assert saved and all(line.startswith("stopped by SIGINT") for line in saved), plain
+
+
+COMMANDS = ["launch", "batch", "resume", "status", "diff", "list", "templates", "demo", "show", "log", "report"]
+
+
+def test_a_command_line_is_answered_the_same_by_the_app_made_for_it(monkeypatch):
+    """`main` runs each command line with an app that holds only the command it names: help, exit codes and the
+    errors for a bad option are those of the whole app; anything else (no command, an option, a misspelled
+    command) is answered by the whole app, which lists every command and suggests the one meant."""
+    import typer.core
+    import typer.main
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import _app_for, app
+
+    monkeypatch.setenv("COLUMNS", "120")
+    for name in ("NO_COLOR", "FORCE_COLOR", "TERM"):
+        monkeypatch.delenv(name, raising=False)
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup) and sorted(group.commands) == sorted(COMMANDS)
+    runner = CliRunner()
+
+    def answer(which, argv):
+        res = runner.invoke(which, argv, prog_name="orchestrator")
+        return res.exit_code, res.stdout, res.stderr
+
+    lines = [[name, *rest] for name in COMMANDS for rest in (["--help"], ["--bogus"], ["-h"])]
+    lines += [["lauch"], ["lauch", "--help"], ["--version"], ["--version", "launch"], [], ["--help"], ["--bogus"]]
+    for argv in lines:
+        whole = answer(app, argv)
+        assert answer(_app_for(argv), argv) == whole, argv
+        if argv[1:] == ["--help"] and argv[0] in COMMANDS:
+            assert whole[0] == 0 and f"Usage: orchestrator {argv[0]} " in whole[1], whole
+        if argv[1:] == ["--bogus"]:
+            assert whole[0] == 2 and "No such option: --bogus" in whole[2], whole
+    assert answer(app, ["lauch"])[0] == 2 and "Did you mean 'launch'" in answer(app, ["lauch"])[2]
+    for name in COMMANDS:  # every command gets the app of its own, and the whole app is left whole
+        assert len(_app_for([name, "--help"]).registered_commands) == 1
+    code, listed, _ = answer(app, ["--help"])
+    assert code == 0 and all(f" {name} " in listed for name in COMMANDS), listed
+
+
+def test_the_whole_app_answers_a_misspelled_command_and_no_command():
+    res = orchestrator("lauch", env={"COLUMNS": "120"})
+    assert res.returncode == 2 and "No such command 'lauch'" in res.stderr and "Did you mean 'launch'" in res.stderr
+    res = orchestrator(env={"COLUMNS": "120"})
+    shown = res.stdout + res.stderr
+    assert res.returncode == 2 and "Usage: " in shown and " [OPTIONS] COMMAND [ARGS]" in shown, shown
+    assert all(f" {name} " in shown for name in COMMANDS), shown
+    res = orchestrator("status", "--bogus", env={"COLUMNS": "120"})
+    assert res.returncode == 2 and "No such option: --bogus" in res.stderr and "Traceback" not in res.stderr

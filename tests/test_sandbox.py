@@ -204,6 +204,28 @@ def test_choose_bwrap_without_bubblewrap_is_one_clear_error(monkeypatch, tmp_pat
         sandbox.bwrap_problem.cache_clear()
 
 
+@pytest.mark.parametrize("bwrap_on_path", [True, False])
+def test_the_probe_started_in_the_background_gives_the_answer_a_probe_gives(monkeypatch, tmp_path, bwrap_on_path):
+    from orchestrator import sandbox
+
+    if not bwrap_on_path:
+        monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
+    sandbox.bwrap_problem.cache_clear()
+    try:
+        fresh = sandbox.bwrap_problem()
+        sandbox.bwrap_problem.cache_clear()
+        before = set(threading.enumerate())
+        sandbox.probe_in_background()
+        for thread in set(threading.enumerate()) - before:  # the probe's thread, unless it is done already
+            assert thread.daemon  # a probe that hangs never holds the process's exit
+            thread.join(timeout=60)
+        assert sandbox.bwrap_problem.cache_info().currsize == 1  # the background probe's answer is in
+        assert sandbox.bwrap_problem() == fresh
+        assert (fresh is None) == (bwrap_on_path and NO_BWRAP is None)
+    finally:
+        sandbox.bwrap_problem.cache_clear()
+
+
 @pytest.mark.parametrize("spec", MODES)
 def test_a_secret_a_run_prints_or_writes_never_stays_in_its_folder(session, spec, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)

@@ -37,6 +37,7 @@ from tests.session_helpers import (
     make_idea,
     make_template,
     pid_alive,
+    run_in_a_terminal,
     session_from,
 )
 
@@ -793,3 +794,31 @@ def test_auto_without_bwrap_warns_once_and_records_none(tmp_path):
     warnings = [line for line in res.stderr.splitlines() if "sandbox" in line.lower()]
     assert len(warnings) == 1, res.stderr
     assert_mode_recorded(session, "none")
+
+
+def test_auto_without_bwrap_prints_the_session_folder_first_and_then_warns_once(tmp_path):
+    """The folder line is a launch's first line, also when `auto` falls back: the warning follows it, once, on
+    stderr (piped: stdout starts with the folder; in a terminal, where both streams meet, the folder comes first)."""
+    script = tmp_path / "replies.json"
+    script.write_text(json.dumps([DONE]), encoding="utf-8")
+    args = ["launch", str(make_idea(tmp_path)), "--template", str(make_template(tmp_path)), "--model",
+            f"scripted:{script}", "--root", str(tmp_path / "sessions"), "--no-plots", "--sandbox", "auto"]
+    no_bwrap = {**KEYS, "PATH": path_without_bwrap(tmp_path), "ORCH_TEST_CRASH_AT": "drive_started"}
+    piped = cli(*args, env=no_bwrap)  # killed once the session starts: the warning is due before that
+    assert piped.returncode == -signal.SIGKILL, piped.stdout + piped.stderr
+    session = session_from(piped)
+    assert piped.stdout.splitlines() == [str(session)], piped.stdout
+    warned = [line for line in piped.stderr.splitlines() if "not sandboxed" in line]
+    assert len(warned) == 1 and "bubblewrap" in warned[0] and "--sandbox none" in warned[0], piped.stderr
+    assert [line for line in piped.stderr.splitlines() if line.strip()] == warned, piped.stderr
+
+    shutil.rmtree(tmp_path / "sessions")
+    env = cli_env({**no_bwrap, "COLUMNS": "400", "TERM": "xterm-256color"})
+    env.pop("NO_COLOR", None)
+    code, text = run_in_a_terminal(args, env)
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", text).replace("\r", "\n")
+    lines = [line.strip() for line in plain.splitlines() if line.strip()]
+    assert code == -signal.SIGKILL, plain
+    (session,) = (tmp_path / "sessions").iterdir()
+    assert lines[0] == str(session) and "not sandboxed" in lines[1], plain  # then the live view's line
+    assert sum("not sandboxed" in line for line in lines) == 1, plain
