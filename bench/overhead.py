@@ -16,7 +16,9 @@ and times, per session:
 Each is also shown as a ratio to `python -c pass` (the interpreter's start-up, timed in the same bench, median of
 `--repeat`), so machines can be compared. Prints one table with the median over `--sessions` sessions, then the
 import floor: what `python -c` takes to import typer and pydantic and make one pydantic model, the least any launch
-that validates its input before making the session folder pays before its first line.
+that validates its input before making the session folder pays before its first line. The floor is also timed once
+just before each session, and the first line less that floor (what the orchestrator adds) is printed per session and
+as a median: this machine's speed drifts by half over minutes, and the difference drifts less than either.
 
     PYTHONPATH=. python bench/overhead.py [--sessions 3] [--repeat 5] [--keep DIR] [--baseline-s 10]
 
@@ -148,7 +150,9 @@ def main() -> int:
             work.mkdir()
             provider = FakeProvider(work / "provider").start({"replies": REPLIES})
             try:
-                samples.append(timed_session(work, provider.url, args.baseline_s))
+                floor_now = python_s(1, FLOOR_CODE)  # just before: this machine's speed drifts over minutes
+                sample = timed_session(work, provider.url, args.baseline_s)
+                samples.append(sample | {"floor": floor_now, "over floor": sample["first line"] - floor_now})
             finally:
                 provider.stop()
     finally:
@@ -169,7 +173,10 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.2f}; python {sys.version.split()[0]}")
     print(f"import floor before any first line (typer, pydantic, one model class): {floor:.3f} s "
           f"(median of {args.repeat}, {floor / base:.1f} x python -c pass)")
-    for c in COLUMNS:
+    over = statistics.median(s["over floor"] for s in samples)
+    print(f"first line over the import floor timed just before each session: {over:.3f} s (median; what the "
+          f"orchestrator adds to the libraries it starts with)")
+    for c in (*COLUMNS, "floor", "over floor"):
         print(f"  {c:<11} " + " ".join(f"{s[c]:.3f}" for s in samples))
     return 0
 
