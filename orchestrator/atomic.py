@@ -7,6 +7,7 @@ it can leave one behind, so the session's git rules never commit that suffix (se
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 TEMP_SUFFIX = ".orch-tmp"
@@ -24,7 +25,7 @@ def write_temp_beside(path: Path, data: bytes, durable: bool = True) -> Path:
         mode = path.stat().st_mode & 0o7777
     except OSError:
         mode = 0o666 & ~_UMASK  # mkstemp makes 0600 files; give new ones the usual permissions
-    fd, tmp = _new_file_beside(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -36,18 +37,6 @@ def write_temp_beside(path: Path, data: bytes, durable: bool = True) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
-
-
-def _new_file_beside(path: Path) -> tuple[int, str]:
-    """A new file (mode 0600, opened for writing) named `.<name>.<random>TEMP_SUFFIX` in `path`'s folder, as
-    tempfile.mkstemp makes one; here because tempfile's import is a cost on the way to a launch's first line."""
-    for _ in range(100):
-        tmp = os.path.join(path.parent, f".{path.name}.{os.urandom(6).hex()}{TEMP_SUFFIX}")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def write_bytes_atomic(path: Path, data: bytes, durable: bool = True) -> None:

@@ -283,7 +283,7 @@ def _check_usable(settings: Any, budgets: tuple[float | None, ...] | None = None
 
         probe_in_background()
     budgets = budgets if budgets is not None else (settings.budget_usd,)
-    if settings.profile is None and all(b is None for b in budgets) and _key_of_known_provider(settings):
+    if settings.profile is None and all(b is None for b in budgets) and _known_provider_key_checked(settings):
         return  # nothing else to check: the model layer loads after the first line
     model = _make_model(settings, 0, None)
     model.check_credentials()  # known providers at once; others (and unknown names) after litellm's import
@@ -291,7 +291,7 @@ def _check_usable(settings: Any, budgets: tuple[float | None, ...] | None = None
         check_budget_enforceable(settings.model_copy(update={"budget_usd": budget}), model)
 
 
-def _key_of_known_provider(settings: Any) -> bool:
+def _known_provider_key_checked(settings: Any) -> bool:
     """The key check of `ProviderModel.check_credentials` for a provider whose key variable is known, without
     loading the model layer: True once checked, False for a model it cannot judge (another provider, scripted:)."""
     from orchestrator.credentials import check_known_provider

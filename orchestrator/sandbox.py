@@ -98,16 +98,23 @@ def bwrap_problem() -> str | None:
     return None
 
 
+_BACKGROUND_PROBE: threading.Thread | None = None
+
+
 def probe_in_background() -> None:
     """Start `bwrap_problem`'s probe (a bwrap process, about 10 ms) on a thread, so that it overlaps the caller's
-    own work; a later `bwrap_problem()` finds its answer (or, called before it is in, probes again: same answer)."""
-    threading.Thread(target=bwrap_problem, name="bwrap-probe", daemon=True).start()
+    own work; `choose` waits for it, so the answer it gives is the one the probe found."""
+    global _BACKGROUND_PROBE
+    _BACKGROUND_PROBE = threading.Thread(target=bwrap_problem, name="bwrap-probe", daemon=True)
+    _BACKGROUND_PROBE.start()
 
 
 def choose(mode: SandboxMode) -> SandboxChoice:
     """The mode a session uses. `bwrap` where it cannot run raises SandboxUnavailable (one line)."""
     if mode == "none":
         return SandboxChoice(requested=mode, used="none")
+    if _BACKGROUND_PROBE is not None:
+        _BACKGROUND_PROBE.join()  # one probe, one answer: a second probe run meanwhile could answer otherwise
     problem = bwrap_problem()
     if problem is None:
         return SandboxChoice(requested=mode, used="bwrap")

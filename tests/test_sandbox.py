@@ -226,6 +226,28 @@ def test_the_probe_started_in_the_background_gives_the_answer_a_probe_gives(monk
         sandbox.bwrap_problem.cache_clear()
 
 
+def test_a_launch_probes_bubblewrap_once_even_while_its_background_probe_is_slow(monkeypatch, tmp_path):
+    """`choose` waits for the probe started in the background rather than running a second one, which could answer
+    otherwise (the warning shown and the mode recorded must agree)."""
+    from orchestrator import sandbox
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "bwrap"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho probe >> {calls}\nsleep 0.5\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    sandbox.bwrap_problem.cache_clear()
+    try:
+        sandbox.probe_in_background()
+        choice = sandbox.choose("auto")  # at once: the probe is still sleeping
+        assert choice.used == "none" and "bubblewrap cannot run here" in choice.warning
+        assert calls.read_text().splitlines() == ["probe"]
+    finally:
+        sandbox.bwrap_problem.cache_clear()
+        sandbox._BACKGROUND_PROBE = None
+
+
 @pytest.mark.parametrize("spec", MODES)
 def test_a_secret_a_run_prints_or_writes_never_stays_in_its_folder(session, spec, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
